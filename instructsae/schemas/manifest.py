@@ -1,0 +1,76 @@
+"""The manifest that travels with a store (in the zarr group attributes): enough to recompute anything."""
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import Field
+
+from instructsae.schemas.base import FrozenModel
+from instructsae.schemas.extract import StoreDtype
+
+MANIFEST_KEY = "instructsae"
+FORMAT_VERSION = 1
+
+# Role codes stored per token.
+ROLES = ("template", "system", "user", "assistant", "text")
+ROLE_CODE = {name: code for code, name in enumerate(ROLES)}
+
+
+class LayerStats(FrozenModel):
+    """Running sums over the stored tokens of one layer, in float64, so a resumed run can add to them."""
+
+    count: int = 0
+    sum_sq_norm: float = 0.0
+    sum_norm: float = 0.0
+
+    @property
+    def mean_sq_norm(self) -> float:
+        return self.sum_sq_norm / max(self.count, 1)
+
+    def add(self, count: int, sum_sq_norm: float, sum_norm: float) -> "LayerStats":
+        return LayerStats(
+            count=self.count + count, sum_sq_norm=self.sum_sq_norm + sum_sq_norm, sum_norm=self.sum_norm + sum_norm
+        )
+
+
+class StoreIdentity(FrozenModel):
+    """Everything that changes the stored bytes. Two extractions with equal identities write equal stores."""
+
+    model: str
+    tokenizer: str
+    chat_template_sha256: str | None
+    dataset: str
+    dataset_sha256: str
+    split: str
+    mode: Literal["fast", "bt"]
+    max_len: int
+    block_len: int
+    max_instances: int | None
+    skip_instances: int
+    max_tokens: int | None
+    keep_first_token: bool
+    layers: tuple[int, ...]
+    hook_site: Literal["resid_post"] = "resid_post"
+    d_model: int
+    dtype: StoreDtype
+    model_dtype: str
+    chunk_tokens: int
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class StoreManifest(FrozenModel):
+    format_version: int = FORMAT_VERSION
+    tool_version: str
+    identity: StoreIdentity
+    fingerprint: str
+    chat_template: str | None = Field(None, description="the template text itself, for reproducibility")
+    n_tokens: int = 0
+    n_instances: int = 0
+    rows_used: int = 0
+    rows_skipped: int = 0
+    layer_stats: dict[str, LayerStats] = Field(default_factory=dict)
+    complete: bool = False

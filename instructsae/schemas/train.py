@@ -1,0 +1,70 @@
+"""What `instructsae train` does. The SAE part is a union tagged by `arch`: one config per architecture."""
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field
+
+from instructsae.schemas.base import FrozenModel
+
+
+class StandardConfig(FrozenModel):
+    """ReLU SAE with an L1 penalty weighted by decoder row norms (Anthropic, April 2024 update)."""
+
+    arch: Literal["standard"] = "standard"
+    expansion: int = Field(16, gt=0, description="d_sae = expansion * d_model")
+    sparsity_coeff: float = Field(5.0, ge=0, description="L1 coefficient (inputs have unit mean squared norm)")
+
+
+class JumpReLUConfig(FrozenModel):
+    """JumpReLU SAE with an L0 penalty through a rectangle-kernel straight-through estimator (Gemma Scope)."""
+
+    arch: Literal["jumprelu"] = "jumprelu"
+    expansion: int = Field(16, gt=0, description="d_sae = expansion * d_model")
+    sparsity_coeff: float = Field(1e-3, ge=0, description="L0 coefficient (inputs have unit mean squared norm)")
+    bandwidth: float = Field(1e-3, gt=0, description="width of the rectangle kernel of the estimator")
+    init_threshold: float = Field(1e-3, gt=0, description="initial threshold of every feature")
+
+
+SAEConfig = Annotated[Union[StandardConfig, JumpReLUConfig], Field(discriminator="arch")]
+
+
+class OptimConfig(FrozenModel):
+    """Adam with warm-up and decay; defaults follow Gemma Scope."""
+
+    lr: float = Field(7e-5, gt=0, description="peak learning rate")
+    lr_end: float | None = Field(None, ge=0, description="final learning rate of the cosine decay (None: constant)")
+    lr_warmup_steps: int = Field(1000, ge=0, description="linear learning-rate warm-up")
+    beta1: float = Field(0.0, ge=0, lt=1, description="Adam beta1 (Gemma Scope: 0)")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
+    sparsity_warmup_steps: int = Field(10_000, ge=0, description="linear warm-up of the sparsity coefficient")
+    grad_clip: float | None = Field(1.0, gt=0, description="clip the gradient norm (None: off)")
+
+
+class TrainConfig(FrozenModel):
+    store: str = Field(..., description="activation store written by `instructsae extract`")
+    out: str = Field(..., description="run folder for the SAE (SAELens layout), metrics and summary")
+    layer: int | None = Field(None, description="layer to train on (default: the store's only/first layer)")
+    sae: SAEConfig = Field(default_factory=JumpReLUConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    tokens: int | None = Field(None, gt=0, description="training tokens (default: one pass over the training chunks)")
+    batch_size: int = Field(4096, gt=0, description="tokens per optimiser step")
+    buffer_tokens: int = Field(262_144, gt=0, description="mixing buffer size in tokens")
+    holdout_fraction: float = Field(0.05, ge=0, lt=1, description="share of chunks held out for the summary")
+    seed: int = Field(0, description="seeds chunk order, buffer shuffles and weights")
+    dead_threshold: float = Field(1e-8, ge=0, description="a feature fires when its activation exceeds this")
+    dead_window: int = Field(1000, gt=0, description="steps without firing after which a feature counts as dead")
+    geometric_median_tokens: int = Field(8192, ge=0, description="sample size for the b_dec initialisation (0: off)")
+    log_every: int = Field(25, gt=0, description="steps between metrics.jsonl lines")
+    device: str = Field("cpu", description="torch device, a runtime knob")
+
+
+# Presets override defaults and are overridden by YAML and CLI flags.
+PRESETS: dict[str, dict] = {
+    "gemma-scope": {},
+    "fast-paper": {  # seed paper, Appendix C
+        "optim": {"lr": 7e-5, "lr_end": 7e-6, "lr_warmup_steps": 16_000, "beta1": 0.9, "beta2": 0.999,
+                  "sparsity_warmup_steps": 10_000},
+        "batch_size": 128,
+        "sae_by_arch": {"jumprelu": {"sparsity_coeff": 0.01}, "standard": {"sparsity_coeff": 5.0}},
+    },
+}
