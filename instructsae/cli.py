@@ -1,0 +1,111 @@
+"""`instructsae extract | train | evaluate | inspect | demo`. Bad input: one line on stderr, exit 2."""
+
+import json
+import sys
+
+import click
+
+from instructsae.cli_options import build, options_from, read_yaml, split_list
+from instructsae.errors import UserError
+from instructsae.schemas.extract import ExtractConfig
+from instructsae.schemas.train import JumpReLUConfig, OptimConfig, TrainConfig
+
+
+def _describe(model, field: str) -> str:
+    return model.model_fields[field].description or ""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def cli():
+    """Sparse autoencoders for instruct models: extract activations once, train many SAEs on them."""
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(), help="YAML file with any of the options below")
+@options_from(ExtractConfig)
+def extract(config_file, **options):
+    """Run a causal LM over a dataset (FAST or BT) and store per-token activations in a zarr store."""
+    from instructsae.extract.run import run_extract
+
+    options["layers"] = split_list(options["layers"])
+    cfg = build(ExtractConfig, read_yaml(config_file), options)
+    manifest = run_extract(cfg)
+    click.echo(f"store {cfg.out}: {manifest.n_tokens:,} tokens, {manifest.n_instances:,} instances, "
+               f"layers {list(manifest.identity.layers)}, complete={manifest.complete}")
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(), help="YAML file (TrainConfig fields, nested sae/optim)")
+@click.option("--preset", type=click.Choice(["gemma-scope", "fast-paper"]), help="defaults to start from")
+@options_from(TrainConfig, skip=("sae", "optim"))
+@click.option("--sae", "arch", type=click.Choice(["standard", "jumprelu"]), help="SAE architecture")
+@click.option("--expansion", type=int, help=_describe(JumpReLUConfig, "expansion"))
+@click.option("--sparsity-coeff", type=float, help="sparsity coefficient (L1 for standard, L0 for jumprelu)")
+@click.option("--bandwidth", type=float, help=_describe(JumpReLUConfig, "bandwidth"))
+@click.option("--init-threshold", type=float, help=_describe(JumpReLUConfig, "init_threshold"))
+@options_from(OptimConfig)
+def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, **options):
+    """Train one SAE on a store, streaming shuffled chunks through a mixing buffer."""
+    from instructsae.train.config import resolve_train_config
+    from instructsae.train.run import run_training
+
+    sae_flags = {"arch": arch, "expansion": expansion, "sparsity_coeff": sparsity_coeff,
+                 "bandwidth": bandwidth, "init_threshold": init_threshold}
+    optim_flags = {name: options.pop(name) for name in OptimConfig.model_fields}
+    cfg = resolve_train_config(read_yaml(config_file), preset, options, sae_flags, optim_flags)
+    summary = run_training(cfg)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@cli.command()
+@click.option("--sae", "sae_dir", required=True, type=click.Path(), help="SAE folder (SAELens layout)")
+@click.option("--store", required=True, type=click.Path(), help="store to evaluate on (not trained on)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")
+def evaluate(sae_dir, store, as_json, max_tokens):
+    """Reconstruction (MSE, NMSE, explained variance), L0 and dead fraction of an SAE on a store."""
+    from instructsae.evaluate.run import evaluate_sae_on_store, format_table
+
+    result = evaluate_sae_on_store(sae_dir, store, max_tokens)
+    click.echo(json.dumps(result, indent=2) if as_json else format_table([result]))
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print the manifest and counts as JSON")
+def inspect(store, as_json):
+    """Print a store's manifest and counts."""
+    from instructsae.extract.inspect import describe_store
+
+    click.echo(describe_store(store, as_json))
+
+
+@cli.command()
+@click.option("--out", default="runs/demo", show_default=True, help="folder for stores, SAEs and the table")
+@click.option("--train-tokens", type=int, default=None, help="tokens in the training store")
+def demo(out, train_tokens):
+    """Extract a FAST store of the embedded model/data, train JumpReLU and Standard SAEs, evaluate both."""
+    from instructsae.pipelines.demo import run_demo
+
+    run_demo(out, train_tokens)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except UserError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted (a store keeps what it committed; rerun to resume)", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

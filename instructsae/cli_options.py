@@ -1,0 +1,89 @@
+"""Click options generated from pydantic fields, so each option is described once (in the schema)."""
+
+import types
+import typing
+from pathlib import Path
+
+import click
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from instructsae.errors import UserError
+
+
+def _unwrap_optional(annotation):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _click_type(annotation):
+    annotation = _unwrap_optional(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.Choice([str(value) for value in typing.get_args(annotation)])
+    if typing.get_origin(annotation) is tuple:
+        return str  # "15,20" -> parsed by pydantic from a list
+    return annotation if annotation in (int, float, str) else str
+
+
+def options_from(model: type[BaseModel], skip: tuple[str, ...] = ()):
+    """Decorator adding `--field-name` for every field of `model`; unset options stay None (not passed)."""
+
+    def decorate(command):
+        for name, field in reversed(list(model.model_fields.items())):
+            if name in skip:
+                continue
+            flag = "--" + name.replace("_", "-")
+            help_text = (field.description or "").replace("%%", "%")
+            if field.default is not None and not field.is_required() and not callable(field.default):
+                help_text += f" [default: {field.default if not isinstance(field.default, tuple) else ','.join(map(str, field.default))}]"
+            if _unwrap_optional(field.annotation) is bool:
+                option = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=help_text)
+            else:
+                option = click.option(flag, name, type=_click_type(field.annotation), default=None, help=help_text)
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def read_yaml(path: str | None) -> dict:
+    if path is None:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of options, not {type(data).__name__}")
+    return data
+
+
+def split_list(value):
+    """'15,20' -> [15, 20]; other values unchanged (YAML may already give a list)."""
+    if isinstance(value, str) and "," in value or isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def build(model: type[BaseModel], *layers: dict):
+    """Merge dicts (later wins, None means unset) and validate into `model`, one line on failure."""
+    merged: dict = {}
+    for layer in layers:
+        merged.update({key: value for key, value in layer.items() if value is not None})
+    try:
+        return model.model_validate(merged)
+    except ValidationError as error:
+        raise UserError(format_validation_error(error)) from None
+
+
+def format_validation_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "config"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"invalid {where}: {first['msg']}{more}"

@@ -1,0 +1,48 @@
+"""`instructsae inspect STORE`: the manifest and counts, as text or JSON."""
+
+import json
+
+import numpy as np
+
+from instructsae.extract.store import open_store
+from instructsae.schemas.manifest import ROLES
+
+
+def store_summary(store: str) -> dict:
+    reader = open_store(store)
+    manifest = reader.manifest
+    roles = reader.read_column("role")
+    role_counts = np.bincount(roles, minlength=len(ROLES)) if len(roles) else np.zeros(len(ROLES), int)
+    return {
+        "path": store,
+        "manifest": manifest.model_dump(mode="json", exclude={"chat_template"}),
+        "counts": {
+            "tokens": reader.n_tokens,
+            "instances": reader.n_instances,
+            "chunks": reader.n_chunks,
+            "tokens_by_role": {name: int(role_counts[code]) for code, name in enumerate(ROLES)},
+        },
+        "mean_sq_norm": {layer: stats.mean_sq_norm for layer, stats in manifest.layer_stats.items()},
+    }
+
+
+def describe_store(store: str, as_json: bool) -> str:
+    summary = store_summary(store)
+    if as_json:
+        return json.dumps(summary, indent=2)
+    manifest, counts, identity = summary["manifest"], summary["counts"], summary["manifest"]["identity"]
+    lines = [
+        f"store       {store}  ({'complete' if manifest['complete'] else 'INCOMPLETE: rerun extract to resume'})",
+        f"model       {identity['model']}  d_model={identity['d_model']}  layers={identity['layers']}"
+        f"  site={identity['hook_site']}  dtype={identity['dtype']} (computed in {identity['model_dtype']})",
+        f"dataset     {identity['dataset']} [{identity['split']}]  sha256={identity['dataset_sha256'][:12]}",
+        f"mode        {identity['mode']}  max_len={identity['max_len']}  block_len={identity['block_len']}"
+        f"  keep_first_token={identity['keep_first_token']}",
+        f"tokens      {counts['tokens']:,} in {counts['instances']:,} instances, {counts['chunks']} chunks of "
+        f"{identity['chunk_tokens']}",
+        "roles       " + ", ".join(f"{name} {n:,}" for name, n in counts["tokens_by_role"].items()),
+        "rows        " + f"{manifest['rows_used']:,} used, {manifest['rows_skipped']:,} skipped as unusable",
+        "mean |x|^2  " + ", ".join(f"layer {k}: {v:.1f}" for k, v in summary["mean_sq_norm"].items()),
+        f"fingerprint {manifest['fingerprint']}  (instructsae {manifest['tool_version']})",
+    ]
+    return "\n".join(lines)

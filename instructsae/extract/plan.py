@@ -1,0 +1,61 @@
+"""Pure functions that decide which tokens go where: token budget, groups of instances, length-bucketed batches."""
+
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+
+from instructsae.extract.instances import TokenizedInstance
+
+
+def stored_length(instance: TokenizedInstance, keep_first_token: bool) -> int:
+    return len(instance.token_ids) - (0 if keep_first_token else 1)
+
+
+def within_budget(
+    instances: Iterable[TokenizedInstance], max_tokens: int | None, keep_first_token: bool
+) -> Iterator[TokenizedInstance]:
+    """Stop once exactly max_tokens tokens would be stored; the last instance loses its tail.
+
+    Cutting a tail never changes the activations before it (causal attention), so the budget is exact
+    without biasing what is kept.
+    """
+    remaining = max_tokens
+    for instance in instances:
+        if stored_length(instance, keep_first_token) <= 0:
+            continue
+        if remaining is not None:
+            keep = min(stored_length(instance, keep_first_token), remaining)
+            if keep < stored_length(instance, keep_first_token):
+                cut = keep + (0 if keep_first_token else 1)
+                instance = replace(instance, token_ids=instance.token_ids[:cut], roles=instance.roles[:cut])
+            remaining -= keep
+        yield instance
+        if remaining == 0:
+            return
+
+
+def grouped(instances: Iterable[TokenizedInstance], group_tokens: int) -> Iterator[list[TokenizedInstance]]:
+    """Consecutive instances gathered until group_tokens: the unit that is computed, written and committed."""
+    group: list[TokenizedInstance] = []
+    size = 0
+    for instance in instances:
+        group.append(instance)
+        size += len(instance.token_ids)
+        if size >= group_tokens:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices batched longest first so padding stays small: a batch's padded size is at most batch_tokens
+    (a single sequence longer than that runs alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        # the first (longest) member of the current batch sets its padded length
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches

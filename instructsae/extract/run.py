@@ -1,0 +1,186 @@
+"""`instructsae extract`: dataset -> instances -> LM forward with hooks -> zarr store, resumably."""
+
+import hashlib
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from instructsae import __version__
+from instructsae.errors import UserError
+from instructsae.extract.data import DatasetReader, dataset_sha256
+from instructsae.extract.hooks import residuals_at_layers
+from instructsae.extract.instances import TokenizedInstance, bt_blocks, fast_instances
+from instructsae.extract.models import LoadedModel, load_model
+from instructsae.extract.plan import grouped, length_batches, within_budget
+from instructsae.extract.store import (
+    StoreWriter, TokenBlock, acts_to_storage, default_chunk_tokens, is_store, read_manifest, remove_store,
+)
+from instructsae.extract.writer_thread import BackgroundWriter
+from instructsae.schemas.extract import ExtractConfig
+from instructsae.schemas.manifest import LayerStats, StoreIdentity, StoreManifest
+
+
+def build_identity(cfg: ExtractConfig, lm: LoadedModel, dataset_hash: str) -> StoreIdentity:
+    template = getattr(lm.tokenizer, "chat_template", None)
+    return StoreIdentity(
+        model=cfg.model, tokenizer=cfg.model,
+        chat_template_sha256=hashlib.sha256(template.encode()).hexdigest() if template else None,
+        dataset=cfg.dataset, dataset_sha256=dataset_hash, split=cfg.split, mode=cfg.mode,
+        max_len=cfg.max_len, block_len=cfg.block_len, max_instances=cfg.max_instances,
+        skip_instances=cfg.skip_instances, max_tokens=cfg.max_tokens, keep_first_token=cfg.keep_first_token,
+        layers=cfg.layers, d_model=lm.d_model, dtype=cfg.dtype, model_dtype=cfg.model_dtype,
+        chunk_tokens=cfg.chunk_tokens or default_chunk_tokens(lm.d_model, cfg.dtype),
+    )
+
+
+def check_layers(layers: tuple[int, ...], lm: LoadedModel) -> None:
+    bad = [layer for layer in layers if layer >= lm.n_layers]
+    if bad:
+        raise UserError(f"layer {bad[0]} is out of range: model '{lm.name}' has {lm.n_layers} layers "
+                        f"(0..{lm.n_layers - 1})")
+
+
+def planned_instances(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader) -> Iterator[TokenizedInstance]:
+    """The deterministic sequence of instances this config stores; a resumed run replays and skips it."""
+    stop = None if cfg.max_instances is None else cfg.skip_instances + cfg.max_instances
+    records = itertools.islice(iter(dataset), cfg.skip_instances, stop)
+    if cfg.mode == "fast":
+        instances = fast_instances(records, lm.tokenizer, cfg.max_len)
+    else:
+        instances = bt_blocks(records, lm.tokenizer, cfg.block_len)
+    return within_budget(instances, cfg.max_tokens, cfg.keep_first_token)
+
+
+def open_writer(cfg: ExtractConfig, identity: StoreIdentity, chat_template: str | None) -> StoreWriter | None:
+    """Create, resume or refuse; None when the store is already complete."""
+    out = Path(cfg.out)
+    if is_store(out) and not cfg.overwrite:
+        existing = read_manifest(out)
+        if existing.fingerprint != identity.fingerprint():
+            raise UserError(f"store {out} was made with another config (fingerprint {existing.fingerprint}, "
+                            f"this config {identity.fingerprint()}): use --overwrite or another --out")
+        if existing.complete:
+            return None
+        return StoreWriter.resume(out)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise UserError(f"output path exists and is not a store: {out} (use --overwrite to replace it)")
+    remove_store(out)
+    manifest = StoreManifest(tool_version=__version__, identity=identity, fingerprint=identity.fingerprint(),
+                             chat_template=chat_template)
+    return StoreWriter.create(out, manifest)
+
+
+def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractConfig) -> dict[int, list[torch.Tensor]]:
+    """{layer: per-instance [len, d_model] float32}, each instance computed with no other in its context."""
+    lengths = [len(instance.token_ids) for instance in group]
+    per_instance: dict[int, list] = {layer: [None] * len(group) for layer in cfg.layers}
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    for batch in length_batches(lengths, cfg.batch_tokens):
+        width = lengths[batch[0]]
+        # Right padding: with causal attention, real tokens never see the pads after them.
+        input_ids_BS = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask_BS = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, index in enumerate(batch):
+            input_ids_BS[row, : lengths[index]] = torch.from_numpy(group[index].token_ids.astype(np.int64))
+            mask_BS[row, : lengths[index]] = 1
+        residuals = residuals_at_layers(lm.model, cfg.layers, input_ids_BS.to(cfg.device), mask_BS.to(cfg.device))
+        for layer, hidden_BSD in residuals.items():
+            for row, index in enumerate(batch):
+                per_instance[layer][index] = hidden_BSD[row, : lengths[index]].float().cpu()
+    return per_instance
+
+
+def build_block(group, acts, first_instance: int, first_row: int, cfg: ExtractConfig):
+    """Assemble a TokenBlock plus per-layer (count, sum ||x||^2, sum ||x||) for the normalisation stats."""
+    drop = 0 if cfg.keep_first_token else 1
+    token_id, instance, position, role, starts, lengths_kept, sources = [], [], [], [], [], [], []
+    row = first_row
+    for offset, item in enumerate(group):
+        n = len(item.token_ids) - drop
+        token_id.append(item.token_ids[drop:])
+        instance.append(np.full(n, first_instance + offset, dtype=np.int32))
+        position.append(np.arange(drop, drop + n, dtype=np.int32))
+        role.append(item.roles[drop:])
+        starts.append(row)
+        lengths_kept.append(n)
+        sources.append(item.source_row)
+        row += n
+    layer_acts, stats = {}, {}
+    for layer, tensors in acts.items():
+        stacked_ND = torch.cat([tensor[drop:] for tensor in tensors])
+        squared_N = stacked_ND.double().pow(2).sum(-1)
+        stats[layer] = (len(stacked_ND), float(squared_N.sum()), float(squared_N.sqrt().sum()))
+        layer_acts[layer] = acts_to_storage(stacked_ND, cfg.dtype)
+    block = TokenBlock(
+        acts=layer_acts, token_id=np.concatenate(token_id).astype(np.int32), instance=np.concatenate(instance),
+        position=np.concatenate(position), role=np.concatenate(role).astype(np.uint8),
+        instance_start=np.array(starts, dtype=np.int64), instance_length=np.array(lengths_kept, dtype=np.int32),
+        instance_source=np.array(sources, dtype=np.int64),
+    )
+    return block, stats
+
+
+def advance_manifest(manifest: StoreManifest, block: TokenBlock, stats, dataset: DatasetReader) -> StoreManifest:
+    layer_stats = dict(manifest.layer_stats)
+    for layer, (count, sum_sq, sum_norm) in stats.items():
+        layer_stats[str(layer)] = layer_stats.get(str(layer), LayerStats()).add(count, sum_sq, sum_norm)
+    return manifest.model_copy(update={
+        "n_tokens": manifest.n_tokens + block.n_tokens,
+        "n_instances": manifest.n_instances + len(block.instance_start),
+        "rows_used": dataset.rows_used, "rows_skipped": dataset.rows_skipped,
+        "layer_stats": layer_stats,
+    })
+
+
+def run_extract(cfg: ExtractConfig, show_progress: bool = True) -> StoreManifest:
+    lm = load_model(cfg.model, cfg.model_dtype, cfg.device)
+    check_layers(cfg.layers, lm)
+    dataset = DatasetReader(cfg.dataset, cfg.split)
+    identity = build_identity(cfg, lm, dataset_sha256(cfg.dataset, cfg.split))
+    writer = open_writer(cfg, identity, getattr(lm.tokenizer, "chat_template", None))
+    if writer is None:
+        manifest = read_manifest(cfg.out)
+        tqdm.write(f"store {cfg.out} is already complete ({manifest.n_tokens:,} tokens); nothing to do")
+        return manifest
+    fresh = writer.manifest.n_tokens == 0
+    try:
+        return _extract_into(writer, cfg, lm, dataset, show_progress)
+    except BaseException:
+        if fresh and writer.manifest.n_tokens == 0:
+            remove_store(cfg.out)  # nothing committed: leave nothing behind
+        raise
+
+
+def _extract_into(writer, cfg, lm, dataset, show_progress) -> StoreManifest:
+    manifest = writer.manifest
+    done = manifest.n_instances
+    instances = itertools.islice(planned_instances(cfg, lm, dataset), done, None)
+    first = next(instances, None)
+    if first is None and done == 0:
+        raise UserError(f"dataset '{cfg.dataset}' gave no usable instances "
+                        f"({dataset.rows_skipped} rows skipped as unusable)")
+    instances = itertools.chain([first], instances) if first is not None else iter(())
+    background = BackgroundWriter(writer)
+    group_tokens = max(cfg.batch_tokens, 4 * manifest.identity.chunk_tokens)
+    bar = tqdm(total=cfg.max_tokens, initial=manifest.n_tokens, unit="tok", unit_scale=True,
+               desc="extract", disable=not show_progress, dynamic_ncols=True)
+    try:
+        for group in grouped(instances, group_tokens):
+            acts = forward_group(lm, group, cfg)
+            block, stats = build_block(group, acts, manifest.n_instances, manifest.n_tokens, cfg)
+            manifest = advance_manifest(manifest, block, stats, dataset)
+            background.submit(block, manifest)
+            bar.update(block.n_tokens)
+    finally:
+        bar.close()
+        background.close()
+    manifest = manifest.model_copy(update={"complete": True, "rows_used": dataset.rows_used,
+                                           "rows_skipped": dataset.rows_skipped})
+    writer.commit(manifest)
+    if dataset.rows_skipped:
+        tqdm.write(f"note: {dataset.rows_skipped} dataset rows were unusable and skipped")
+    return manifest

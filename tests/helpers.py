@@ -1,0 +1,31 @@
+"""Small helpers shared by the end-to-end tests."""
+
+import sys
+
+import pytest
+
+from instructsae.cli import main
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run `instructsae ARGS` in-process; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["instructsae", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *expected: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+

@@ -1,0 +1,58 @@
+"""Bad input: one clear line on stderr, exit 2, no traceback, nothing half-written."""
+
+import json
+
+from helpers import assert_one_line_error, run_cli
+
+
+def test_unknown_model_path(monkeypatch, capsys, dialogues_jsonl, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tmp_path / "nope"),
+                           "--dataset", str(dialogues_jsonl), "--out", str(tmp_path / "s"))
+    assert_one_line_error(code, err, "nope")
+    assert not (tmp_path / "s").exists()
+
+
+def test_layer_out_of_range(monkeypatch, capsys, tiny_model_dir, dialogues_jsonl, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset",
+                           str(dialogues_jsonl), "--layers", "5", "--out", str(tmp_path / "s"))
+    assert_one_line_error(code, err, "layer 5", "2 layers")
+    assert not (tmp_path / "s").exists()
+
+
+def test_row_without_messages(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+                    + json.dumps({"prompt": "no messages here"}) + "\n")
+    code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset", str(data),
+                           "--layers", "1", "--out", str(tmp_path / "s"))
+    assert_one_line_error(code, err, "row 1")
+
+
+def test_empty_dataset(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset", str(data),
+                           "--layers", "1", "--out", str(tmp_path / "s"))
+    assert_one_line_error(code, err, "empty.jsonl")
+    assert not (tmp_path / "s").exists()
+
+
+def test_store_path_that_is_not_a_store(monkeypatch, capsys, tmp_path):
+    (tmp_path / "folder").mkdir()
+    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path / "folder"))
+    assert_one_line_error(code, err, "not an instructsae store")
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--store", str(tmp_path / "folder"), "--out",
+                           str(tmp_path / "run"))
+    assert_one_line_error(code, err, "not an instructsae store")
+
+
+def test_invalid_option_value(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--store", "x", "--out", "y", "--batch-size", "-3")
+    assert_one_line_error(code, err, "batch_size")
+
+
+def test_bad_yaml_config(monkeypatch, capsys, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("layers: [15\n")
+    code, _, err = run_cli(monkeypatch, capsys, "extract", "--config", str(config), "--out", "x")
+    assert_one_line_error(code, err, "c.yaml")

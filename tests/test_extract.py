@@ -1,0 +1,118 @@
+"""End-to-end extraction on a tiny random llama model: FAST isolation, BT blocks, resume, budget."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from instructsae.extract import run as extract_run
+from instructsae.extract.hooks import residuals_at_layers
+from instructsae.extract.models import load_model
+from instructsae.extract.run import run_extract
+from instructsae.extract.store import TOKEN_COLUMNS, layer_array_name, open_store
+from instructsae.schemas import ExtractConfig
+
+
+def config(model_dir, dataset, out, **overrides) -> ExtractConfig:
+    values = dict(model=str(model_dir), dataset=str(dataset), out=str(out), layers=(0, 1),
+                  dtype="float32", model_dtype="float32", chunk_tokens=32, batch_tokens=256)
+    values.update(overrides)
+    return ExtractConfig(**values)
+
+
+def test_fast_instances_match_running_each_alone(tiny_model_dir, dialogues_jsonl, tmp_path):
+    cfg = config(tiny_model_dir, dialogues_jsonl, tmp_path / "store", keep_first_token=True)
+    run_extract(cfg, show_progress=False)
+    reader = open_store(cfg.out)
+    lm = load_model(str(tiny_model_dir), "float32")
+    starts, lengths = reader.read_column("instance_start"), reader.read_column("instance_length")
+    assert reader.n_instances == 12
+    for index in range(reader.n_instances):
+        rows = slice(int(starts[index]), int(starts[index] + lengths[index]))
+        assert (reader.read_column("instance")[rows] == index).all()
+        token_ids = torch.from_numpy(reader.read_column("token_id")[rows].astype(np.int64))[None]
+        assert (reader.read_column("position")[rows] == np.arange(lengths[index])).all()
+        alone = residuals_at_layers(lm.model, (0, 1), token_ids, torch.ones_like(token_ids))
+        for layer in (0, 1):
+            stored = reader.read_acts(layer, rows.start, rows.stop)
+            torch.testing.assert_close(stored, alone[layer][0].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_first_token_dropped_by_default(tiny_model_dir, dialogues_jsonl, tmp_path):
+    cfg = config(tiny_model_dir, dialogues_jsonl, tmp_path / "store")
+    run_extract(cfg, show_progress=False)
+    reader = open_store(cfg.out)
+    positions = reader.read_column("position")
+    assert positions.min() == 1
+    assert (positions[reader.read_column("instance_start")] == 1).all()
+
+
+def test_bt_blocks_have_the_fixed_length(tiny_model_dir, dialogues_jsonl, tmp_path):
+    cfg = config(tiny_model_dir, dialogues_jsonl, tmp_path / "store", mode="bt", block_len=16,
+                 keep_first_token=True)
+    run_extract(cfg, show_progress=False)
+    reader = open_store(cfg.out)
+    assert reader.n_instances >= 3
+    assert (reader.read_column("instance_length") == 16).all()
+    assert reader.n_tokens == 16 * reader.n_instances
+
+
+def test_max_tokens_is_exact(tiny_model_dir, dialogues_jsonl, tmp_path):
+    cfg = config(tiny_model_dir, dialogues_jsonl, tmp_path / "store", max_tokens=100)
+    manifest = run_extract(cfg, show_progress=False)
+    assert manifest.n_tokens == 100 and manifest.complete
+    assert open_store(cfg.out).read_acts(0, 0, 1000).shape == (100, 64)
+
+
+def test_killed_and_resumed_extraction_equals_uninterrupted(tiny_model_dir, dialogues_jsonl, tmp_path,
+                                                            monkeypatch):
+    reference = config(tiny_model_dir, dialogues_jsonl, tmp_path / "reference", batch_tokens=64)
+    run_extract(reference, show_progress=False)
+    interrupted = reference.model_copy(update={"out": str(tmp_path / "interrupted")})
+
+    real_forward, calls = extract_run.forward_group, []
+
+    def dying_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stands in for a kill between groups
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(extract_run, "forward_group", dying_forward)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(interrupted, show_progress=False)
+    monkeypatch.setattr(extract_run, "forward_group", real_forward)
+
+    partial = open_store(interrupted.out)
+    assert not partial.manifest.complete and 0 < partial.n_tokens < open_store(reference.out).n_tokens
+    # A kill between writing rows and committing the manifest leaves uncommitted rows: add some.
+    for name in [layer_array_name(0), "token_id"]:
+        array = zarr.open_array(f"{interrupted.out}/{name}", mode="r+")
+        committed = array.shape[0]
+        array.resize((committed + 7, *array.shape[1:]))
+        array[committed:] = 9
+
+    run_extract(interrupted, show_progress=False)
+    a, b = open_store(reference.out), open_store(interrupted.out)
+    assert b.manifest.complete and a.n_tokens == b.n_tokens and a.n_instances == b.n_instances
+    for name in list(TOKEN_COLUMNS) + ["instance_start", "instance_length", "instance_source"]:
+        np.testing.assert_array_equal(a.read_column(name), b.read_column(name))
+    for layer in (0, 1):
+        torch.testing.assert_close(a.read_acts(layer, 0, a.n_tokens), b.read_acts(layer, 0, b.n_tokens))
+    assert a.manifest.layer_stats == b.manifest.layer_stats
+
+
+def test_rerun_of_a_finished_store_does_nothing(tiny_model_dir, dialogues_jsonl, tmp_path, monkeypatch):
+    cfg = config(tiny_model_dir, dialogues_jsonl, tmp_path / "store")
+    run_extract(cfg, show_progress=False)
+    monkeypatch.setattr(extract_run, "forward_group", lambda *a, **k: pytest.fail("recomputed"))
+    assert run_extract(cfg, show_progress=False).complete
+
+
+def test_bf16_store_round_trips(tiny_model_dir, dialogues_jsonl, tmp_path):
+    cfg = config(tiny_model_dir, dialogues_jsonl, tmp_path / "store", dtype="bfloat16", max_tokens=64)
+    run_extract(cfg, show_progress=False)
+    reader = open_store(cfg.out)
+    acts = reader.read_acts(1, 0, 64)
+    assert acts.dtype == torch.float32 and torch.equal(acts, acts.to(torch.bfloat16).float())
+    assert reader.manifest.layer_stats["1"].count == 64
