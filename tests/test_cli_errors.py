@@ -26,6 +26,7 @@ def test_row_without_messages(monkeypatch, capsys, tiny_model_dir, tmp_path):
     code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset", str(data),
                            "--layers", "1", "--out", str(tmp_path / "s"))
     assert_one_line_error(code, err, "row 1")
+    assert not (tmp_path / "s").exists()
 
 
 def test_empty_dataset(monkeypatch, capsys, tiny_model_dir, tmp_path):

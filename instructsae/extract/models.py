@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def _dequantize_gguf_once(folder: Path, gguf_file: str) -> Path:
     target = _gguf_cache_folder(folder, gguf_file)
     if (target / "config.json").exists():
         return target
+    print(f"converting {gguf_file} to safetensors once (~20 s); cached in {target.parent}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     # save_pretrained refuses a GGUF-quantised model; the weights are already dequantised to fp32.
@@ -93,9 +95,18 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
+def quiet_transformers() -> None:
+    """Our own progress bars say what is happening; transformers' per-load bars and warnings are noise."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     kind, folder, gguf_file = resolve_model(spec)
     source = str(folder) if folder is not None else spec
     try:
