@@ -1,0 +1,76 @@
+"""Save and load an SAE folder in the SAELens layout: cfg.json + sae_weights.safetensors (raw-activation space)."""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from instructsae.errors import UserError
+from instructsae.train.sae import SAE_CLASSES, SparseAutoencoder
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+
+
+def _write_atomically(path: Path, write) -> None:
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+def sae_cfg(sae: SparseAutoencoder, metadata: dict) -> dict:
+    layer = metadata.get("layer")
+    cfg = {
+        "architecture": sae.architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,  # encode((x - b_dec) W_enc + b_enc), as trained
+        "normalize_activations": "none",  # the training normalisation is folded into the weights
+        "hook_name": f"blocks.{layer}.hook_resid_post" if layer is not None else None,
+        "hook_layer": layer,
+        "metadata": metadata,
+    }
+    if hasattr(sae, "bandwidth"):
+        cfg["bandwidth"] = sae.bandwidth
+    return cfg
+
+
+def save_sae(folder: str | Path, sae: SparseAutoencoder, input_scale: float, metadata: dict) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = sae.export_tensors(input_scale)
+    _write_atomically(folder / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
+    cfg = json.dumps(sae_cfg(sae, metadata), indent=2, default=str)
+    _write_atomically(folder / CFG_FILE, lambda path: path.write_text(cfg))
+
+
+def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
+    """The SAE a folder holds, acting on raw activations, and its cfg."""
+    folder = Path(folder)
+    if not (folder / CFG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise UserError(f"not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE}): {folder}")
+    try:
+        cfg = json.loads((folder / CFG_FILE).read_text())
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as error:
+        raise UserError(f"SAE folder {folder} is unreadable: {str(error).splitlines()[0]}") from None
+    architecture = cfg.get("architecture")
+    if architecture not in SAE_CLASSES:
+        raise UserError(f"SAE folder {folder} has unknown architecture {architecture!r} "
+                        f"(known: {', '.join(SAE_CLASSES)})")
+    sae = SAE_CLASSES[architecture](tensors["W_enc"].shape[0], tensors["W_enc"].shape[1])
+    if "bandwidth" in cfg and hasattr(sae, "bandwidth"):
+        sae.bandwidth = cfg["bandwidth"]
+    try:
+        sae.load_state_dict(tensors)
+    except RuntimeError as error:
+        raise UserError(f"SAE folder {folder} has weights that do not fit its architecture: "
+                        f"{str(error).splitlines()[0]}") from None
+    if (cfg.get("d_in"), cfg.get("d_sae")) != (sae.d_in, sae.d_sae):
+        raise UserError(f"SAE folder {folder}: cfg.json says d_in {cfg.get('d_in')}, d_sae {cfg.get('d_sae')} "
+                        f"but the weights are {sae.d_in} x {sae.d_sae}")
+    return sae.eval().requires_grad_(False), cfg

@@ -1,0 +1,83 @@
+"""The one small interface every SAE architecture implements, and the pieces they share.
+
+Weights use SAELens names and shapes: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    mse: torch.Tensor  # squared error summed over d_in, mean over the batch
+    sparsity: torch.Tensor  # the architecture's penalty before its coefficient
+    latents_BF: torch.Tensor
+    recon_BD: torch.Tensor
+
+
+class SparseAutoencoder(nn.Module):
+    architecture: ClassVar[str]
+    unit_norm_decoder: ClassVar[bool] = False
+    extra_parameters: ClassVar[tuple[str, ...]] = ()  # exported beside the four shared tensors
+
+    def __init__(self, d_in: int, d_sae: int):
+        super().__init__()
+        self.d_in, self.d_sae = d_in, d_sae
+        W_dec_FD = torch.randn(d_sae, d_in)
+        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec_FD)
+        self.W_enc = nn.Parameter(W_dec_FD.T.clone())  # tied at init, as Anthropic and Gemma Scope do
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return (x_BD - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents_BF: torch.Tensor) -> torch.Tensor:
+        return latents_BF @ self.W_dec + self.b_dec
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x_BD))
+
+    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float) -> LossOutput:
+        raise NotImplementedError
+
+    @staticmethod
+    def squared_error(x_BD: torch.Tensor, recon_BD: torch.Tensor) -> torch.Tensor:
+        return (recon_BD - x_BD).pow(2).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """With unit-norm decoder rows, drop the gradient part that would only change a row's norm."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            parallel_F = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+            self.W_dec.grad -= parallel_F * self.W_dec
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def export_tensors(self, input_scale: float) -> dict[str, torch.Tensor]:
+        """Weights acting on raw activations, for a model trained on x_train = input_scale * x_raw.
+
+        encode: (s·x − b_dec) W_enc = (x − b_dec/s)(s·W_enc), so latents are unchanged;
+        decode: recon_raw = recon_train / s, so W_dec and b_dec are divided by s.
+        """
+        tensors = {
+            "W_enc": self.W_enc * input_scale,
+            "b_enc": self.b_enc.clone(),
+            "W_dec": self.W_dec / input_scale,
+            "b_dec": self.b_dec / input_scale,
+        }
+        for name in self.extra_parameters:
+            tensors[name] = getattr(self, name).detach().clone()
+        return {name: tensor.detach().float().contiguous() for name, tensor in tensors.items()}
