@@ -12,14 +12,14 @@ from instructsae.schemas import ExtractConfig, TrainConfig
 from instructsae.train.run import run_training
 
 LAYER = 15
-TRAIN_TOKENS = 200_000
-HELDOUT_TOKENS = 25_000
+TRAIN_TOKENS = 120_000
+HELDOUT_TOKENS = 20_000
 # Sized for a 2-core CPU in minutes; Gemma Scope's lr 7e-5 needs far more steps than a demo has.
 DEMO_SAES = {
     "jumprelu": {"arch": "jumprelu", "expansion": 8, "sparsity_coeff": 3e-3, "init_threshold": 1e-3},
     "standard": {"arch": "standard", "expansion": 8, "sparsity_coeff": 1.0},
 }
-DEMO_TRAINING = {"tokens": 400_000, "batch_size": 1024, "buffer_tokens": 65_536,
+DEMO_TRAINING = {"tokens": 300_000, "batch_size": 1024, "buffer_tokens": 65_536,
                  "optim": {"lr": 1e-3, "lr_warmup_steps": 20, "beta1": 0.9, "sparsity_warmup_steps": 100}}
 
 

@@ -60,18 +60,19 @@ class MixingBuffer:
         self.parts.append(rows_ND)
         self.size += len(rows_ND)
         while self.size >= self.capacity:
-            yield from self._hand_out(self.size // 2)
+            # whole batches only, so every batch but an epoch's last is full
+            yield from self._hand_out(self.size // 2 // self.batch_size * self.batch_size)
 
     def flush(self) -> Iterator[torch.Tensor]:
         """Everything left, shuffled; the last batch may be short so each token is seen once per epoch."""
-        yield from self._hand_out(self.size)
+        if self.size:
+            yield from self._hand_out(self.size)
 
     def _hand_out(self, n_out: int) -> Iterator[torch.Tensor]:
         pool_ND = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
         pool_ND = pool_ND[torch.randperm(len(pool_ND), generator=self.generator)]
-        n_out = n_out // self.batch_size * self.batch_size or n_out
         for start in range(0, n_out, self.batch_size):
-            yield pool_ND[start:start + self.batch_size]
+            yield pool_ND[start:min(start + self.batch_size, n_out)]
         self.parts = [pool_ND[n_out:]] if n_out < len(pool_ND) else []
         self.size = len(pool_ND) - n_out
 
