@@ -1,5 +1,8 @@
 """The reader: every token exactly once per epoch, seeded orders, mixing, budgets."""
 
+import threading
+import time
+
 import numpy as np
 import torch
 
@@ -89,3 +92,18 @@ def test_real_store_rows_come_out_once(tiny_model_dir, dialogues_jsonl, tmp_path
     assert streamed.shape == stored.shape
     key = lambda rows: rows[torch.argsort(rows[:, 0] * 1e3 + rows[:, 1])]  # noqa: E731
     torch.testing.assert_close(key(streamed), key(stored))
+
+
+def test_prefetch_thread_ends_when_the_consumer_stops_early():
+    def prefetch_threads() -> int:
+        return sum(thread.name == "prefetch" for thread in threading.enumerate())
+
+    before = prefetch_threads()
+    stream = prefetch(iter(range(1000)), depth=1)
+    assert next(stream) == 0
+    time.sleep(0.05)  # let the producer fill the queue and wait on it
+    stream.close()  # what iter_batches does when max_tokens ends an epoch early
+    deadline = time.monotonic() + 2.0
+    while prefetch_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert prefetch_threads() == before, "the producer is stuck on a full queue"

@@ -58,11 +58,13 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except Exception as error:
         raise UserError(f"SAE folder {folder} is unreadable: {str(error).splitlines()[0]}") from None
-    architecture = cfg.get("architecture")
+    architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
     if architecture not in SAE_CLASSES:
         raise UserError(f"SAE folder {folder} has unknown architecture {architecture!r} "
                         f"(known: {', '.join(SAE_CLASSES)})")
-    sae = SAE_CLASSES[architecture](tensors["W_enc"].shape[0], tensors["W_enc"].shape[1])
+    if tensors.get("W_enc") is None or tensors["W_enc"].dim() != 2:
+        raise UserError(f"SAE folder {folder} has no 2-D W_enc in {WEIGHTS_FILE}")
+    sae = SAE_CLASSES[architecture](*tensors["W_enc"].shape)
     if "bandwidth" in cfg and hasattr(sae, "bandwidth"):
         sae.bandwidth = cfg["bandwidth"]
     try:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from instructsae.train.stream import iter_batches
 from instructsae.train.trainer import train
 
 SUMMARY_FILE = "summary.json"
+# Everything a run writes (summary first: it goes first on a rerun); `eval` is where `instructsae evaluate` writes.
+RUN_ENTRIES = (SUMMARY_FILE, "metrics.jsonl", "cfg.json", "sae_weights.safetensors", "eval")
 
 
 def choose_layer(cfg: TrainConfig, reader: StoreReader) -> int:
@@ -31,8 +34,11 @@ def choose_layer(cfg: TrainConfig, reader: StoreReader) -> int:
 
 
 def split_chunks(n_chunks: int, holdout_fraction: float) -> tuple[list[int], list[int]]:
-    """The last chunks are held out (whole dialogues, mostly unseen in training); none if only one chunk."""
+    """The last chunks are held out (whole dialogues, mostly unseen in training); none if only one chunk.
+
+    At least one chunk always stays for training, whatever the fraction."""
     n_holdout = 0 if n_chunks <= 1 else max(1, math.ceil(holdout_fraction * n_chunks)) if holdout_fraction else 0
+    n_holdout = min(n_holdout, max(n_chunks - 1, 0))
     return list(range(n_chunks - n_holdout)), list(range(n_chunks - n_holdout, n_chunks))
 
 
@@ -42,16 +48,46 @@ def run_paths(out: str) -> dict[str, Path]:
     return {"root": root, "metrics": root / "metrics.jsonl", "summary": root / SUMMARY_FILE}
 
 
+def prepare_run_folder(root: Path) -> None:
+    """A rerun starts clean, but deletes only what a run writes: a mistyped --out must never wipe a folder."""
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root} is a file, not a folder")
+    if root.exists():
+        names = [entry.name for entry in root.iterdir()]
+        foreign = sorted(name for name in names if name not in RUN_ENTRIES and not name.endswith(".partial"))
+        if foreign:
+            raise UserError(f"--out {root} holds files no training run wrote ({', '.join(foreign[:3])}): "
+                            "choose an empty or new folder")
+        for name in RUN_ENTRIES:  # summary.json first, so the folder stops looking finished before anything else
+            entry = root / name
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+        for partial in root.glob("*.partial"):
+            partial.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def store_scale(reader, layer: int, store: str) -> float:
+    """1/sqrt(E||x||^2): training inputs get unit mean squared norm, so coefficients carry across models."""
+    stats = reader.manifest.layer_stats.get(str(layer))
+    if stats is None or stats.mean_sq_norm <= 0:
+        raise UserError(f"store {store} has no normalisation statistics for layer {layer}: re-extract it")
+    return 1.0 / math.sqrt(stats.mean_sq_norm)
+
+
 def run_training(cfg: TrainConfig) -> dict:
     reader = open_store(cfg.store)
     if not reader.manifest.complete:
         raise UserError(f"store {cfg.store} is incomplete: rerun its extract to finish it")
     layer = choose_layer(cfg, reader)
+    if reader.n_tokens == 0:
+        raise UserError(f"store {cfg.store} holds no tokens")
     train_chunks, holdout_chunks = split_chunks(reader.n_chunks, cfg.holdout_fraction)
-    input_scale = 1.0 / math.sqrt(reader.manifest.layer_stats[str(layer)].mean_sq_norm)
+    input_scale = store_scale(reader, layer, cfg.store)
     paths = run_paths(cfg.out)
-    shutil.rmtree(paths["root"], ignore_errors=True)  # a rerun starts clean; summary.json marks a finished run
-    paths["root"].mkdir(parents=True)
+    prepare_run_folder(paths["root"])  # summary.json, written last, is what marks a finished run
 
     def read_chunk(index: int) -> torch.Tensor:
         return reader.read_acts_chunk(layer, index) * input_scale
@@ -80,8 +116,10 @@ def run_training(cfg: TrainConfig) -> dict:
                 "train_config": cfg.model_dump(mode="json"), "instructsae_version": __version__}
     save_sae(paths["root"], sae.cpu(), input_scale, metadata)
     summary = _summary(sae, reader, layer, holdout_chunks or train_chunks, dead, stats, cfg)
-    summary["evaluated_on"] = "held-out chunks" if holdout_chunks else "training chunks (store has one chunk)"
-    paths["summary"].write_text(json.dumps(summary, indent=2))
+    summary["evaluated_on"] = "held-out chunks" if holdout_chunks else "training chunks (no chunk was held out)"
+    partial = paths["summary"].with_name(SUMMARY_FILE + ".partial")
+    partial.write_text(json.dumps(summary, indent=2))
+    os.replace(partial, paths["summary"])
     return summary
 
 

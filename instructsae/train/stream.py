@@ -21,15 +21,24 @@ def prefetch(items: Iterable, depth: int = 2) -> Iterator:
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def hand_over(item) -> bool:
+        # a plain put would block forever on a full queue once the consumer has stopped early
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                if stop.is_set():
+                if not hand_over(item):
                     return
-                buffer.put(item)
-            buffer.put(_END)
+            hand_over(_END)
         except BaseException as error:  # handed to the consumer, raised there
-            buffer.put(error)
+            hand_over(error)
 
     thread = threading.Thread(target=produce, name="prefetch", daemon=True)
     thread.start()

@@ -68,8 +68,9 @@ def train(
                       "sparsity": out.sparsity.item(), "nmse": nmse, "l0": l0, "dead_fraction": dead.dead_fraction(),
                       "lr": lr, "sparsity_coeff": coeff}
             log(record)
-            bar.set_postfix(nmse=f"{nmse:.3f}", l0=f"{l0:.1f}", dead=f"{record['dead_fraction']:.2f}")
+            bar.set_postfix(loss=f"{record['loss']:.4g}", nmse=f"{nmse:.3f}", l0=f"{l0:.1f}",
+                            dead=f"{record['dead_fraction']:.2f}")
     bar.close()
     seconds = time.perf_counter() - started
-    return {"tokens_seen": tokens, "n_steps": dead.steps, "train_seconds": seconds,
+    return {"tokens_seen": tokens, "n_steps": bar.n, "train_seconds": seconds,
             "tokens_per_s": tokens / max(seconds, 1e-9)}
