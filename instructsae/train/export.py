@@ -1,23 +1,17 @@
 """Save and load an SAE folder in the SAELens layout: cfg.json + sae_weights.safetensors (raw-activation space)."""
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from instructsae.errors import UserError
+from instructsae.fileio import write_atomically, write_text_atomically
 from instructsae.train.sae import SAE_CLASSES, SparseAutoencoder
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
-
-
-def _write_atomically(path: Path, write) -> None:
-    partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
 
 
 def sae_cfg(sae: SparseAutoencoder, metadata: dict) -> dict:
@@ -43,9 +37,9 @@ def save_sae(folder: str | Path, sae: SparseAutoencoder, input_scale: float, met
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = sae.export_tensors(input_scale)
-    _write_atomically(folder / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
+    write_atomically(folder / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
     cfg = json.dumps(sae_cfg(sae, metadata), indent=2, default=str)
-    _write_atomically(folder / CFG_FILE, lambda path: path.write_text(cfg))
+    write_text_atomically(folder / CFG_FILE, cfg)
 
 
 def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:

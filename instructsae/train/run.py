@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from instructsae import __version__
 from instructsae.errors import UserError
 from instructsae.evaluate.metrics import reconstruction_metrics
 from instructsae.extract.store import StoreReader, open_store
+from instructsae.fileio import write_text_atomically
 from instructsae.schemas.train import TrainConfig
 from instructsae.train.dead import DeadFeatureTracker
 from instructsae.train.export import load_sae, save_sae
@@ -117,9 +117,7 @@ def run_training(cfg: TrainConfig) -> dict:
     save_sae(paths["root"], sae.cpu(), input_scale, metadata)
     summary = _summary(sae, reader, layer, holdout_chunks or train_chunks, dead, stats, cfg)
     summary["evaluated_on"] = "held-out chunks" if holdout_chunks else "training chunks (no chunk was held out)"
-    partial = paths["summary"].with_name(SUMMARY_FILE + ".partial")
-    partial.write_text(json.dumps(summary, indent=2))
-    os.replace(partial, paths["summary"])
+    write_text_atomically(paths["summary"], json.dumps(summary, indent=2))
     return summary
 
 
