@@ -28,6 +28,10 @@ def _click_type(annotation):
     return annotation if annotation in (int, float, str) else str
 
 
+def _show(default) -> str:
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+
+
 def options_from(model: type[BaseModel], skip: tuple[str, ...] = ()):
     """Decorator adding `--field-name` for every field of `model`; unset options stay None (not passed)."""
 
@@ -36,9 +40,9 @@ def options_from(model: type[BaseModel], skip: tuple[str, ...] = ()):
             if name in skip:
                 continue
             flag = "--" + name.replace("_", "-")
-            help_text = (field.description or "").replace("%%", "%")
-            if field.default is not None and not field.is_required() and not callable(field.default):
-                help_text += f" [default: {field.default if not isinstance(field.default, tuple) else ','.join(map(str, field.default))}]"
+            help_text = field.description or ""
+            if field.default is not None and not field.is_required():
+                help_text += f" [default: {_show(field.default)}]"
             if _unwrap_optional(field.annotation) is bool:
                 option = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=help_text)
             else:
@@ -65,8 +69,8 @@ def read_yaml(path: str | None) -> dict:
 
 
 def split_list(value):
-    """'15,20' -> [15, 20]; other values unchanged (YAML may already give a list)."""
-    if isinstance(value, str) and "," in value or isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    """'15,20' -> ['15', '20'] for pydantic to validate; other values unchanged (YAML may give a list)."""
+    if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
 
