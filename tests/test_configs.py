@@ -9,7 +9,7 @@ from instructsae.errors import UserError
 from instructsae.schemas import ExtractConfig
 from instructsae.train.config import resolve_train_config
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = Path(__file__).parent.parent / "instructsae" / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("train-*.yaml")), ids=lambda p: p.name)

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+from tqdm import tqdm
+
 from instructsae.errors import UserError
 from instructsae.evaluate.metrics import reconstruction_metrics
 from instructsae.extract.store import StoreReader, open_store
@@ -12,8 +14,11 @@ from instructsae.train.export import load_sae
 def store_batches(reader: StoreReader, layer: int, max_tokens: int | None):
     """The store's activations in order, chunk by chunk, stopping at max_tokens."""
     limit = reader.n_tokens if max_tokens is None else min(max_tokens, reader.n_tokens)
-    for start in range(0, limit, reader.chunk_tokens):
-        yield reader.read_acts(layer, start, min(start + reader.chunk_tokens, limit))
+    with tqdm(total=limit, desc="evaluate", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
+        for start in range(0, limit, reader.chunk_tokens):
+            batch_ND = reader.read_acts(layer, start, min(start + reader.chunk_tokens, limit))
+            bar.update(len(batch_ND))
+            yield batch_ND
 
 
 def sae_layer(cfg: dict, sae_dir: str) -> int:

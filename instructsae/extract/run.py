@@ -94,8 +94,12 @@ def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractC
     return per_instance
 
 
-def build_block(group, acts, first_instance: int, first_row: int, cfg: ExtractConfig):
-    """Assemble a TokenBlock plus per-layer (count, sum ||x||^2, sum ||x||) for the normalisation stats."""
+LayerSums = dict[int, tuple[int, float, float]]  # layer -> (count, sum ||x||^2, sum ||x||)
+
+
+def build_block(group: list[TokenizedInstance], acts: dict[int, list[torch.Tensor]], first_instance: int,
+                first_row: int, cfg: ExtractConfig) -> tuple[TokenBlock, LayerSums]:
+    """Assemble a TokenBlock (the first token of each sequence dropped unless kept) and its norm sums."""
     drop = 0 if cfg.keep_first_token else 1
     token_id, instance, position, role, starts, lengths_kept, sources = [], [], [], [], [], [], []
     row = first_row
@@ -124,7 +128,8 @@ def build_block(group, acts, first_instance: int, first_row: int, cfg: ExtractCo
     return block, stats
 
 
-def advance_manifest(manifest: StoreManifest, block: TokenBlock, stats, dataset: DatasetReader) -> StoreManifest:
+def advance_manifest(manifest: StoreManifest, block: TokenBlock, stats: LayerSums,
+                     dataset: DatasetReader) -> StoreManifest:
     layer_stats = dict(manifest.layer_stats)
     for layer, (count, sum_sq, sum_norm) in stats.items():
         layer_stats[str(layer)] = layer_stats.get(str(layer), LayerStats()).add(count, sum_sq, sum_norm)
@@ -155,7 +160,8 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = True) -> StoreManifest
         raise
 
 
-def _extract_into(writer, cfg, lm, dataset, show_progress) -> StoreManifest:
+def _extract_into(writer: StoreWriter, cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader,
+                  show_progress: bool) -> StoreManifest:
     manifest = writer.manifest
     done = manifest.n_instances
     instances = itertools.islice(planned_instances(cfg, lm, dataset), done, None)

@@ -6,6 +6,7 @@ SAEs on dialogues they never saw.
 
 from pathlib import Path
 
+from instructsae.cli_options import read_yaml
 from instructsae.evaluate.run import evaluate_sae_on_store, format_table
 from instructsae.extract.run import run_extract
 from instructsae.schemas import ExtractConfig, TrainConfig
@@ -14,13 +15,9 @@ from instructsae.train.run import run_training
 LAYER = 15
 TRAIN_TOKENS = 120_000
 HELDOUT_TOKENS = 20_000
-# Sized for a 2-core CPU in minutes; Gemma Scope's lr 7e-5 needs far more steps than a demo has.
-DEMO_SAES = {
-    "jumprelu": {"arch": "jumprelu", "expansion": 8, "sparsity_coeff": 3e-3, "init_threshold": 1e-3},
-    "standard": {"arch": "standard", "expansion": 8, "sparsity_coeff": 1.0},
-}
-DEMO_TRAINING = {"tokens": 300_000, "batch_size": 1024, "buffer_tokens": 65_536,
-                 "optim": {"lr": 1e-3, "lr_warmup_steps": 20, "beta1": 0.9, "sparsity_warmup_steps": 100}}
+CONFIGS = Path(__file__).parent.parent / "configs"
+# Sized for a 2-core CPU in minutes (Gemma Scope's lr 7e-5 needs far more steps than a demo has).
+DEMO_SAES = {"jumprelu": CONFIGS / "train-jumprelu.yaml", "standard": CONFIGS / "train-standard.yaml"}
 
 
 def run_demo(out: str, train_tokens: int | None = None) -> str:
@@ -34,10 +31,11 @@ def run_demo(out: str, train_tokens: int | None = None) -> str:
     run_extract(ExtractConfig(**base, out=str(heldout_store), skip_instances=manifest.n_instances,
                               max_tokens=HELDOUT_TOKENS))
     results = []
-    for step, (name, sae) in enumerate(DEMO_SAES.items(), start=3):
+    for step, (name, config_file) in enumerate(DEMO_SAES.items(), start=3):
         run_dir = root / "saes" / name
-        print(f"[{step}/4] training the {name} SAE -> {run_dir}")
-        run_training(TrainConfig(store=str(train_store), out=str(run_dir), layer=LAYER, sae=sae, **DEMO_TRAINING))
+        print(f"[{step}/4] training the {name} SAE ({config_file.name}) -> {run_dir}")
+        settings = read_yaml(str(config_file))
+        run_training(TrainConfig(**settings, store=str(train_store), out=str(run_dir), layer=LAYER))
         results.append(evaluate_sae_on_store(str(run_dir), str(heldout_store)))
     table = format_table(results)
     (root / "results.md").write_text(f"Held-out FAST dialogues, layer {LAYER} of SmolLM2-135M-Instruct\n\n{table}\n")

@@ -12,7 +12,8 @@ class StandardConfig(FrozenModel):
 
     arch: Literal["standard"] = "standard"
     expansion: int = Field(16, gt=0, description="d_sae = expansion * d_model")
-    sparsity_coeff: float = Field(5.0, ge=0, description="L1 coefficient (inputs have unit mean squared norm)")
+    # Anthropic's lambda = 5 at E||x||^2 = d_model is 5 / sqrt(d_model) at our E||x||^2 = 1 (0.21 for d_model 576).
+    sparsity_coeff: float = Field(0.2, ge=0, description="L1 coefficient (inputs have unit mean squared norm)")
 
 
 class JumpReLUConfig(FrozenModel):
