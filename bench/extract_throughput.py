@@ -3,8 +3,8 @@
     .venv/bin/python bench/extract_throughput.py [--dialogues 32] [--max-len 512] [--layer 15]
 
 Prints real (unpadded) tokens per second for: one dialogue per forward pass; dialogues batched in
-dataset order and padded to the longest; our length-bucketed batches; and the whole `run_extract`
-(store writes included) with the background writer versus writing synchronously.
+dataset order and padded to the longest; length-bucketed batches at several token budgets; and the whole
+`run_extract` (model load and store writes included) with the background writer versus writing synchronously.
 """
 
 import argparse
@@ -63,7 +63,9 @@ def main() -> None:
     parser.add_argument("--dialogues", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--layer", type=int, default=15)
-    parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--batch-tokens", type=int, default=8192, help="largest bucketing budget tried")
+    parser.add_argument("--run-batch-tokens", type=int, default=None, help="budget of the run_extract rows "
+                        "(default: the extract default)")
     args = parser.parse_args()
 
     lm = load_model("smollm2", "float32")
@@ -83,12 +85,13 @@ def main() -> None:
     timed("one dialogue per forward", n_tokens, lambda: forward_batches(lm, instances, one_each, args.layer), results)
     timed(f"dataset order, {per_batch} per batch, padded", n_tokens,
           lambda: forward_batches(lm, instances, in_order, args.layer), results)
-    timed("length-bucketed batches (ours)", n_tokens,
-          lambda: forward_batches(lm, instances, length_batches(lengths, args.batch_tokens), args.layer), results)
+    for budget in (1024, 2048, args.batch_tokens):
+        timed(f"length-bucketed, batch_tokens {budget}", n_tokens,
+              lambda: forward_batches(lm, instances, length_batches(lengths, budget), args.layer), results)
 
     folder = tempfile.mkdtemp()
     cfg = ExtractConfig(out=f"{folder}/a", layers=(args.layer,), max_instances=args.dialogues, max_len=args.max_len,
-                        batch_tokens=args.batch_tokens, chunk_tokens=1024)
+                        batch_tokens=args.run_batch_tokens, chunk_tokens=1024)
     stored = n_tokens - len(instances)
     timed("run_extract, background writer (ours)", stored,
           lambda: extract_run.run_extract(cfg, show_progress=False), results)

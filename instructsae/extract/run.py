@@ -74,12 +74,19 @@ def open_writer(cfg: ExtractConfig, identity: StoreIdentity, chat_template: str 
     return StoreWriter.create(out, manifest)
 
 
+def batch_budget(cfg: ExtractConfig) -> int:
+    """Padded tokens per forward pass. On 2 CPU cores batching only added padding (BENCHMARKS.md)."""
+    if cfg.batch_tokens is not None:
+        return cfg.batch_tokens
+    return 1 if cfg.device == "cpu" else 16384
+
+
 def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractConfig) -> dict[int, list[torch.Tensor]]:
     """{layer: per-instance [len, d_model] float32}, each instance computed with no other in its context."""
     lengths = [len(instance.token_ids) for instance in group]
     per_instance: dict[int, list] = {layer: [None] * len(group) for layer in cfg.layers}
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    for batch in length_batches(lengths, cfg.batch_tokens):
+    for batch in length_batches(lengths, batch_budget(cfg)):
         width = lengths[batch[0]]
         # Right padding: with causal attention, real tokens never see the pads after them.
         input_ids_BS = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -171,7 +178,7 @@ def _extract_into(writer: StoreWriter, cfg: ExtractConfig, lm: LoadedModel, data
                         f"({dataset.rows_skipped} rows skipped as unusable)")
     instances = itertools.chain([first], instances) if first is not None else iter(())
     background = BackgroundWriter(writer)
-    group_tokens = max(cfg.batch_tokens, 4 * manifest.identity.chunk_tokens)
+    group_tokens = max(batch_budget(cfg), 4 * manifest.identity.chunk_tokens)
     bar = tqdm(total=cfg.max_tokens, initial=manifest.n_tokens, unit="tok", unit_scale=True,
                desc="extract", disable=not show_progress, dynamic_ncols=True)
     try:
