@@ -89,6 +89,16 @@ def main() -> None:
         timed(f"length-bucketed, batch_tokens {budget}", n_tokens,
               lambda: forward_batches(lm, instances, length_batches(lengths, budget), args.layer), results)
 
+    # bf16 compute on the first 8 dialogues only: it is slow on CPUs without bf16 units
+    few = instances[:8]
+    few_tokens = sum(len(instance.token_ids) for instance in few)
+    timed("8 dialogues, one per forward, fp32", few_tokens,
+          lambda: forward_batches(lm, few, [[i] for i in range(len(few))], args.layer), results)
+    lm_bf16 = load_model("smollm2", "bfloat16")
+    timed("8 dialogues, one per forward, bf16", few_tokens,
+          lambda: forward_batches(lm_bf16, few, [[i] for i in range(len(few))], args.layer), results)
+    del lm_bf16
+
     folder = tempfile.mkdtemp()
     cfg = ExtractConfig(out=f"{folder}/a", layers=(args.layer,), max_instances=args.dialogues, max_len=args.max_len,
                         batch_tokens=args.run_batch_tokens, chunk_tokens=1024)
@@ -108,7 +118,9 @@ def main() -> None:
     base = results["one dialogue per forward"]
     print("\nratios (tokens/s over one dialogue per forward):")
     for label, rate in results.items():
-        print(f"  {label:<44} {rate / base:5.2f}x")
+        if not label.startswith("8 dialogues"):
+            print(f"  {label:<44} {rate / base:5.2f}x")
+    print(f"bf16 / fp32 compute: {results['8 dialogues, one per forward, bf16'] / results['8 dialogues, one per forward, fp32']:.2f}x")
     print(f"background / synchronous writer: "
           f"{results['run_extract, background writer (ours)'] / results['run_extract, synchronous writes']:.2f}x")
 

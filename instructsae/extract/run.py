@@ -75,10 +75,10 @@ def open_writer(cfg: ExtractConfig, identity: StoreIdentity, chat_template: str 
 
 
 def batch_budget(cfg: ExtractConfig) -> int:
-    """Padded tokens per forward pass. On 2 CPU cores batching only added padding (BENCHMARKS.md)."""
+    """Padded tokens per forward pass. On 2 CPU cores only small batches keep up (BENCHMARKS.md)."""
     if cfg.batch_tokens is not None:
         return cfg.batch_tokens
-    return 1 if cfg.device == "cpu" else 16384
+    return 1024 if cfg.device == "cpu" else 16384
 
 
 def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractConfig) -> dict[int, list[torch.Tensor]]:

@@ -42,8 +42,8 @@ class ExtractConfig(FrozenModel):
     # Runtime knobs below do not change the stored bytes, so they are not in the store fingerprint.
     batch_tokens: int | None = Field(
         None, gt=0,
-        description="padded tokens per forward pass, a runtime knob (default: one sequence per pass on CPU, "
-        "where batching measured slower, and 16384 on GPU)",
+        description="padded tokens per forward pass, a runtime knob (default: 1024 on CPU, where bigger "
+        "batches measured slower, and 16384 on GPU)",
     )
     device: str = Field("cpu", description="torch device for the LM, a runtime knob")
     overwrite: bool = Field(False, description="replace an existing store made with another config")
