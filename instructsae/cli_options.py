@@ -90,4 +90,6 @@ def format_validation_error(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "config"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    if first["type"] == "missing":
+        return f"missing --{where.replace('_', '-')} (an option, or '{where}' in the --config file){more}"
     return f"invalid {where}: {first['msg']}{more}"

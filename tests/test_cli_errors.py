@@ -57,3 +57,8 @@ def test_bad_yaml_config(monkeypatch, capsys, tmp_path):
     config.write_text("layers: [15\n")
     code, _, err = run_cli(monkeypatch, capsys, "extract", "--config", str(config), "--out", "x")
     assert_one_line_error(code, err, "c.yaml")
+
+
+def test_missing_required_option(monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--out", "x")
+    assert_one_line_error(code, err, "missing --store")
