@@ -116,3 +116,17 @@ def test_bf16_store_round_trips(tiny_model_dir, dialogues_jsonl, tmp_path):
     acts = reader.read_acts(1, 0, 64)
     assert acts.dtype == torch.float32 and torch.equal(acts, acts.to(torch.bfloat16).float())
     assert reader.manifest.layer_stats["1"].count == 64
+
+
+def test_a_store_made_with_another_config_is_refused(tiny_model_dir, dialogues_jsonl, tmp_path):
+    from instructsae.errors import UserError
+
+    cfg = config(tiny_model_dir, dialogues_jsonl, tmp_path / "store", max_tokens=50)
+    run_extract(cfg, show_progress=False)
+    changed = cfg.model_copy(update={"max_tokens": 60})
+    with pytest.raises(UserError, match="made with another config"):
+        run_extract(changed, show_progress=False)
+    assert open_store(cfg.out).n_tokens == 50  # untouched
+    # runtime knobs are not part of a store's identity
+    assert run_extract(cfg.model_copy(update={"batch_tokens": 64}), show_progress=False).n_tokens == 50
+    assert run_extract(changed.model_copy(update={"overwrite": True}), show_progress=False).n_tokens == 60
