@@ -40,3 +40,17 @@ def test_hub_id_offline_is_one_clear_error():
 def test_gguf_path_that_does_not_exist(tmp_path):
     with pytest.raises(UserError, match="model file not found"):
         resolve_model(str(tmp_path / "m.gguf"))
+
+
+def test_layers_above_the_deepest_and_the_lm_head_never_run(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir), "float32")
+    ran = []
+    handles = [lm.model.model.layers[1].register_forward_hook(lambda *_: ran.append("layer 1")),
+               lm.model.lm_head.register_forward_hook(lambda *_: ran.append("lm_head"))]
+    ids = torch.tensor([[1, 5, 9]])
+    try:
+        captured = residuals_at_layers(lm.model, (0,), ids, torch.ones_like(ids))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert list(captured) == [0] and ran == []

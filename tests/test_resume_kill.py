@@ -15,7 +15,7 @@ from instructsae.schemas import ExtractConfig
 
 
 def extract_args(model_dir, out):
-    return ["--model", str(model_dir), "--dataset", "chatterbot", "--layers", "0,1", "--max-instances", "600",
+    return ["--model", str(model_dir), "--dataset", "chatterbot", "--layers", "0,1", "--max-instances", "200",
             "--dtype", "float32", "--chunk-tokens", "32", "--batch-tokens", "64", "--out", str(out)]
 
 
@@ -26,7 +26,7 @@ def test_sigkilled_extraction_resumes_to_the_same_store(tiny_model_dir, tmp_path
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.time() + 120
     while time.time() < deadline:  # wait for a few commits, then kill mid-run
-        if is_store(killed) and read_manifest(killed).n_tokens > 500:
+        if is_store(killed) and read_manifest(killed).n_tokens > 300:
             break
         assert process.poll() is None, "the extraction ended before it could be killed"
         time.sleep(0.05)
@@ -35,7 +35,7 @@ def test_sigkilled_extraction_resumes_to_the_same_store(tiny_model_dir, tmp_path
     partial = read_manifest(killed)
     assert not partial.complete and partial.n_tokens > 0
 
-    cfg = ExtractConfig(model=str(tiny_model_dir), dataset="chatterbot", layers=(0, 1), max_instances=600,
+    cfg = ExtractConfig(model=str(tiny_model_dir), dataset="chatterbot", layers=(0, 1), max_instances=200,
                         dtype="float32", chunk_tokens=32, batch_tokens=64, out=str(killed))
     run_extract(cfg, show_progress=False)
     run_extract(cfg.model_copy(update={"out": str(tmp_path / "whole")}), show_progress=False)
