@@ -7,12 +7,15 @@ import numpy as np
 from instructsae.extract.store import open_store
 from instructsae.schemas.manifest import ROLES
 
+ROLE_BLOCK = 1 << 22
+
 
 def store_summary(store: str) -> dict:
     reader = open_store(store)
     manifest = reader.manifest
-    roles = reader.read_column("role")
-    role_counts = np.bincount(roles, minlength=len(ROLES)) if len(roles) else np.zeros(len(ROLES), int)
+    role_counts = np.zeros(len(ROLES), dtype=np.int64)
+    for start in range(0, reader.n_tokens, ROLE_BLOCK):  # in blocks: a store can be larger than memory
+        role_counts += np.bincount(reader.read_column("role", start, start + ROLE_BLOCK), minlength=len(ROLES))
     return {
         "path": store,
         "manifest": manifest.model_dump(mode="json", exclude={"chat_template"}),
@@ -41,7 +44,8 @@ def describe_store(store: str, as_json: bool) -> str:
         f"tokens      {counts['tokens']:,} in {counts['instances']:,} instances, {counts['chunks']} chunks of "
         f"{identity['chunk_tokens']}",
         "roles       " + ", ".join(f"{name} {n:,}" for name, n in counts["tokens_by_role"].items()),
-        "rows        " + f"{manifest['rows_used']:,} used, {manifest['rows_skipped']:,} skipped as unusable",
+        f"rows        {manifest['rows_used']:,} usable read ({identity['skip_instances']:,} passed over by "
+        f"--skip-instances), {manifest['rows_skipped']:,} skipped as unusable",
         "mean |x|^2  " + ", ".join(f"layer {k}: {v:.1f}" for k, v in summary["mean_sq_norm"].items()),
         f"fingerprint {manifest['fingerprint']}  (instructsae {manifest['tool_version']})",
     ]

@@ -70,7 +70,7 @@ class StoreManifest(FrozenModel):
     chat_template: str | None = Field(None, description="the template text itself, for reproducibility")
     n_tokens: int = 0
     n_instances: int = 0
-    rows_used: int = 0
-    rows_skipped: int = 0
+    rows_used: int = Field(0, description="usable dataset rows read, including those passed over by skip_instances")
+    rows_skipped: int = Field(0, description="dataset rows skipped as unusable (empty, unknown speaker, cut off)")
     layer_stats: dict[str, LayerStats] = Field(default_factory=dict)
     complete: bool = False
