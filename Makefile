@@ -45,8 +45,10 @@ evaluate: $(STAMP)
 inspect: $(STAMP)
 	$(CLI) inspect $(STORE) $(EXTRA)
 
+# The stream benchmark reads the demo's training store: run `make demo` first.
 bench: $(STAMP)
 	$(PY) bench/extract_throughput.py
+	$(PY) bench/train_stream.py --store $(STORE)
 
 clean:
 	rm -rf stores runs
