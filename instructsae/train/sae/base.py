@@ -9,6 +9,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from instructsae.train.sae import sparse_products
+
 
 @dataclass
 class LossOutput:
@@ -35,13 +37,13 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return (x_BD - self.b_dec) @ self.W_enc + self.b_enc
+        return sparse_products.encode(x_BD - self.b_dec, self.W_enc, self.b_enc)
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def decode(self, latents_BF: torch.Tensor) -> torch.Tensor:
-        return latents_BF @ self.W_dec + self.b_dec
+        return sparse_products.decode(latents_BF, self.W_dec) + self.b_dec
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x_BD))

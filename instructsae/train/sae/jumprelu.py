@@ -8,42 +8,46 @@ rectangle kernel K of width ε (the bandwidth): d/dθ JumpReLU = −(θ/ε) K((p
 import torch
 from torch import nn
 
+from instructsae.train.sae import sparse_products
 from instructsae.train.sae.base import LossOutput, SparseAutoencoder
+from instructsae.train.sae.jumprelu_sparse import SparseJumpReLUStep, near_threshold
 
 
-def rectangle(u: torch.Tensor) -> torch.Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+class _JumpReLUWithL0(torch.autograd.Function):
+    """latents = relu(pre)·H(relu(pre) − θ) and the batch-mean L0 = Σ H(·) / batch, with their estimators.
 
+    One function for both, written as a handful of passes over [batch, d_sae]: as separate autograd ops
+    they took a dozen passes and most of a CPU training step (bench/sae_step.py).
+    """
 
-class _JumpReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre_BF, threshold_F, bandwidth):
-        ctx.save_for_backward(pre_BF, threshold_F)
+        # θ < 0 must not let negative pre-activations through: relu first, as Gemma Scope does
+        active_BF = pre_BF > threshold_F.clamp_min(0)
+        latents_BF = torch.where(active_BF, pre_BF, 0.0)
+        l0 = active_BF.sum(dtype=pre_BF.dtype) / pre_BF.shape[0]
+        ctx.save_for_backward(pre_BF, threshold_F, active_BF)
         ctx.bandwidth = bandwidth
-        return pre_BF * (pre_BF > threshold_F).to(pre_BF.dtype)
+        return latents_BF, l0
 
     @staticmethod
-    def backward(ctx, grad_BF):
-        pre_BF, threshold_F = ctx.saved_tensors
+    def backward(ctx, grad_latents_BF, grad_l0):
+        pre_BF, threshold_F, active_BF = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_pre = grad_BF * (pre_BF > threshold_F).to(pre_BF.dtype)
-        grad_threshold = (grad_BF * -(threshold_F / eps) * rectangle((pre_BF - threshold_F) / eps)).sum(dim=0)
+        grad_pre = None
+        if ctx.needs_input_grad[0] and grad_latents_BF is not None:
+            grad_pre = torch.where(active_BF, grad_latents_BF, 0.0)
+        grad_threshold = None
+        if ctx.needs_input_grad[1]:
+            rows, cols = near_threshold(pre_BF, threshold_F, eps)
+            # d latent/dθ = −(θ/ε)·K and dH/dθ = −(1/ε)·K, summed over the batch where K is not zero
+            per_entry = torch.zeros(len(cols), dtype=pre_BF.dtype)
+            if grad_latents_BF is not None:
+                per_entry += threshold_F[cols] * grad_latents_BF[rows, cols]
+            if grad_l0 is not None:
+                per_entry += grad_l0 / pre_BF.shape[0]
+            grad_threshold = torch.zeros_like(threshold_F).index_add_(0, cols, per_entry) * (-1.0 / eps)
         return grad_pre, grad_threshold, None
-
-
-class _Step(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre_BF, threshold_F, bandwidth):
-        ctx.save_for_backward(pre_BF, threshold_F)
-        ctx.bandwidth = bandwidth
-        return (pre_BF > threshold_F).to(pre_BF.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_BF):
-        pre_BF, threshold_F = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_threshold = (grad_BF * -(1.0 / eps) * rectangle((pre_BF - threshold_F) / eps)).sum(dim=0)
-        return torch.zeros_like(pre_BF), grad_threshold, None
 
 
 class JumpReLUSAE(SparseAutoencoder):
@@ -55,17 +59,25 @@ class JumpReLUSAE(SparseAutoencoder):
         super().__init__(d_in, d_sae)
         self.bandwidth = bandwidth
         self.threshold = nn.Parameter(torch.full((d_sae,), init_threshold))
+        self.last_density = 1.0  # share of latents that fired in the last training step
+
+    def sparse_step_pays(self, x_BD: torch.Tensor) -> bool:
+        """The hand-written sparse step wins once latents are sparse; measured on CPUs only."""
+        return (x_BD.device.type == "cpu" and x_BD.dtype == torch.float32
+                and self.last_density < sparse_products.SPARSE_BELOW)
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
-        # relu first: a negative threshold must never let negative pre-activations through
-        return _JumpReLU.apply(torch.relu(self.pre_activations(x_BD)), self.threshold, self.bandwidth)
+        return _JumpReLUWithL0.apply(self.pre_activations(x_BD), self.threshold, self.bandwidth)[0]
 
     def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float) -> LossOutput:
-        pre_BF = torch.relu(self.pre_activations(x_BD))
-        latents_BF = _JumpReLU.apply(pre_BF, self.threshold, self.bandwidth)
-        recon_BD = self.decode(latents_BF)
+        if self.sparse_step_pays(x_BD):
+            recon_BD, l0, latents_BF = SparseJumpReLUStep.apply(
+                x_BD, self.W_enc, self.b_enc, self.b_dec, self.threshold, self.W_dec, self.bandwidth)
+        else:
+            latents_BF, l0 = _JumpReLUWithL0.apply(self.pre_activations(x_BD), self.threshold, self.bandwidth)
+            recon_BD = self.decode(latents_BF)
+        self.last_density = float(l0.detach()) / self.d_sae
         mse = self.squared_error(x_BD, recon_BD)
-        l0 = _Step.apply(pre_BF, self.threshold, self.bandwidth).sum(dim=-1).mean()
         return LossOutput(mse + sparsity_coeff * l0, mse, l0, latents_BF, recon_BD)
 
     @torch.no_grad()
