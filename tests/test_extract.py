@@ -20,9 +20,17 @@ def config(model_dir, dataset, out, **overrides) -> ExtractConfig:
     return ExtractConfig(**values)
 
 
-def test_fast_instances_match_running_each_alone(tiny_model_dir, dialogues_jsonl, tmp_path):
+def test_fast_instances_match_running_each_alone(tiny_model_dir, dialogues_jsonl, tmp_path, monkeypatch):
     cfg = config(tiny_model_dir, dialogues_jsonl, tmp_path / "store", keep_first_token=True)
+    padded_batch, mixed_lengths = extract_run.padded_batch, []
+
+    def spy(group, batch, pad_id):
+        mixed_lengths.append(len({len(group[index].token_ids) for index in batch}) > 1)
+        return padded_batch(group, batch, pad_id)
+
+    monkeypatch.setattr(extract_run, "padded_batch", spy)
     run_extract(cfg, show_progress=False)
+    assert any(mixed_lengths), "some batch must hold padded dialogues of different lengths"
     reader = open_store(cfg.out)
     lm = load_model(str(tiny_model_dir), "float32")
     starts, lengths = reader.read_column("instance_start"), reader.read_column("instance_length")

@@ -5,46 +5,7 @@ import torch
 
 from instructsae.schemas import JumpReLUConfig, StandardConfig
 from instructsae.train.sae import build_sae, sparse_products
-
-
-def rectangle(u):
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class ReferenceJumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre, threshold, eps):
-        ctx.save_for_backward(pre, threshold)
-        ctx.eps = eps
-        return pre * (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        kernel = rectangle((pre - threshold) / ctx.eps)
-        return grad * (pre > threshold), (grad * -(threshold / ctx.eps) * kernel).sum(0), None
-
-
-class ReferenceStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre, threshold, eps):
-        ctx.save_for_backward(pre, threshold)
-        ctx.eps = eps
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        return None, (grad * -(1.0 / ctx.eps) * rectangle((pre - threshold) / ctx.eps)).sum(0), None
-
-
-def reference_loss(sae, x, coeff):
-    """Gemma Scope's JumpReLU loss written plainly with dense autograd ops."""
-    pre = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
-    latents = ReferenceJumpReLU.apply(pre, sae.threshold, sae.bandwidth)
-    recon = latents @ sae.W_dec + sae.b_dec
-    l0 = ReferenceStep.apply(pre, sae.threshold, sae.bandwidth).sum(-1).mean()
-    return (recon - x).pow(2).sum(-1).mean() + coeff * l0
+from instructsae.train.sae.jumprelu_reference import reference_jumprelu_loss
 
 
 def gradients(sae, loss):
@@ -71,7 +32,7 @@ def sparse_jumprelu(target_l0: float, seed: int = 0, low_thresholds: bool = True
 @pytest.mark.parametrize("target_l0", [4.0, 40.0])
 def test_sparse_and_dense_jumprelu_steps_match_plain_autograd(target_l0):
     sae, x = sparse_jumprelu(target_l0)
-    expected = gradients(sae, reference_loss(sae, x, coeff=0.3))
+    expected = gradients(sae, reference_jumprelu_loss(sae, x, 0.3))
 
     sae.last_density = 1.0
     assert not sae.sparse_step_pays(x)

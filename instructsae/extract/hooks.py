@@ -11,7 +11,8 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def residuals_at_layers(
-    model: torch.nn.Module, layers: tuple[int, ...], input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor
+    model: torch.nn.Module, layers: tuple[int, ...], input_ids_BS: torch.Tensor,
+    attention_mask_BS: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:
     """{layer: [batch, seq, d_model]} outputs of those decoder layers (resid_post), in the model's dtype."""
     captured: dict[int, torch.Tensor] = {}

@@ -81,20 +81,30 @@ def batch_budget(cfg: ExtractConfig) -> int:
     return 1024 if cfg.device == "cpu" else 16384
 
 
+def group_tokens(cfg: ExtractConfig, chunk_tokens: int) -> int:
+    """Tokens computed, then written and committed, at a time: whole chunks, and at least one forward batch."""
+    return max(batch_budget(cfg), 4 * chunk_tokens)
+
+
+def padded_batch(group: list[TokenizedInstance], batch: list[int], pad_id: int) -> torch.Tensor:
+    """[len(batch), longest] token ids, right-padded."""
+    lengths = [len(group[index].token_ids) for index in batch]
+    input_ids_BS = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
+    for row, index in enumerate(batch):
+        input_ids_BS[row, : lengths[row]] = torch.from_numpy(group[index].token_ids.astype(np.int64))
+    return input_ids_BS
+
+
 def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractConfig) -> dict[int, list[torch.Tensor]]:
     """{layer: per-instance [len, d_model] float32}, each instance computed with no other in its context."""
     lengths = [len(instance.token_ids) for instance in group]
     per_instance: dict[int, list] = {layer: [None] * len(group) for layer in cfg.layers}
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     for batch in length_batches(lengths, batch_budget(cfg)):
-        width = lengths[batch[0]]
-        # Right padding: with causal attention, real tokens never see the pads after them.
-        input_ids_BS = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask_BS = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            input_ids_BS[row, : lengths[index]] = torch.from_numpy(group[index].token_ids.astype(np.int64))
-            mask_BS[row, : lengths[index]] = 1
-        residuals = residuals_at_layers(lm.model, cfg.layers, input_ids_BS.to(cfg.device), mask_BS.to(cfg.device))
+        input_ids_BS = padded_batch(group, batch, pad_id).to(cfg.device)
+        # No attention mask: with right padding and causal attention no real token ever sees a pad, and
+        # without a mask SDPA runs its causal kernel, which skips the masked half (faster, BENCHMARKS.md).
+        residuals = residuals_at_layers(lm.model, cfg.layers, input_ids_BS)
         for layer, hidden_BSD in residuals.items():
             for row, index in enumerate(batch):
                 per_instance[layer][index] = hidden_BSD[row, : lengths[index]].float().cpu()
@@ -178,11 +188,10 @@ def _extract_into(writer: StoreWriter, cfg: ExtractConfig, lm: LoadedModel, data
                         f"({dataset.rows_skipped} rows skipped as unusable)")
     instances = itertools.chain([first], instances) if first is not None else iter(())
     background = BackgroundWriter(writer)
-    group_tokens = max(batch_budget(cfg), 4 * manifest.identity.chunk_tokens)
     bar = tqdm(total=cfg.max_tokens, initial=manifest.n_tokens, unit="tok", unit_scale=True,
                desc="extract", disable=not show_progress, dynamic_ncols=True)
     try:
-        for group in grouped(instances, group_tokens):
+        for group in grouped(instances, group_tokens(cfg, manifest.identity.chunk_tokens)):
             acts = forward_group(lm, group, cfg)
             block, stats = build_block(group, acts, manifest.n_instances, manifest.n_tokens, cfg)
             manifest = advance_manifest(manifest, block, stats, dataset)

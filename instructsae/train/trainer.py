@@ -66,7 +66,8 @@ def train(
                 l0 = float((out.latents_BF > 0).float().sum(dim=-1).mean())
             record = {"step": step, "tokens": tokens, "loss": out.loss.item(), "mse": out.mse.item(),
                       "sparsity": out.sparsity.item(), "nmse": nmse, "l0": l0, "dead_fraction": dead.dead_fraction(),
-                      "lr": lr, "sparsity_coeff": coeff}
+                      "lr": lr, "sparsity_coeff": coeff,
+                      "elapsed_s": round(time.perf_counter() - started, 3)}
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.4g}", nmse=f"{nmse:.3f}", l0=f"{l0:.1f}",
                             dead=f"{record['dead_fraction']:.2f}")
