@@ -45,10 +45,12 @@ evaluate: $(STAMP)
 inspect: $(STAMP)
 	$(CLI) inspect $(STORE) $(EXTRA)
 
-# The stream benchmark reads the demo's training store: run `make demo` first.
+# The SAE benchmarks read the demo's training store: run `make demo` first. About 40 minutes on 2 cores.
 bench: $(STAMP)
-	$(PY) bench/extract_throughput.py
+	$(PY) bench/extract_vs_forward.py
+	$(PY) bench/sae_step.py --store $(STORE)
 	$(PY) bench/train_stream.py --store $(STORE)
+	$(PY) bench/extract_batching.py
 
 clean:
 	rm -rf stores runs

@@ -1,6 +1,6 @@
-"""Extraction throughput on the embedded model, variants measured side by side in one run.
+"""How to batch FAST dialogues on this CPU: extraction throughput of batching variants, side by side in one run.
 
-    .venv/bin/python bench/extract_throughput.py [--dialogues 32] [--max-len 512] [--layer 15]
+    .venv/bin/python bench/extract_batching.py [--dialogues 32] [--max-len 512] [--layer 15]
 
 Prints real (unpadded) tokens per second for: one dialogue per forward pass; dialogues batched in
 dataset order and padded to the longest; length-bucketed batches at several token budgets; and the whole

@@ -103,7 +103,7 @@ def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractC
     for batch in length_batches(lengths, batch_budget(cfg)):
         input_ids_BS = padded_batch(group, batch, pad_id).to(cfg.device)
         # No attention mask: with right padding and causal attention no real token ever sees a pad, and
-        # without a mask SDPA runs its causal kernel, which skips the masked half (faster, BENCHMARKS.md).
+        # without a mask SDPA may pick its causal kernel (on this CPU no faster, BENCHMARKS.md, nor slower).
         residuals = residuals_at_layers(lm.model, cfg.layers, input_ids_BS)
         for layer, hidden_BSD in residuals.items():
             for row, index in enumerate(batch):
@@ -133,7 +133,7 @@ def build_block(group: list[TokenizedInstance], acts: dict[int, list[torch.Tenso
     layer_acts, stats = {}, {}
     for layer, tensors in acts.items():
         stacked_ND = torch.cat([tensor[drop:] for tensor in tensors])
-        squared_N = stacked_ND.double().pow(2).sum(-1)
+        squared_N = stacked_ND.pow(2).sum(-1, dtype=torch.float64)
         stats[layer] = (len(stacked_ND), float(squared_N.sum()), float(squared_N.sqrt().sum()))
         layer_acts[layer] = acts_to_storage(stacked_ND, cfg.dtype)
     block = TokenBlock(

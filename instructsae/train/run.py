@@ -17,7 +17,7 @@ from instructsae.train.dead import DeadFeatureTracker
 from instructsae.train.export import load_sae, save_sae
 from instructsae.train.init import geometric_median
 from instructsae.train.sae import build_sae
-from instructsae.train.stream import iter_batches
+from instructsae.train.stream import iter_batches, prefetch_depth
 from instructsae.train.trainer import train
 
 SUMMARY_FILE = "summary.json"
@@ -97,7 +97,10 @@ def run_training(cfg: TrainConfig) -> dict:
     n_steps = max(1, tokens // cfg.batch_size)
     torch.manual_seed(cfg.seed)
     sae = build_sae(cfg.sae, reader.d_model).to(cfg.device)
-    batches = iter_batches(read_chunk, train_chunks, cfg.batch_size, cfg.buffer_tokens, cfg.seed, tokens)
+    # On a CPU the reader and the SAE share the same cores, and a reader thread cost more than it hid
+    # (bench/train_stream.py); with an accelerator the thread reads while the device computes.
+    depth = 0 if cfg.device == "cpu" else prefetch_depth(cfg.buffer_tokens, reader.chunk_tokens)
+    batches = iter_batches(read_chunk, train_chunks, cfg.batch_size, cfg.buffer_tokens, cfg.seed, tokens, depth)
     if cfg.geometric_median_tokens:
         sample_ND = _initial_sample(read_chunk, train_chunks, cfg)
         with torch.no_grad():

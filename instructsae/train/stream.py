@@ -1,5 +1,6 @@
 """Shuffled activations from a store: chunk order, prefetching, and the FAST mixing buffer. Model-free."""
 
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -17,7 +18,13 @@ _END = object()
 
 
 def prefetch(items: Iterable, depth: int = 2) -> Iterator:
-    """Produce items on a background thread (disk reads release the GIL), so the consumer never waits."""
+    """Produce items on a background thread (disk reads release the GIL), so the consumer never waits.
+
+    depth 0: no thread, items are produced on the consumer's thread when it asks.
+    """
+    if depth == 0:
+        yield from items
+        return
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -79,37 +86,53 @@ class MixingBuffer:
 
     def _hand_out(self, n_out: int) -> Iterator[torch.Tensor]:
         pool_ND = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
-        pool_ND = pool_ND[torch.randperm(len(pool_ND), generator=self.generator)]
-        for start in range(0, n_out, self.batch_size):
-            yield pool_ND[start:min(start + self.batch_size, n_out)]
-        self.parts = [pool_ND[n_out:]] if n_out < len(pool_ND) else []
+        order = torch.randperm(len(pool_ND), generator=self.generator)
+        self.parts = [pool_ND[order[n_out:]]] if n_out < len(pool_ND) else []
         self.size = len(pool_ND) - n_out
+        # Each batch is gathered into its own small tensor: SAE steps on slices of one big shuffled pool
+        # ran measurably slower on CPU (bench/train_stream.py).
+        for start in range(0, n_out, self.batch_size):
+            yield pool_ND[order[start:min(start + self.batch_size, n_out)]]
 
 
-def iter_epoch(read_chunk: Callable[[int], torch.Tensor], chunk_ids: np.ndarray, batch_size: int,
-               buffer_tokens: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """One pass: every row of every listed chunk exactly once, in mixed batches."""
-    buffer = MixingBuffer(buffer_tokens, batch_size, generator)
-    for rows_ND in prefetch(read_chunk(int(index)) for index in chunk_ids):
-        yield from buffer.add(rows_ND)
-    yield from buffer.flush()
+def prefetch_depth(buffer_tokens: int, chunk_tokens: int) -> int:
+    """Chunks to read ahead: half a buffer, what the next refill takes."""
+    return max(2, -(-buffer_tokens // 2 // max(chunk_tokens, 1)))
+
+
+def iter_epochs(read_chunk: Callable[[int], torch.Tensor], orders: Iterable[np.ndarray], batch_size: int,
+                buffer_tokens: int, generator: torch.Generator, prefetch_chunks: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(epoch, batch) for each epoch's chunk order in turn; the buffer is emptied at each epoch's end.
+
+    One prefetch thread reads ahead across epoch boundaries, up to `prefetch_chunks` chunks: deep enough
+    (half a buffer) that the next refill is read while the SAE trains on the batches handed out.
+    """
+    chunks = ((epoch, read_chunk(int(index))) for epoch, order in enumerate(orders) for index in order)
+    buffer, current = MixingBuffer(buffer_tokens, batch_size, generator), 0
+    for epoch, rows_ND in prefetch(chunks, depth=prefetch_chunks):
+        if epoch != current:
+            yield from ((current, batch_ND) for batch_ND in buffer.flush())
+            current = epoch
+        yield from ((epoch, batch_ND) for batch_ND in buffer.add(rows_ND))
+    yield from ((current, batch_ND) for batch_ND in buffer.flush())
 
 
 def iter_batches(read_chunk: Callable[[int], torch.Tensor], chunk_ids: list[int] | np.ndarray, batch_size: int,
-                 buffer_tokens: int, seed: int, max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+                 buffer_tokens: int, seed: int, max_tokens: int | None = None,
+                 prefetch_chunks: int = 2) -> Iterator[torch.Tensor]:
     """Batches over as many epochs as max_tokens needs (one epoch when None); full batches except at the end."""
     chunk_ids = np.asarray(chunk_ids)
+    if len(chunk_ids) == 0:
+        return
     generator = torch.Generator().manual_seed(seed)
-    seen, epoch = 0, 0
-    while True:
-        order = chunk_ids[chunk_order(len(chunk_ids), seed, epoch)]
-        for batch_ND in iter_epoch(read_chunk, order, batch_size, buffer_tokens, generator):
-            if max_tokens is not None:
-                batch_ND = batch_ND[: max_tokens - seen]
-            seen += len(batch_ND)
-            yield batch_ND
-            if max_tokens is not None and seen >= max_tokens:
-                return
-        epoch += 1
-        if max_tokens is None or len(chunk_ids) == 0:
+    n_epochs = 1 if max_tokens is None else None  # None: as many as max_tokens needs
+    epoch_numbers = range(n_epochs) if n_epochs else itertools.count()
+    orders = (chunk_ids[chunk_order(len(chunk_ids), seed, epoch)] for epoch in epoch_numbers)
+    seen = 0
+    for _, batch_ND in iter_epochs(read_chunk, orders, batch_size, buffer_tokens, generator, prefetch_chunks):
+        if max_tokens is not None:
+            batch_ND = batch_ND[: max_tokens - seen]
+        seen += len(batch_ND)
+        yield batch_ND
+        if max_tokens is not None and seen >= max_tokens:
             return

@@ -41,7 +41,7 @@ class _JumpReLUWithL0(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             rows, cols = near_threshold(pre_BF, threshold_F, eps)
             # d latent/dθ = −(θ/ε)·K and dH/dθ = −(1/ε)·K, summed over the batch where K is not zero
-            per_entry = torch.zeros(len(cols), dtype=pre_BF.dtype)
+            per_entry = pre_BF.new_zeros(len(cols))
             if grad_latents_BF is not None:
                 per_entry += threshold_F[cols] * grad_latents_BF[rows, cols]
             if grad_l0 is not None:

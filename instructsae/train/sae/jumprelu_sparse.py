@@ -36,10 +36,10 @@ class SparseJumpReLUStep(torch.autograd.Function):
         values = pre_BF[rows, cols]
         latents_csr = csr_from_coordinates(rows, cols, values, pre_BF.shape)
         near_rows, near_cols = near_threshold(pre_BF, threshold_F, bandwidth)
-        near_csr = csr_from_coordinates(near_rows, near_cols, torch.ones(len(near_rows)), pre_BF.shape)
+        near_csr = csr_from_coordinates(near_rows, near_cols, pre_BF.new_ones(len(near_rows)), pre_BF.shape)
 
         recon_BD = torch.addmm(b_dec_D, latents_csr, W_dec_FD)
-        l0 = torch.tensor(len(rows) / len(x_BD), dtype=x_BD.dtype)
+        l0 = x_BD.new_tensor(len(rows) / len(x_BD))
         latents_BF = pre_BF.zero_().index_put_((rows, cols), values)  # reuse pre's memory
         ctx.save_for_backward(centred_BD, W_enc_DF, threshold_F, W_dec_FD)
         ctx.latents_csr, ctx.near_csr, ctx.bandwidth = latents_csr, near_csr, bandwidth
