@@ -104,7 +104,8 @@ def part_two(store: str, layer: int, n_steps: int) -> None:
     if len(after) >= 2:
         tokens = after[-1]["tokens"] - after[0]["tokens"]
         seconds = after[-1]["elapsed_s"] - after[0]["elapsed_s"]
-        print(f"   after the sparsity warm-up (steps {after[0]['step']}-{after[-1]['step']}): {tokens / seconds:.0f} tok/s")
+        steps = f"steps {after[0]['step']}-{after[-1]['step']}"
+        print(f"   after the sparsity warm-up ({steps}): {tokens / seconds:.0f} tok/s")
 
 
 def main() -> None:

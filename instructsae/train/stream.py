@@ -101,20 +101,21 @@ def prefetch_depth(buffer_tokens: int, chunk_tokens: int) -> int:
 
 
 def iter_epochs(read_chunk: Callable[[int], torch.Tensor], orders: Iterable[np.ndarray], batch_size: int,
-                buffer_tokens: int, generator: torch.Generator, prefetch_chunks: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(epoch, batch) for each epoch's chunk order in turn; the buffer is emptied at each epoch's end.
+                buffer_tokens: int, generator: torch.Generator, prefetch_chunks: int) -> Iterator[torch.Tensor]:
+    """Batches for each epoch's chunk order in turn; the buffer is emptied at each epoch's end, so every row
+    is handed out once per epoch.
 
-    One prefetch thread reads ahead across epoch boundaries, up to `prefetch_chunks` chunks: deep enough
-    (half a buffer) that the next refill is read while the SAE trains on the batches handed out.
+    Chunks are read ahead across epoch boundaries, up to `prefetch_chunks` of them (0: no reader thread):
+    half a buffer ahead, the next refill is read while the SAE trains on the batches handed out.
     """
     chunks = ((epoch, read_chunk(int(index))) for epoch, order in enumerate(orders) for index in order)
     buffer, current = MixingBuffer(buffer_tokens, batch_size, generator), 0
     for epoch, rows_ND in prefetch(chunks, depth=prefetch_chunks):
         if epoch != current:
-            yield from ((current, batch_ND) for batch_ND in buffer.flush())
+            yield from buffer.flush()
             current = epoch
-        yield from ((epoch, batch_ND) for batch_ND in buffer.add(rows_ND))
-    yield from ((current, batch_ND) for batch_ND in buffer.flush())
+        yield from buffer.add(rows_ND)
+    yield from buffer.flush()
 
 
 def iter_batches(read_chunk: Callable[[int], torch.Tensor], chunk_ids: list[int] | np.ndarray, batch_size: int,
@@ -129,7 +130,7 @@ def iter_batches(read_chunk: Callable[[int], torch.Tensor], chunk_ids: list[int]
     epoch_numbers = range(n_epochs) if n_epochs else itertools.count()
     orders = (chunk_ids[chunk_order(len(chunk_ids), seed, epoch)] for epoch in epoch_numbers)
     seen = 0
-    for _, batch_ND in iter_epochs(read_chunk, orders, batch_size, buffer_tokens, generator, prefetch_chunks):
+    for batch_ND in iter_epochs(read_chunk, orders, batch_size, buffer_tokens, generator, prefetch_chunks):
         if max_tokens is not None:
             batch_ND = batch_ND[: max_tokens - seen]
         seen += len(batch_ND)
