@@ -8,7 +8,7 @@ import click
 from instructsae.cli_options import build, options_from, read_yaml, split_list
 from instructsae.errors import UserError
 from instructsae.schemas.extract import ExtractConfig
-from instructsae.schemas.train import JumpReLUConfig, OptimConfig, TrainConfig
+from instructsae.schemas.train import ARCHITECTURES, PRESETS, JumpReLUConfig, OptimConfig, TrainConfig
 
 
 def _describe(model, field: str) -> str:
@@ -36,9 +36,9 @@ def extract(config_file, **options):
 
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(), help="YAML file (TrainConfig fields, nested sae/optim)")
-@click.option("--preset", type=click.Choice(["gemma-scope", "fast-paper"]), help="defaults to start from")
+@click.option("--preset", type=click.Choice(list(PRESETS)), help="defaults to start from")
 @options_from(TrainConfig, skip=("sae", "optim"))
-@click.option("--sae", "arch", type=click.Choice(["standard", "jumprelu"]), help="SAE architecture")
+@click.option("--sae", "arch", type=click.Choice(ARCHITECTURES), help="SAE architecture")
 @click.option("--expansion", type=int, help=_describe(JumpReLUConfig, "expansion"))
 @click.option("--sparsity-coeff", type=float, help="sparsity coefficient (L1 for standard, L0 for jumprelu)")
 @click.option("--bandwidth", type=float, help=_describe(JumpReLUConfig, "bandwidth"))

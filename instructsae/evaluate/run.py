@@ -7,7 +7,8 @@ from tqdm import tqdm
 
 from instructsae.errors import UserError
 from instructsae.evaluate.metrics import reconstruction_metrics
-from instructsae.extract.store import StoreReader, open_store
+from instructsae.extract.store import StoreReader, open_complete_store
+from instructsae.fileio import write_text_atomically
 from instructsae.train.export import load_sae
 
 
@@ -30,20 +31,18 @@ def sae_layer(cfg: dict, sae_dir: str) -> int:
 
 def evaluate_sae_on_store(sae_dir: str, store: str, max_tokens: int | None = None) -> dict:
     sae, cfg = load_sae(sae_dir)
-    reader = open_store(store)
+    reader = open_complete_store(store)
     if cfg["d_in"] != reader.d_model:
         raise UserError(f"SAE {sae_dir} has d_in {cfg['d_in']} but store {store} has d_model {reader.d_model}")
     layer = sae_layer(cfg, sae_dir)
     if layer not in reader.layers:
         raise UserError(f"SAE {sae_dir} reads layer {layer} but store {store} has layers {list(reader.layers)}")
-    if not reader.manifest.complete:
-        raise UserError(f"store {store} is incomplete: rerun its extract to finish it")
     metrics = reconstruction_metrics(sae, store_batches(reader, layer, max_tokens))
     result = {"sae": str(sae_dir), "architecture": cfg["architecture"], "d_sae": cfg["d_sae"],
               "store": str(store), "store_fingerprint": reader.manifest.fingerprint, "layer": layer, **metrics}
     out = Path(sae_dir) / "eval" / f"{reader.manifest.fingerprint}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_text_atomically(out, json.dumps(result, indent=2))
     return result
 
 

@@ -185,6 +185,14 @@ class StoreReader:
         return self.group[name][start:stop]
 
 
+def open_complete_store(path: str | Path) -> StoreReader:
+    """A store whose extraction finished: what training and evaluation may read."""
+    reader = open_store(path)
+    if not reader.manifest.complete:
+        raise UserError(f"store {path} is incomplete: rerun its extract to finish it")
+    return reader
+
+
 def open_store(path: str | Path) -> StoreReader:
     if not Path(str(path)).exists() and "://" not in str(path):
         raise UserError(f"store not found: {path}")

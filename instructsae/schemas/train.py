@@ -26,7 +26,9 @@ class JumpReLUConfig(FrozenModel):
     init_threshold: float = Field(1e-3, gt=0, description="initial threshold of every feature")
 
 
-SAEConfig = Annotated[Union[StandardConfig, JumpReLUConfig], Field(discriminator="arch")]
+SAE_CONFIGS = (StandardConfig, JumpReLUConfig)
+SAEConfig = Annotated[Union[SAE_CONFIGS], Field(discriminator="arch")]
+ARCHITECTURES = tuple(config.model_fields["arch"].default for config in SAE_CONFIGS)
 
 
 class OptimConfig(FrozenModel):

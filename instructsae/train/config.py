@@ -6,6 +6,7 @@ from instructsae.schemas.train import PRESETS, TrainConfig
 
 
 def _set(values: dict) -> dict:
+    """The flags given (None: not given); `build` does this for the top level, not for nested sae/optim."""
     return {key: value for key, value in values.items() if value is not None}
 
 
@@ -21,4 +22,4 @@ def resolve_train_config(
     arch = sae_flags.get("arch") or yaml_sae.get("arch") or "jumprelu"
     sae = {**chosen.get("sae", {}).get(arch, {}), **yaml_sae, **_set(sae_flags), "arch": arch}
     optim = {**chosen.get("optim", {}), **yaml_optim, **_set(optim_flags)}
-    return build(TrainConfig, chosen.get("train", {}), from_yaml, _set(flags), {"sae": sae, "optim": optim})
+    return build(TrainConfig, chosen.get("train", {}), from_yaml, flags, {"sae": sae, "optim": optim})

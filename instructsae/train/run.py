@@ -10,7 +10,7 @@ import torch
 from instructsae import __version__
 from instructsae.errors import UserError
 from instructsae.evaluate.metrics import reconstruction_metrics
-from instructsae.extract.store import StoreReader, open_store
+from instructsae.extract.store import StoreReader, open_complete_store
 from instructsae.fileio import write_text_atomically
 from instructsae.schemas.train import TrainConfig
 from instructsae.train.dead import DeadFeatureTracker
@@ -78,9 +78,7 @@ def store_scale(reader, layer: int, store: str) -> float:
 
 
 def run_training(cfg: TrainConfig) -> dict:
-    reader = open_store(cfg.store)
-    if not reader.manifest.complete:
-        raise UserError(f"store {cfg.store} is incomplete: rerun its extract to finish it")
+    reader = open_complete_store(cfg.store)
     layer = choose_layer(cfg, reader)
     if reader.n_tokens == 0:
         raise UserError(f"store {cfg.store} holds no tokens")
