@@ -48,7 +48,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        out = sae.training_loss(x_BD, coeff)
+        out = sae.training_loss(x_BD, coeff, dead.dead_mask().to(x_BD.device))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         sae.before_optimizer_step()

@@ -48,8 +48,17 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x_BD))
 
-    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float) -> LossOutput:
+    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float,
+                      dead_F: torch.Tensor | None = None) -> LossOutput:
+        """Loss of one batch. dead_F marks the features the trainer counts as dead (TopK's AuxK uses it)."""
         raise NotImplementedError
+
+    def training_state(self) -> dict:
+        """Non-parameter state a checkpoint must keep so a resumed run continues exactly (none by default)."""
+        return {}
+
+    def load_training_state(self, state: dict) -> None:
+        pass
 
     @staticmethod
     def squared_error(x_BD: torch.Tensor, recon_BD: torch.Tensor) -> torch.Tensor:

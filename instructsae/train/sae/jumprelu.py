@@ -69,7 +69,8 @@ class JumpReLUSAE(SparseAutoencoder):
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         return _JumpReLUWithL0.apply(self.pre_activations(x_BD), self.threshold, self.bandwidth)[0]
 
-    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float) -> LossOutput:
+    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float,
+                      dead_F: torch.Tensor | None = None) -> LossOutput:
         if self.sparse_step_pays(x_BD):
             recon_BD, l0, latents_BF = SparseJumpReLUStep.apply(
                 x_BD, self.W_enc, self.b_enc, self.b_dec, self.threshold, self.W_dec, self.bandwidth)
@@ -79,6 +80,12 @@ class JumpReLUSAE(SparseAutoencoder):
         self.last_density = float(l0.detach()) / self.d_sae
         mse = self.squared_error(x_BD, recon_BD)
         return LossOutput(mse + sparsity_coeff * l0, mse, l0, latents_BF, recon_BD)
+
+    def training_state(self) -> dict:
+        return {"last_density": self.last_density}  # picks the dense or sparse step: a resumed run must agree
+
+    def load_training_state(self, state: dict) -> None:
+        self.last_density = float(state["last_density"])
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

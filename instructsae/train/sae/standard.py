@@ -15,7 +15,8 @@ class StandardSAE(SparseAutoencoder):
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pre_activations(x_BD))
 
-    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float) -> LossOutput:
+    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float,
+                      dead_F: torch.Tensor | None = None) -> LossOutput:
         latents_BF = self.encode(x_BD)
         recon_BD = self.decode(latents_BF)
         mse = self.squared_error(x_BD, recon_BD)
