@@ -4,12 +4,13 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from instructsae.extract.run import run_extract
 from instructsae.extract.store import open_store
 from instructsae.schemas import ExtractConfig
-from instructsae.train.stream import MixingBuffer, chunk_order, iter_batches, prefetch
+from instructsae.train.stream import MixingBuffer, ShuffledStream, chunk_order, prefetch
 
 CHUNK = 50
 
@@ -24,6 +25,10 @@ def labelled_chunks(n_chunks: int, last: int = 17):
         return torch.stack([ids, torch.zeros_like(ids)], dim=1)
 
     return read_chunk, sum(sizes)
+
+
+def iter_batches(read_chunk, chunk_ids, batch_size, buffer_tokens, seed, max_tokens=None, **options):
+    return ShuffledStream(read_chunk, chunk_ids, CHUNK, batch_size, buffer_tokens, seed, max_tokens, **options)
 
 
 def test_every_token_once_per_epoch():
@@ -59,10 +64,37 @@ def test_max_tokens_and_seeds():
 
 def test_mixing_buffer_hands_out_half_when_full():
     buffer = MixingBuffer(capacity_tokens=100, batch_size=10, generator=torch.Generator().manual_seed(0))
-    out = list(buffer.add(torch.zeros(60, 2)))
-    assert out == []
-    out = list(buffer.add(torch.zeros(60, 2)))
-    assert sum(len(batch) for batch in out) == 60 and buffer.size == 60
+    buffer.add(torch.zeros(60, 2), torch.arange(60))
+    assert not buffer.is_full() and buffer.take() is None
+    buffer.add(torch.ones(60, 2), torch.arange(60, 120))
+    assert buffer.is_full()
+    buffer.shuffle_out()
+    out = []
+    while (taken := buffer.take()) is not None:
+        out.append(taken)
+    assert [len(rows) for rows, _ in out] == [10] * 6 and buffer.size == 60
+    for rows, ids in out:  # rows keep their ids through the shuffle
+        torch.testing.assert_close(rows[:, 0], (ids >= 60).float())
+
+
+@pytest.mark.parametrize("prefetch_chunks", [0, 2])
+def test_a_restored_stream_hands_out_the_same_batches(prefetch_chunks):
+    read_chunk, n_tokens = labelled_chunks(7)
+    settings = dict(batch_size=16, buffer_tokens=64, seed=5, max_tokens=3 * n_tokens + 40,
+                    prefetch_chunks=prefetch_chunks)
+    whole = list(iter_batches(read_chunk, range(7), **settings))
+    for stop_after in (1, 5, len(whole) // 3, len(whole) // 2 + 3, len(whole) - 1):  # across epoch ends too
+        first = iter_batches(read_chunk, range(7), **settings)
+        for _ in range(stop_after):
+            first.next_batch()
+        state = first.state_dict()
+        first.close()
+        second = iter_batches(read_chunk, range(7), **settings)
+        second.load_state_dict(state)
+        rest = list(second)
+        assert len(rest) == len(whole) - stop_after
+        for expected, got in zip(whole[stop_after:], rest):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_prefetch_passes_errors_through():
@@ -86,8 +118,9 @@ def test_real_store_rows_come_out_once(tiny_model_dir, dialogues_jsonl, tmp_path
                         layers=(1,), dtype="float32", chunk_tokens=40)
     run_extract(cfg, show_progress=False)
     reader = open_store(cfg.out)
-    streamed = torch.cat(list(iter_batches(lambda i: reader.read_acts_chunk(1, i), range(reader.n_chunks), 32, 128,
-                                           seed=0)))
+    stream = ShuffledStream(lambda i: reader.read_acts_chunk(1, i), range(reader.n_chunks), reader.chunk_tokens,
+                            32, 128, seed=0)
+    streamed = torch.cat(list(stream))
     stored = reader.read_acts(1, 0, reader.n_tokens)
     assert streamed.shape == stored.shape
     key = lambda rows: rows[torch.argsort(rows[:, 0] * 1e3 + rows[:, 1])]  # noqa: E731
@@ -102,7 +135,7 @@ def test_prefetch_thread_ends_when_the_consumer_stops_early():
     stream = prefetch(iter(range(1000)), depth=1)
     assert next(stream) == 0
     time.sleep(0.05)  # let the producer fill the queue and wait on it
-    stream.close()  # what iter_batches does when max_tokens ends an epoch early
+    stream.close()  # what ShuffledStream.close does when a run stops early
     deadline = time.monotonic() + 2.0
     while prefetch_threads() > before and time.monotonic() < deadline:
         time.sleep(0.01)
