@@ -20,7 +20,7 @@ from instructsae.schemas import JumpReLUConfig, OptimConfig
 from instructsae.train import stream
 from instructsae.train.dead import DeadFeatureTracker
 from instructsae.train.sae import build_sae
-from instructsae.train.trainer import train
+from instructsae.train.trainer import Trainee, train
 from sae_step import set_sparsity
 
 BUFFER_TOKENS = 262_144  # the train default
@@ -51,40 +51,34 @@ def main() -> None:
     print(f"store {args.store}: {reader.n_tokens:,} tokens in {reader.n_chunks} chunks, d_model {reader.d_model}, "
           f"{torch.get_num_threads()} threads; batch {args.batch_size}, d_sae {args.expansion} x {reader.d_model}")
 
+    def batches_from_store(seed: int, prefetch_chunks: int, max_tokens: int | None = None):
+        return stream.ShuffledStream(read, chunks, reader.chunk_tokens, args.batch_size, BUFFER_TOKENS, seed,
+                                     max_tokens, prefetch_chunks)
+
     def drain(batches) -> int:
         return sum(len(batch) for batch in batches)
 
     results: dict[str, float] = {}
-    rate("read + mix, prefetch thread", lambda: drain(
-        stream.iter_batches(read, chunks, args.batch_size, BUFFER_TOKENS, seed=0, prefetch_chunks=depth)), results)
-    real_prefetch = stream.prefetch
-    stream.prefetch = lambda items, depth: iter(items)
-    try:
-        rate("read + mix, no prefetch", lambda: drain(
-            stream.iter_batches(read, chunks, args.batch_size, BUFFER_TOKENS, seed=0, prefetch_chunks=depth)), results)
-    finally:
-        stream.prefetch = real_prefetch
+    rate("read + mix, prefetch thread", lambda: drain(batches_from_store(0, depth)), results)
+    rate("read + mix, no prefetch", lambda: drain(batches_from_store(0, 0)), results)
 
     torch.manual_seed(0)
     start_sae = build_sae(JumpReLUConfig(expansion=args.expansion), reader.d_model)
     n_tokens = args.steps * args.batch_size
-    in_ram = [batch.clone() for batch in stream.iter_batches(read, chunks, args.batch_size, BUFFER_TOKENS, seed=1,
-                                                             max_tokens=n_tokens)]
+    in_ram = [batch.clone() for batch in batches_from_store(1, 0, n_tokens)]
     set_sparsity(start_sae, in_ram[0], latents_per_token=32)
     optim = OptimConfig(lr=1e-4, lr_warmup_steps=0, sparsity_warmup_steps=0)
 
     def training(batches) -> int:
         sae = copy.deepcopy(start_sae)
-        stats = train(sae, iter(batches), optim, 1e-3, args.steps, DeadFeatureTracker(sae.d_sae), lambda _: None,
-                      10_000)
+        trainee = Trainee(sae, optim, 1e-3, DeadFeatureTracker(sae.d_sae), lambda _: None)
+        stats = train([trainee], iter(batches), args.steps, log_every=10_000)
         return stats["tokens_seen"]
 
     variants = {
         "JumpReLU training, batches in RAM": lambda: in_ram,
-        "JumpReLU training, fed from the store (ours)": lambda: stream.iter_batches(
-            read, chunks, args.batch_size, BUFFER_TOKENS, seed=1, max_tokens=n_tokens, prefetch_chunks=0),
-        "JumpReLU training, fed from the store, thread": lambda: stream.iter_batches(
-            read, chunks, args.batch_size, BUFFER_TOKENS, seed=1, max_tokens=n_tokens, prefetch_chunks=depth),
+        "JumpReLU training, fed from the store (ours)": lambda: batches_from_store(1, 0, n_tokens),
+        "JumpReLU training, fed from the store, thread": lambda: batches_from_store(1, depth, n_tokens),
     }
     # alternated and repeated, the best of each kept (as timeit does): this shared machine drifts
     for round_index in range(args.rounds):

@@ -15,7 +15,7 @@ from instructsae.train.run import run_training, split_chunks
 from instructsae.train.sae import SAE_CLASSES, build_sae
 
 D_MODEL, CHUNK = 8, 64
-RUN_FILES = {"cfg.json", "sae_weights.safetensors", "metrics.jsonl", "summary.json"}
+RUN_FILES = {"cfg.json", "sae_weights.safetensors", "metrics.jsonl", "summary.json", "training_curves.png"}
 CONFIGS = {"standard": StandardConfig(expansion=2, sparsity_coeff=0.05), "jumprelu": JumpReLUConfig(expansion=2)}
 
 

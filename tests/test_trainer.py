@@ -6,7 +6,7 @@ from instructsae.schemas import JumpReLUConfig, OptimConfig, StandardConfig
 from instructsae.train.dead import DeadFeatureTracker
 from instructsae.train.init import geometric_median
 from instructsae.train.sae import build_sae
-from instructsae.train.trainer import learning_rate, sparsity_coefficient, train
+from instructsae.train.trainer import Trainee, learning_rate, sparsity_coefficient, train
 
 
 def sparse_data(n_batches: int, d: int = 16, n_atoms: int = 32, seed: int = 0):
@@ -24,8 +24,8 @@ def test_reconstruction_improves_with_training():
         sae = build_sae(cfg, 16)
         records = []
         optim = OptimConfig(lr=3e-3, lr_warmup_steps=10, beta1=0.9, sparsity_warmup_steps=50)
-        stats = train(sae, sparse_data(400), optim, cfg.sparsity_coeff, 400, DeadFeatureTracker(64),
-                      records.append, log_every=20)
+        trainee = Trainee(sae, optim, cfg.sparsity_coeff, DeadFeatureTracker(64), records.append)
+        stats = train([trainee], sparse_data(400), 400, log_every=20)
         assert stats["tokens_seen"] == 400 * 128
         assert records[-1]["nmse"] < 0.5 * records[0]["nmse"], (cfg.arch, records[0], records[-1])
         assert records[-1]["nmse"] < 0.2, (cfg.arch, records[-1])

@@ -1,6 +1,9 @@
-"""Dead-feature bookkeeping: how long since each feature last fired."""
+"""Dead-feature bookkeeping: how long since each feature last fired, and how often each fires."""
 
 import torch
+
+# log10 firing-frequency bins of the histogram in metrics.jsonl (Anthropic's and SAELens' feature-density plots)
+HISTOGRAM_EDGES = (-7, -6, -5, -4, -3, -2, -1, 0)
 
 
 class DeadFeatureTracker:
@@ -32,3 +35,23 @@ class DeadFeatureTracker:
     def firing_frequency(self) -> torch.Tensor:
         """Share of tokens on which each feature fired, since the start."""
         return self.firing_counts_F.double() / max(self.tokens, 1)
+
+    def firing_histogram(self) -> dict[str, int]:
+        """Features per log10 firing frequency since the start: {"never": n, "<1e-7": n, "1e-7..1e-6": n, ...}."""
+        frequency_F = self.firing_frequency()
+        log_F = torch.log10(frequency_F[frequency_F > 0])
+        edges = torch.tensor(HISTOGRAM_EDGES, dtype=log_F.dtype)
+        # a feature firing on every token (log 0) joins the top bin
+        bins = torch.bucketize(log_F, edges, right=True).clamp_max(len(edges) - 1)
+        counts = bins.bincount(minlength=len(edges)).tolist()
+        labels = [f"<1e{HISTOGRAM_EDGES[0]}"] + [f"1e{lo}..1e{hi}" for lo, hi in zip(HISTOGRAM_EDGES, HISTOGRAM_EDGES[1:])]
+        return {"never": int((frequency_F == 0).sum()), **dict(zip(labels, counts))}
+
+    def state_dict(self) -> dict:
+        return {"steps_since_fired_F": self.steps_since_fired_F.clone(), "firing_counts_F": self.firing_counts_F.clone(),
+                "steps": self.steps, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_since_fired_F = state["steps_since_fired_F"].clone()
+        self.firing_counts_F = state["firing_counts_F"].clone()
+        self.steps, self.tokens = state["steps"], state["tokens"]

@@ -1,28 +1,56 @@
-"""`instructsae train`: a store in, an SAE folder out (SAELens layout, metrics.jsonl, summary.json)."""
+"""`instructsae train`: a store in, SAE folders out (SAELens layout, metrics, curves, summary).
 
+One SAE or a sweep's many: every SAE trains on the same batches from one pass over the store.
+"""
+
+import hashlib
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from instructsae import __version__
+from instructsae.charts import plot_training_curves
 from instructsae.errors import UserError
 from instructsae.evaluate.metrics import reconstruction_metrics
 from instructsae.extract.store import StoreReader, open_complete_store
 from instructsae.fileio import write_text_atomically
 from instructsae.schemas.train import TrainConfig
+from instructsae.train import checkpoint, memory
 from instructsae.train.dead import DeadFeatureTracker
 from instructsae.train.export import load_sae, save_sae
 from instructsae.train.init import geometric_median
+from instructsae.train.metrics_log import MetricsLog
 from instructsae.train.sae import build_sae
-from instructsae.train.stream import iter_batches, prefetch_depth
-from instructsae.train.trainer import train
+from instructsae.train.stream import ShuffledStream, prefetch_depth
+from instructsae.train.trainer import Trainee, train
 
 SUMMARY_FILE = "summary.json"
+CURVES_FILE = "training_curves.png"
+CHECKPOINT_FILE = "checkpoint.pt"
 # Everything a run writes (summary first: it goes first on a rerun); `eval` is where `instructsae evaluate` writes.
-RUN_ENTRIES = (SUMMARY_FILE, "metrics.jsonl", "cfg.json", "sae_weights.safetensors", "eval")
+RUN_ENTRIES = (SUMMARY_FILE, "metrics.jsonl", "cfg.json", "sae_weights.safetensors", CURVES_FILE, CHECKPOINT_FILE,
+               "eval")
+# Settings that cannot change what a run learns: two configs differing only here are the same SAE.
+RUNTIME_FIELDS = {"store", "out", "device", "log_every", "checkpoint_every", "wandb", "wandb_project"}
+# Settings of the stream: SAEs trained together must agree on them.
+STREAM_FIELDS = ("store", "tokens", "batch_size", "buffer_tokens", "holdout_fraction", "seed", "device",
+                 "checkpoint_every")
+
+
+def config_key(cfg: TrainConfig, store_fingerprint: str) -> str:
+    """Names what an SAE is: its full config (runtime knobs aside) on this exact store."""
+    settings = cfg.model_dump(mode="json", exclude=RUNTIME_FIELDS)
+    text = json.dumps({"config": settings, "store": store_fingerprint}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def is_finished(folder: Path, key: str) -> bool:
+    summary = folder / SUMMARY_FILE
+    return summary.is_file() and json.loads(summary.read_text()).get("config_key") == key
 
 
 def choose_layer(cfg: TrainConfig, reader: StoreReader) -> int:
@@ -40,12 +68,6 @@ def split_chunks(n_chunks: int, holdout_fraction: float) -> tuple[list[int], lis
     n_holdout = 0 if n_chunks <= 1 else max(1, math.ceil(holdout_fraction * n_chunks)) if holdout_fraction else 0
     n_holdout = min(n_holdout, max(n_chunks - 1, 0))
     return list(range(n_chunks - n_holdout)), list(range(n_chunks - n_holdout, n_chunks))
-
-
-def run_paths(out: str) -> dict[str, Path]:
-    """Every path of a run, computed in one place."""
-    root = Path(out)
-    return {"root": root, "metrics": root / "metrics.jsonl", "summary": root / SUMMARY_FILE}
 
 
 def prepare_run_folder(root: Path) -> None:
@@ -77,57 +99,126 @@ def store_scale(reader, layer: int, store: str) -> float:
     return 1.0 / math.sqrt(stats.mean_sq_norm)
 
 
-def run_training(cfg: TrainConfig) -> dict:
-    reader = open_complete_store(cfg.store)
-    layer = choose_layer(cfg, reader)
+def sparsity_coeff(cfg: TrainConfig) -> float:
+    """The penalty's final coefficient; architectures whose sparsity is a k have none."""
+    return getattr(cfg.sae, "sparsity_coeff", 0.0)
+
+
+@dataclass
+class StoreView:
+    """The store as training sees it: chosen layers, scaled to unit mean squared norm, split into chunks."""
+
+    reader: StoreReader
+    layers: list[int]
+    scales: dict[int, float]
+    train_chunks: list[int]
+    holdout_chunks: list[int]
+
+    def read_chunk(self, index: int) -> torch.Tensor:
+        """[rows, d_model] with one layer, [rows, layers, d_model] with several."""
+        parts = [self.reader.read_acts_chunk(layer, index) * self.scales[layer] for layer in self.layers]
+        return parts[0] if len(parts) == 1 else torch.stack(parts, dim=1)
+
+    def train_tokens(self) -> int:
+        chunk, total = self.reader.chunk_tokens, self.reader.n_tokens
+        return sum(min(chunk, total - i * chunk) for i in self.train_chunks)
+
+
+def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool = False) -> list[dict]:
+    """Train every config on the same batches from one pass over their (common) store; their summaries."""
+    first = configs[0]
+    for cfg in configs[1:]:
+        differing = [name for name in STREAM_FIELDS if getattr(cfg, name) != getattr(first, name)]
+        if differing:
+            raise UserError(f"SAEs trained together must share {', '.join(differing)} ({cfg.out} differs)")
+    reader = open_complete_store(first.store)
     if reader.n_tokens == 0:
-        raise UserError(f"store {cfg.store} holds no tokens")
-    train_chunks, holdout_chunks = split_chunks(reader.n_chunks, cfg.holdout_fraction)
-    input_scale = store_scale(reader, layer, cfg.store)
-    paths = run_paths(cfg.out)
-    prepare_run_folder(paths["root"])  # summary.json, written last, is what marks a finished run
+        raise UserError(f"store {first.store} holds no tokens")
+    member_layers = [choose_layer(cfg, reader) for cfg in configs]
+    layers = sorted(set(member_layers))
+    scales = {layer: store_scale(reader, layer, first.store) for layer in layers}
+    view = StoreView(reader, layers, scales, *split_chunks(reader.n_chunks, first.holdout_fraction))
+    keys = [config_key(cfg, reader.manifest.fingerprint) for cfg in configs]
+    memory.check_fits(configs, reader.d_model, len(layers))
+    saes = []
+    for cfg in configs:
+        torch.manual_seed(cfg.seed)  # each SAE starts as it would alone, whatever else trains beside it
+        saes.append(build_sae(cfg.sae, reader.d_model))
 
-    def read_chunk(index: int) -> torch.Tensor:
-        return reader.read_acts_chunk(layer, index) * input_scale
+    saved = checkpoint.load(checkpoint_path, reader.manifest.fingerprint, keys) if resume else None
+    if saved is None:
+        checkpoint.refuse_to_overwrite(checkpoint_path)
+        for cfg in configs:
+            prepare_run_folder(Path(cfg.out))
 
-    train_tokens = sum(min(reader.chunk_tokens, reader.n_tokens - i * reader.chunk_tokens) for i in train_chunks)
-    tokens = cfg.tokens or train_tokens
-    n_steps = max(1, tokens // cfg.batch_size)
-    torch.manual_seed(cfg.seed)
-    sae = build_sae(cfg.sae, reader.d_model).to(cfg.device)
+    tokens = first.tokens or view.train_tokens()
+    n_steps = max(1, tokens // first.batch_size)
     # On a CPU the reader and the SAE share the same cores, and a reader thread cost more than it hid
     # (bench/train_stream.py); with an accelerator the thread reads while the device computes.
-    depth = 0 if cfg.device == "cpu" else prefetch_depth(cfg.buffer_tokens, reader.chunk_tokens)
-    batches = iter_batches(read_chunk, train_chunks, cfg.batch_size, cfg.buffer_tokens, cfg.seed, tokens, depth)
-    if cfg.geometric_median_tokens:
-        sample_ND = _initial_sample(read_chunk, train_chunks, cfg)
+    depth = 0 if first.device == "cpu" else prefetch_depth(first.buffer_tokens, reader.chunk_tokens)
+    stream = ShuffledStream(view.read_chunk, view.train_chunks, reader.chunk_tokens, first.batch_size,
+                            first.buffer_tokens, first.seed, tokens, depth)
+    if saved is None and first.geometric_median_tokens:
+        _initialise_decoder_bias(saes, member_layers, view, first)
+
+    first_step, tokens_done = (saved["step"], saved["tokens"]) if saved is not None else (0, 0)
+    logs = [MetricsLog(Path(cfg.out) / "metrics.jsonl", cfg, Path(cfg.out).name,
+                       keep_before_step=first_step if saved is not None else None) for cfg in configs]
+    trainees = [Trainee(sae.to(cfg.device), cfg.optim, sparsity_coeff(cfg),
+                        DeadFeatureTracker(sae.d_sae, cfg.dead_threshold, cfg.dead_window), log.write,
+                        layers.index(layer))
+                for sae, cfg, log, layer in zip(saes, configs, logs, member_layers)]
+    if saved is not None:
+        for trainee, state in zip(trainees, saved["trainees"]):
+            trainee.load_state_dict(state)
+        stream.load_state_dict(saved["stream"])
+        torch.set_rng_state(saved["torch_rng"])
+
+    every_steps = max(1, first.checkpoint_every // first.batch_size)
+
+    def after_step(step: int, tokens_so_far: int) -> None:
+        if (step + 1) % every_steps == 0 and step + 1 < n_steps:
+            checkpoint.save(checkpoint_path, {
+                "store_fingerprint": reader.manifest.fingerprint, "member_keys": keys, "step": step + 1,
+                "tokens": tokens_so_far, "stream": stream.state_dict(),
+                "trainees": [trainee.state_dict() for trainee in trainees], "torch_rng": torch.get_rng_state()})
+
+    try:
+        stats = train(trainees, iter(stream), n_steps, first.log_every, first.device, first_step, tokens_done,
+                      after_step)
+    finally:
+        stream.close()
+        for log in logs:
+            log.close()
+    stats["stream_seconds"] = stream.seconds
+
+    summaries = []
+    for cfg, key, trainee, layer in zip(configs, keys, trainees, member_layers):
+        summaries.append(_finish(cfg, key, trainee, layer, view, stats))
+    checkpoint_path.unlink(missing_ok=True)  # every SAE is finished: nothing to resume
+    return summaries
+
+
+def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
+    return train_saes([cfg], Path(cfg.out) / CHECKPOINT_FILE, resume)[0]
+
+
+def _initialise_decoder_bias(saes, member_layers: list[int], view: StoreView, cfg: TrainConfig) -> None:
+    """b_dec at the geometric median of a sample of each SAE's layer (one sample per layer)."""
+    samples = {}
+    for sae, layer in zip(saes, member_layers):
+        if layer not in samples:
+            samples[layer] = geometric_median(_initial_sample(view, layer, cfg))
         with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(sample_ND).to(cfg.device))
-
-    dead = DeadFeatureTracker(sae.d_sae, cfg.dead_threshold, cfg.dead_window)
-    with open(paths["metrics"], "w") as metrics_file:
-        def log(record: dict) -> None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-        stats = train(sae, batches, cfg.optim, cfg.sae.sparsity_coeff, n_steps, dead, log, cfg.log_every, cfg.device)
-
-    metadata = {"layer": layer, "store": cfg.store, "store_fingerprint": reader.manifest.fingerprint,
-                "model": reader.manifest.identity.model, "input_scale": input_scale,
-                "train_config": cfg.model_dump(mode="json"), "instructsae_version": __version__}
-    save_sae(paths["root"], sae.cpu(), input_scale, metadata)
-    summary = _summary(sae, reader, layer, holdout_chunks or train_chunks, dead, stats, cfg)
-    summary["evaluated_on"] = "held-out chunks" if holdout_chunks else "training chunks (no chunk was held out)"
-    write_text_atomically(paths["summary"], json.dumps(summary, indent=2))
-    return summary
+            sae.b_dec.copy_(samples[layer])
 
 
-def _initial_sample(read_chunk, train_chunks: list[int], cfg: TrainConfig) -> torch.Tensor:
+def _initial_sample(view: StoreView, layer: int, cfg: TrainConfig) -> torch.Tensor:
     """Rows from a few chunks spread over the store (not only its first dialogues)."""
     parts, n = [], 0
-    stride = max(1, len(train_chunks) // 8)
-    for index in train_chunks[::stride]:
-        parts.append(read_chunk(index))
+    stride = max(1, len(view.train_chunks) // 8)
+    for index in view.train_chunks[::stride]:
+        parts.append(view.reader.read_acts_chunk(layer, index) * view.scales[layer])
         n += len(parts[-1])
         if n >= cfg.geometric_median_tokens:
             break
@@ -136,13 +227,26 @@ def _initial_sample(read_chunk, train_chunks: list[int], cfg: TrainConfig) -> to
     return sample_ND[pick[: cfg.geometric_median_tokens]]
 
 
-def _summary(sae, reader, layer, eval_chunks, dead, stats, cfg) -> dict:
-    """Metrics in raw activation space (the exported SAE's), on the held-out chunks."""
-    exported, _ = load_sae(cfg.out)
+def _finish(cfg: TrainConfig, key: str, trainee: Trainee, layer: int, view: StoreView, stats: dict) -> dict:
+    """Export the SAE, plot its curves, and measure it in raw activation space on the held-out chunks."""
+    root, reader = Path(cfg.out), view.reader
+    input_scale = view.scales[layer]
+    metadata = {"layer": layer, "store": cfg.store, "store_fingerprint": reader.manifest.fingerprint,
+                "model": reader.manifest.identity.model, "input_scale": input_scale,
+                "train_config": cfg.model_dump(mode="json"), "config_key": key, "instructsae_version": __version__}
+    sae = trainee.sae.cpu()
+    save_sae(root, sae, input_scale, metadata)
+    plot_training_curves(MetricsLog.read(root / "metrics.jsonl"), root / CURVES_FILE, title=root.name)
+    exported, _ = load_sae(root)
+    eval_chunks = view.holdout_chunks or view.train_chunks
     metrics = reconstruction_metrics(exported, (reader.read_acts_chunk(layer, i) for i in eval_chunks))
-    return {
+    summary = {
         "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "layer": layer,
         "nmse": metrics["nmse"], "explained_variance": metrics["explained_variance"], "mse": metrics["mse"],
         "l0": metrics["l0"], "dead_fraction_heldout": metrics["dead_fraction"],
-        "dead_fraction_train": dead.dead_fraction(), "heldout_tokens": metrics["n_tokens"], **stats,
+        "dead_fraction_train": trainee.dead.dead_fraction(), "heldout_tokens": metrics["n_tokens"], **stats,
+        "sae_seconds": trainee.seconds, "config_key": key,
+        "evaluated_on": "held-out chunks" if view.holdout_chunks else "training chunks (no chunk was held out)",
     }
+    write_text_atomically(root / SUMMARY_FILE, json.dumps(summary, indent=2))
+    return summary

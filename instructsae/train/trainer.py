@@ -1,4 +1,5 @@
-"""The training loop. It sees an iterator of batches and nothing of where they come from."""
+"""The training loop. Every batch that leaves the mixing buffer feeds every SAE being trained (a sweep), so the
+store is read once however many SAEs there are. The loop sees batches and nothing of where they come from."""
 
 import math
 import time
@@ -27,51 +28,83 @@ def sparsity_coefficient(step: int, final: float, warmup_steps: int) -> float:
     return final * min(1.0, (step + 1) / warmup_steps) if warmup_steps else final
 
 
-def train(
-    sae: SparseAutoencoder,
-    batches: Iterator[torch.Tensor],
-    cfg: OptimConfig,
-    final_sparsity_coeff: float,
-    n_steps: int,
-    dead: DeadFeatureTracker,
-    log: Callable[[dict], None],
-    log_every: int = 25,
-    device: str = "cpu",
-) -> dict:
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    tokens, started = 0, time.perf_counter()
-    bar = tqdm(total=n_steps, desc=f"train {sae.architecture}", unit="step", dynamic_ncols=True)
-    for step, x_BD in zip(range(n_steps), batches):
-        x_BD = x_BD.to(device, non_blocking=True)
-        lr = learning_rate(step, n_steps, cfg)
-        coeff = sparsity_coefficient(step, final_sparsity_coeff, cfg.sparsity_warmup_steps)
-        for group in optimizer.param_groups:
+class Trainee:
+    """One SAE under training: its optimiser, dead-feature counts and metrics log."""
+
+    def __init__(self, sae: SparseAutoencoder, cfg: OptimConfig, final_sparsity_coeff: float,
+                 dead: DeadFeatureTracker, log: Callable[[dict], None], layer_index: int = 0):
+        self.sae, self.cfg, self.final_sparsity_coeff = sae, cfg, final_sparsity_coeff
+        self.dead, self.log, self.layer_index = dead, log, layer_index  # layer_index: which layer of a batch
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        self.seconds = 0.0
+
+    def step(self, x_BD: torch.Tensor, step: int, n_steps: int, log_this_step: bool, tokens: int) -> dict:
+        started = time.perf_counter()
+        lr = learning_rate(step, n_steps, self.cfg)
+        coeff = sparsity_coefficient(step, self.final_sparsity_coeff, self.cfg.sparsity_warmup_steps)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        out = sae.training_loss(x_BD, coeff, dead.dead_mask().to(x_BD.device))
-        optimizer.zero_grad(set_to_none=True)
+        out = self.sae.training_loss(x_BD, coeff, self.dead.dead_mask().to(x_BD.device))
+        self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        sae.before_optimizer_step()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        optimizer.step()
-        sae.after_optimizer_step()
+        self.sae.before_optimizer_step()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.sae.after_optimizer_step()
+        self.dead.update(out.latents_BF)
 
-        dead.update(out.latents_BF)
-        tokens += len(x_BD)
-        bar.update(1)
-        if step % log_every == 0 or step == n_steps - 1:
+        record = {}
+        if log_this_step:
             with torch.no_grad():
                 nmse = float(out.mse * len(x_BD) / x_BD.pow(2).sum().clamp_min(1e-12))
                 l0 = float((out.latents_BF > 0).float().sum(dim=-1).mean())
             record = {"step": step, "tokens": tokens, "loss": out.loss.item(), "mse": out.mse.item(),
-                      "sparsity": out.sparsity.item(), "nmse": nmse, "l0": l0, "dead_fraction": dead.dead_fraction(),
-                      "lr": lr, "sparsity_coeff": coeff,
-                      "elapsed_s": round(time.perf_counter() - started, 3)}
-            log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4g}", nmse=f"{nmse:.3f}", l0=f"{l0:.1f}",
+                      "sparsity": out.sparsity.item(), "nmse": nmse, "l0": l0,
+                      "dead_fraction": self.dead.dead_fraction(), "lr": lr, "sparsity_coeff": coeff,
+                      "firing_histogram": self.dead.firing_histogram()}
+        self.seconds += time.perf_counter() - started
+        if record:
+            record["elapsed_s"] = round(self.seconds, 3)
+            self.log(record)
+        return record
+
+    def state_dict(self) -> dict:
+        return {"sae": self.sae.state_dict(), "sae_training_state": self.sae.training_state(),
+                "optimizer": self.optimizer.state_dict(), "dead": self.dead.state_dict(), "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.sae.load_training_state(state["sae_training_state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.dead.load_state_dict(state["dead"])
+        self.seconds = state["seconds"]
+
+
+def train(trainees: list[Trainee], batches: Iterator[torch.Tensor], n_steps: int, log_every: int = 25,
+          device: str = "cpu", first_step: int = 0, tokens: int = 0,
+          after_step: Callable[[int, int], None] | None = None) -> dict:
+    """Steps first_step..n_steps-1. A batch is [batch, d_model] or [batch, layers, d_model] (several layers).
+
+    after_step(step, tokens) runs after every step (the run uses it to checkpoint)."""
+    started, tokens_before = time.perf_counter(), tokens
+    desc = f"train {trainees[0].sae.architecture}" if len(trainees) == 1 else f"train {len(trainees)} SAEs"
+    bar = tqdm(total=n_steps, initial=first_step, desc=desc, unit="step", dynamic_ncols=True)
+    for step, batch in zip(range(first_step, n_steps), batches):
+        batch = batch.to(device, non_blocking=True)
+        tokens += len(batch)
+        log_this_step = step % log_every == 0 or step == n_steps - 1
+        for trainee in trainees:
+            x_BD = batch if batch.dim() == 2 else batch[:, trainee.layer_index].contiguous()
+            record = trainee.step(x_BD, step, n_steps, log_this_step, tokens)
+        bar.update(1)
+        if log_this_step and len(trainees) == 1:
+            bar.set_postfix(loss=f"{record['loss']:.4g}", nmse=f"{record['nmse']:.3f}", l0=f"{record['l0']:.1f}",
                             dead=f"{record['dead_fraction']:.2f}")
+        if after_step is not None:
+            after_step(step, tokens)
     bar.close()
     seconds = time.perf_counter() - started
     return {"tokens_seen": tokens, "n_steps": bar.n, "train_seconds": seconds,
-            "tokens_per_s": tokens / max(seconds, 1e-9)}
+            "tokens_per_s": (tokens - tokens_before) / max(seconds, 1e-9)}

@@ -1,0 +1,66 @@
+"""PNG charts: training curves of one SAE, and the sparsity–fidelity frontier of many. No screen needed."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from instructsae.fileio import write_atomically  # noqa: E402
+
+MARKERS = "osD^v<>P*X"
+
+
+def _save(fig, path: Path) -> None:
+    write_atomically(Path(path), lambda partial: fig.savefig(partial, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_training_curves(records: list[dict], path: Path, title: str) -> None:
+    """Loss terms, NMSE, L0 and dead fraction against training tokens, from metrics.jsonl records."""
+    if not records:
+        return
+    tokens = [r["tokens"] for r in records]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    panels: list[tuple[str, list[tuple[str, Callable[[dict], float]]], bool]] = [
+        ("loss terms", [("loss", lambda r: r["loss"]), ("mse", lambda r: r["mse"]),
+                        ("coeff × sparsity", lambda r: r["sparsity_coeff"] * r["sparsity"])], True),
+        ("NMSE (batch)", [("nmse", lambda r: r["nmse"])], True),
+        ("L0 (active latents per token)", [("l0", lambda r: r["l0"])], True),
+        ("dead fraction (window)", [("dead", lambda r: r["dead_fraction"])], False),
+    ]
+    for ax, (name, series, log_scale) in zip(axes.flat, panels):
+        for label, value in series:
+            values = [value(r) for r in records]
+            ax.plot(tokens, values, label=label)
+        if log_scale and all(v > 0 for label, value in series for v in (value(r) for r in records)):
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("training tokens")
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_frontier(points: list[dict], group_by: str, path: Path, title: str) -> None:
+    """L0 against NMSE, one marker and line per group (architecture, or extraction method); lower-left is better."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    groups = sorted({p[group_by] for p in points})
+    for index, group in enumerate(groups):
+        members = sorted((p for p in points if p[group_by] == group), key=lambda p: p["l0"])
+        ax.plot([p["l0"] for p in members], [p["nmse"] for p in members], marker=MARKERS[index % len(MARKERS)],
+                label=str(group))
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (active latents per token, held out)")
+    ax.set_ylabel("NMSE (held out)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
