@@ -1,4 +1,4 @@
-"""`instructsae extract | train | evaluate | inspect | demo`. Bad input: one line on stderr, exit 2."""
+"""`instructsae extract | train | sweep | evaluate | inspect | demo`. Bad input: one line on stderr, exit 2."""
 
 import json
 import sys
@@ -8,6 +8,7 @@ import click
 from instructsae.cli_options import build, options_from, read_yaml, split_list
 from instructsae.errors import UserError
 from instructsae.schemas.extract import ExtractConfig
+from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import ARCHITECTURES, PRESETS, JumpReLUConfig, OptimConfig, TrainConfig
 
 
@@ -44,7 +45,8 @@ def extract(config_file, **options):
 @click.option("--bandwidth", type=float, help=_describe(JumpReLUConfig, "bandwidth"))
 @click.option("--init-threshold", type=float, help=_describe(JumpReLUConfig, "init_threshold"))
 @options_from(OptimConfig)
-def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, **options):
+@click.option("--resume", is_flag=True, help="continue a killed run from its checkpoint (same config and store)")
+def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, resume, **options):
     """Train one SAE on a store, streaming shuffled chunks through a mixing buffer."""
     from instructsae.train.config import resolve_train_config
     from instructsae.train.run import run_training
@@ -53,8 +55,20 @@ def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_
                  "bandwidth": bandwidth, "init_threshold": init_threshold}
     optim_flags = {name: options.pop(name) for name in OptimConfig.model_fields}
     cfg = resolve_train_config(read_yaml(config_file), preset, options, sae_flags, optim_flags)
-    summary = run_training(cfg)
+    summary = run_training(cfg, resume=resume)
     click.echo(json.dumps(summary, indent=2))
+
+
+@cli.command()
+@click.option("--config", "config_file", required=True, type=click.Path(),
+              help="sweep YAML: base train settings and a grid (see instructsae/configs/sweep-demo.yaml)")
+@options_from(SweepConfig, skip=("base", "grid", "preset"))
+@click.option("--resume", is_flag=True, help="continue a killed sweep from its checkpoint")
+def sweep(config_file, resume, **options):
+    """Train every SAE of a grid in one pass over a store; skip those already finished; report them all."""
+    from instructsae.train.sweep import run_sweep
+
+    run_sweep(build(SweepConfig, read_yaml(config_file), options), resume=resume)
 
 
 @cli.command()

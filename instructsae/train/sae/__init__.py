@@ -1,5 +1,6 @@
 """SAE architectures, one per file, chosen by name from one registry."""
 
+from instructsae.errors import UserError
 from instructsae.schemas.train import SAEConfig
 from instructsae.train.sae.base import LossOutput, SparseAutoencoder
 from instructsae.train.sae.jumprelu import JumpReLUSAE
@@ -8,10 +9,17 @@ from instructsae.train.sae.standard import StandardSAE
 SAE_CLASSES: dict[str, type[SparseAutoencoder]] = {cls.architecture: cls for cls in (StandardSAE, JumpReLUSAE)}
 
 
+def check_sae_config(cfg: SAEConfig, d_in: int) -> None:
+    """What the schema cannot check alone: settings that depend on the model's width."""
+    k = getattr(cfg, "k", None)
+    if k is not None and k > cfg.expansion * d_in:
+        raise UserError(f"k {k} exceeds d_sae {cfg.expansion * d_in} (expansion {cfg.expansion} × d_in {d_in})")
+
+
 def build_sae(cfg: SAEConfig, d_in: int) -> SparseAutoencoder:
     """The SAE a config describes; architecture-specific fields become constructor arguments."""
     extra = cfg.model_dump(exclude={"arch", "expansion", "sparsity_coeff"})
     return SAE_CLASSES[cfg.arch](d_in, cfg.expansion * d_in, **extra)
 
 
-__all__ = ["SAE_CLASSES", "LossOutput", "SparseAutoencoder", "build_sae"]
+__all__ = ["SAE_CLASSES", "LossOutput", "SparseAutoencoder", "build_sae", "check_sae_config"]

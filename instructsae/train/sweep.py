@@ -1,0 +1,88 @@
+"""`instructsae sweep`: every SAE of a grid trained in one pass over one store.
+
+Each grid point becomes a full TrainConfig; all of them are checked against the store before any training.
+SAEs already finished in the sweep folder (same full config, same store) are skipped, so a rerun trains only
+new grid points.
+"""
+
+import itertools
+from pathlib import Path
+
+from instructsae.errors import UserError
+from instructsae.extract.store import open_complete_store
+from instructsae.schemas.sweep import SweepConfig
+from instructsae.schemas.train import ARCHITECTURES, TrainConfig
+from instructsae.train.config import resolve_train_config
+from instructsae.train.run import choose_layer, config_key, is_finished, train_saes
+from instructsae.train.sae import check_sae_config
+from instructsae.train.sweep_report import write_sweep_report
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def grid_points(sweep: SweepConfig) -> list[tuple[dict, dict, dict]]:
+    """(sae settings, optim settings, top-level settings) for every combination of the grid's axes."""
+    grid = sweep.grid
+    points = []
+    for index, entry in enumerate(grid.sae):
+        arch = entry.get("arch")
+        if arch not in ARCHITECTURES:
+            raise UserError(f"sweep grid.sae[{index}]: unknown architecture {arch!r} "
+                            f"(choose from {', '.join(ARCHITECTURES)})")
+        axes = {name: value if isinstance(value, list) else [value] for name, value in entry.items()}
+        if grid.expansion is not None:
+            axes["expansion"] = grid.expansion
+        names = list(axes)
+        for values in itertools.product(*axes.values()):
+            sae = dict(zip(names, values))
+            for lr, layer in itertools.product(grid.lr or [None], grid.layer or [None]):
+                points.append((sae, {"lr": lr}, {"layer": layer}))
+    return points
+
+
+def point_name(cfg: TrainConfig, key: str) -> str:
+    """A folder name a person can read, made unique by the config key."""
+    sparsity = f"k{cfg.sae.k}" if hasattr(cfg.sae, "k") else f"c{cfg.sae.sparsity_coeff:g}"
+    layer = "" if cfg.layer is None else f"-l{cfg.layer}"
+    return f"{cfg.sae.arch}-x{cfg.sae.expansion}-{sparsity}-lr{cfg.optim.lr:g}{layer}-{key[:6]}"
+
+
+def expand_sweep(sweep: SweepConfig) -> list[TrainConfig]:
+    """One TrainConfig per grid point, each with its own folder in the sweep folder; checked against the store."""
+    reader = open_complete_store(sweep.store)
+    configs, seen = [], set()
+    for index, (sae, optim, top) in enumerate(grid_points(sweep)):
+        base = {key: value for key, value in sweep.base.items() if key not in ("store", "out")}
+        settings = {**base, **{k: v for k, v in top.items() if v is not None},
+                    "sae": {**(base.get("sae") or {}), **sae}}
+        try:
+            cfg = resolve_train_config(settings, sweep.preset, {"store": sweep.store, "out": sweep.out},
+                                       {"arch": sae["arch"]}, optim)
+        except UserError as error:
+            raise UserError(f"sweep grid point {index + 1} ({_describe(sae, optim, top)}): {error}") from None
+        choose_layer(cfg, reader)
+        check_sae_config(cfg.sae, reader.d_model)
+        key = config_key(cfg, reader.manifest.fingerprint)
+        if key in seen:
+            continue  # the grid names the same SAE twice
+        seen.add(key)
+        configs.append(cfg.model_copy(update={"out": str(Path(sweep.out) / point_name(cfg, key))}))
+    return configs
+
+
+def _describe(sae: dict, optim: dict, top: dict) -> str:
+    settings = {**sae, **{k: v for k, v in {**optim, **top}.items() if v is not None}}
+    return ", ".join(f"{name}={value}" for name, value in settings.items())
+
+
+def run_sweep(sweep: SweepConfig, resume: bool = False) -> list[dict]:
+    """Train the grid points not finished yet; then report on every finished SAE of this store in the folder."""
+    configs = expand_sweep(sweep)
+    fingerprint = open_complete_store(sweep.store).manifest.fingerprint
+    todo = [cfg for cfg in configs if not is_finished(Path(cfg.out), config_key(cfg, fingerprint))]
+    print(f"sweep {sweep.out}: {len(configs)} SAEs in the grid, {len(configs) - len(todo)} already finished, "
+          f"training {len(todo)} in one pass over {sweep.store}")
+    Path(sweep.out).mkdir(parents=True, exist_ok=True)
+    if todo:
+        train_saes(todo, Path(sweep.out) / CHECKPOINT_FILE, resume)
+    return write_sweep_report(Path(sweep.out), fingerprint)
