@@ -1,0 +1,115 @@
+"""Sweeps: K SAEs from one read of the store, each equal to its own standalone run; reruns train only new points;
+bad grids are refused before any training."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from helpers import assert_one_line_error, run_cli
+from safetensors.torch import load_file
+from test_train_run import CHUNK, FakeReader, use_reader
+
+from instructsae.schemas.sweep import SweepConfig
+from instructsae.train.run import run_training
+from instructsae.train.sweep import expand_sweep, run_sweep
+
+BASE = {"batch_size": 32, "buffer_tokens": 128, "holdout_fraction": 0.2, "geometric_median_tokens": 0,
+        "log_every": 2, "optim": {"lr": 3e-3, "lr_warmup_steps": 2, "beta1": 0.9, "sparsity_warmup_steps": 4}}
+GRID = {"sae": [{"arch": "jumprelu", "expansion": 2, "sparsity_coeff": [1e-3, 3e-3]},
+                {"arch": "standard", "expansion": 2, "sparsity_coeff": [0.05, 0.1]}], "layer": [3]}
+
+
+def sweep_cfg(out, grid=GRID, **base) -> SweepConfig:
+    return SweepConfig(store="fake-store", out=str(out), base={**BASE, **base}, grid=grid)
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "sae_weights.safetensors"))
+
+
+def test_a_sweep_of_four_reads_each_training_token_once(tmp_path, monkeypatch):
+    reader = FakeReader()
+    use_reader(monkeypatch, reader)
+    rows = run_sweep(sweep_cfg(tmp_path / "sweep"))
+
+    assert len(rows) == 4 and {row["arch"] for row in rows} == {"jumprelu", "standard"}
+    training_reads = [read for read in reader.reads if read[1] != 4]  # chunk 4 is held out (read per SAE)
+    assert sorted(training_reads) == [(3, chunk) for chunk in range(4)]
+    with open(tmp_path / "sweep" / "results.csv") as file:
+        table = list(csv.DictReader(file))
+    assert len(table) == 4 and all(0 < float(row["nmse"]) < 2 for row in table)
+    assert (tmp_path / "sweep" / "frontier.png").stat().st_size > 0
+    assert (tmp_path / "sweep" / "results.md").read_text().count("| jumprelu |") == 2
+    assert not (tmp_path / "sweep" / "checkpoint.pt").exists()
+
+
+def test_each_sae_of_a_sweep_equals_its_standalone_run(tmp_path, monkeypatch):
+    use_reader(monkeypatch, FakeReader())
+    sweep = sweep_cfg(tmp_path / "sweep", geometric_median_tokens=64)
+    run_sweep(sweep)
+    for cfg in expand_sweep(sweep):
+        alone = tmp_path / "alone"
+        run_training(cfg.model_copy(update={"out": str(alone)}))
+        swept, single = weights(tmp_path / "sweep" / cfg.out.split("/")[-1]), weights(alone)
+        for name in single:
+            assert torch.equal(swept[name], single[name]), (cfg.sae.arch, name)
+
+
+def test_a_rerun_trains_only_new_grid_points(tmp_path, monkeypatch):
+    reader = FakeReader()
+    use_reader(monkeypatch, reader)
+    run_sweep(sweep_cfg(tmp_path / "sweep"))
+    finished = {path.parent.name: path.stat().st_mtime_ns for path in (tmp_path / "sweep").glob("*/summary.json")}
+
+    reader.reads.clear()
+    bigger = {**GRID, "sae": [*GRID["sae"], {"arch": "standard", "expansion": 2, "sparsity_coeff": 0.2}]}
+    rows = run_sweep(sweep_cfg(tmp_path / "sweep", grid=bigger))
+    assert len(rows) == 5
+    again = {path.parent.name: path.stat().st_mtime_ns for path in (tmp_path / "sweep").glob("*/summary.json")}
+    assert {name: again[name] for name in finished} == finished  # untouched
+    assert len(again) == 5
+    # one new SAE: one training pass plus one held-out read
+    assert sorted(reader.reads) == [(3, chunk) for chunk in range(5)]
+
+
+def test_a_sweep_over_layers_reads_each_layer_once(tmp_path, monkeypatch):
+    reader = FakeReader()
+    use_reader(monkeypatch, reader)
+    grid = {"sae": [{"arch": "standard", "expansion": 2, "sparsity_coeff": 0.05}], "layer": [1, 3]}
+    rows = run_sweep(sweep_cfg(tmp_path / "sweep", grid=grid))
+    assert sorted(row["layer"] for row in rows) == [1, 3]
+    training_reads = sorted(read for read in reader.reads if read[1] != 4)
+    assert training_reads == sorted((layer, chunk) for layer in (1, 3) for chunk in range(4))
+
+
+def write_sweep_yaml(path, grid, **base) -> str:
+    path.write_text(yaml.safe_dump({"base": {**BASE, **base}, "grid": grid}))
+    return str(path)
+
+
+@pytest.mark.parametrize("grid_sae, layer, expected", [
+    ({"arch": "gated"}, 3, ["grid.sae[0]", "unknown architecture 'gated'"]),
+    ({"arch": "standard", "sparsity_coeff": [0.1, -1.0]}, 3, ["grid point 2", "sparsity_coeff"]),
+    ({"arch": "standard"}, 7, ["layer 7", "1, 3"]),
+    ({"arch": "standard", "expansion": 0}, 3, ["expansion"]),
+])
+def test_bad_grids_are_refused_before_training(grid_sae, layer, expected, tmp_path, monkeypatch, capsys):
+    use_reader(monkeypatch, FakeReader())
+    config = write_sweep_yaml(tmp_path / "sweep.yaml", {"sae": [grid_sae], "layer": [layer]})
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", "--config", config, "--store", "fake-store",
+                           "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, *expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_that_cannot_fit_in_memory_says_how_many_fit(tmp_path, monkeypatch, capsys):
+    use_reader(monkeypatch, FakeReader())
+    monkeypatch.setattr("instructsae.train.memory.free_bytes", lambda device: 10 * 2**20)  # 10 MiB free
+    # each SAE: 2 * 8 * 8192 weights (+ biases) x 4 copies x 4 bytes ~ 2.1 MiB; the batch and buffer take little
+    grid = {"sae": [{"arch": "standard", "expansion": 1024, "sparsity_coeff": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}]}
+    config = write_sweep_yaml(tmp_path / "sweep.yaml", grid, batch_size=16)
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", "--config", config, "--store", "fake-store",
+                           "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "6 SAE(s) need", "at most 3 fit")
