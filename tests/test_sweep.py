@@ -11,6 +11,7 @@ from helpers import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 from test_train_run import CHUNK, FakeReader, use_reader
 
+from instructsae.errors import UserError
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.train.run import run_training
 from instructsae.train.sweep import expand_sweep, run_sweep
@@ -113,3 +114,28 @@ def test_a_sweep_that_cannot_fit_in_memory_says_how_many_fit(tmp_path, monkeypat
     code, _, err = run_cli(monkeypatch, capsys, "sweep", "--config", config, "--store", "fake-store",
                            "--out", str(tmp_path / "out"))
     assert_one_line_error(code, err, "6 SAE(s) need", "at most 3 fit")
+
+
+def test_a_crashed_sweep_resumes_to_the_same_saes(tmp_path, monkeypatch):
+    reader = FakeReader(n_chunks=9, last=CHUNK)
+    use_reader(monkeypatch, reader)
+    settings = dict(tokens=40 * 32, checkpoint_every=5 * 32, geometric_median_tokens=64)
+    run_sweep(sweep_cfg(tmp_path / "whole", **settings))
+
+    reader.fail_after = len(reader.reads) + 12  # the disk goes away in the middle of the second sweep
+    with pytest.raises(OSError, match="disk gone"):
+        run_sweep(sweep_cfg(tmp_path / "crashed", **settings))
+    assert (tmp_path / "crashed" / "checkpoint.pt").exists()
+    reader.fail_after = None
+
+    with pytest.raises(UserError, match="pass --resume"):
+        run_sweep(sweep_cfg(tmp_path / "crashed", **settings))
+    with pytest.raises(UserError, match="other SAE settings"):
+        run_sweep(sweep_cfg(tmp_path / "crashed", **{**settings, "seed": 1}), resume=True)
+    run_sweep(sweep_cfg(tmp_path / "crashed", **settings), resume=True)
+
+    for folder in (tmp_path / "whole").glob("*/sae_weights.safetensors"):
+        resumed = load_file(str(tmp_path / "crashed" / folder.parent.name / folder.name))
+        for name, tensor in load_file(str(folder)).items():
+            assert torch.equal(resumed[name], tensor), (folder.parent.name, name)
+    assert not (tmp_path / "crashed" / "checkpoint.pt").exists()
