@@ -1,4 +1,4 @@
-"""`instructsae extract | train | evaluate | inspect | demo`. Bad input: one line on stderr, exit 2."""
+"""`instructsae extract | train | evaluate | inspect | demo | steer`. Bad input: one line on stderr, exit 2."""
 
 import json
 import sys
@@ -8,6 +8,7 @@ import click
 from instructsae.cli_options import build, options_from, read_yaml, split_list
 from instructsae.errors import UserError
 from instructsae.schemas.extract import ExtractConfig
+from instructsae.schemas.steer import SteerConfig
 from instructsae.schemas.train import ARCHITECTURES, PRESETS, JumpReLUConfig, OptimConfig, TrainConfig
 
 
@@ -88,6 +89,19 @@ def demo(out, train_tokens):
     from instructsae.pipelines.demo import run_demo
 
     run_demo(out, train_tokens)
+
+
+@cli.command()
+@options_from(SteerConfig)
+def steer(**options):
+    """Generate greedily with α × a feature's unit-norm decoder direction added after the SAE's layer."""
+    from instructsae.evaluate.steering import run_steering, side_by_side
+
+    options["alpha"] = split_list(options["alpha"])
+    result = run_steering(build(SteerConfig, options))
+    click.echo(f"feature {result['feature']} of {result['sae']}, layer {result['layer']} of {result['model']}")
+    click.echo(side_by_side(result["generations"]))
+    click.echo(f"\nwrote {result['out']}")
 
 
 def main() -> None:
