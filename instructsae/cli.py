@@ -1,4 +1,4 @@
-"""`instructsae extract | train | evaluate | inspect | demo | steer`. Bad input: one line on stderr, exit 2."""
+"""`instructsae extract | train | evaluate | inspect | demo`. Bad input: one line on stderr, exit 2."""
 
 import json
 import sys
@@ -7,6 +7,7 @@ import click
 
 from instructsae.cli_options import build, options_from, read_yaml, split_list
 from instructsae.errors import UserError
+from instructsae.schemas.autointerp import AutointerpConfig
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.steer import SteerConfig
 from instructsae.schemas.train import ARCHITECTURES, PRESETS, JumpReLUConfig, OptimConfig, TrainConfig
@@ -102,6 +103,19 @@ def steer(**options):
     click.echo(f"feature {result['feature']} of {result['sae']}, layer {result['layer']} of {result['model']}")
     click.echo(side_by_side(result["generations"]))
     click.echo(f"\nwrote {result['out']}")
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(), help="YAML file with any of the options below")
+@options_from(AutointerpConfig)
+def autointerp(config_file, **options):
+    """Explain and score sampled features (seed's 1-5 rubric) through an OpenAI-compatible endpoint."""
+    from instructsae.evaluate.autointerp import run_autointerp
+
+    report = run_autointerp(build(AutointerpConfig, read_yaml(config_file), options))
+    mean = "n/a" if report["mean_score"] is None else f"{report['mean_score']:.2f}"
+    click.echo(f"mean score {mean} over {report['n_scored']} features "
+               f"({report['n_unscored']} unscored); wrote {report['out']} and its .md")
 
 
 def main() -> None:
