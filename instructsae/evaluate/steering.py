@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from instructsae.errors import UserError
+from instructsae.evaluate.run import sae_layer
 from instructsae.extract.models import LoadedModel, decoder_layers, load_model
 from instructsae.fileio import write_text_atomically
 from instructsae.schemas.steer import SteerConfig
@@ -87,23 +88,21 @@ def steer_generations(loaded: LoadedModel, layer: int, direction_D: torch.Tensor
     return generations
 
 
-def _sae_model_and_layer(cfg: dict, sae_dir: str, model_flag: str | None) -> tuple[str, int]:
-    metadata = cfg.get("metadata") or {}
-    if metadata.get("layer") is None:
-        raise UserError(f"SAE {sae_dir} does not say which layer it reads (cfg.json metadata.layer)")
-    model = model_flag or metadata.get("model")
+def _model_of(cfg: dict, sae_dir: str, model_flag: str | None) -> str:
+    model = model_flag or (cfg.get("metadata") or {}).get("model")
     if model is None:
         raise UserError(f"SAE {sae_dir} does not name its model (cfg.json metadata.model): pass --model")
-    return str(model), int(metadata["layer"])
+    return str(model)
 
 
 def run_steering(cfg: SteerConfig) -> dict:
     sae, sae_cfg = load_sae(cfg.sae)
-    model_spec, layer = _sae_model_and_layer(sae_cfg, cfg.sae, cfg.model)
+    model_spec, layer = _model_of(sae_cfg, cfg.sae, cfg.model), sae_layer(sae_cfg, cfg.sae)
     direction_D = steering_direction(sae.W_dec.detach(), cfg.feature)
     loaded = load_model(model_spec, device=cfg.device)
     if layer >= loaded.n_layers:
-        raise UserError(f"SAE {cfg.sae} reads layer {layer} but model '{model_spec}' has layers 0..{loaded.n_layers - 1}")
+        raise UserError(f"SAE {cfg.sae} reads layer {layer} but model '{model_spec}' "
+                        f"has layers 0..{loaded.n_layers - 1}")
     if loaded.d_model != sae.d_in:
         raise UserError(f"SAE {cfg.sae} has d_in {sae.d_in} but model '{model_spec}' has d_model {loaded.d_model}")
     input_ids_1S = prompt_ids(loaded.tokenizer, cfg.prompt, cfg.chat)
