@@ -160,3 +160,17 @@ def test_endpoint_settings_from_a_yaml_config(server, features_dir, tmp_path, mo
     assert code == 0, err
     assert [sent["body"]["model"] for sent in server.requests] == ["judge-from-yaml"]
     assert json.loads((features_dir / "autointerp.json").read_text())["n_scored"] == 1
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "not valid JSON"),
+    ('[{"id": 1, "top": ["a string, not a context"]}]', "each with an 'id' and a 'top' list"),
+    ('[{"id": 0, "top": [{"activation": 1.0, "tokens": ["a"], "focus": 0}]}, '
+     '{"id": 1, "top": [{"activation": 1.0, "tokens": ["a"], "focus": 3}]}]', "feature 1 in features.json"),
+])
+def test_malformed_features_file_is_one_line(content, expected, server, tmp_path, monkeypatch, capsys):
+    (tmp_path / "features.json").write_text(content)
+    code, _, err = run_cli(monkeypatch, capsys, "autointerp", "--features", str(tmp_path),
+                           "--endpoint", url(server), "--model", "judge")
+    assert_one_line_error(code, err, expected)
+    assert server.requests == [], "a bad file is caught before any request"

@@ -40,9 +40,15 @@ def load_features(folder: str) -> list[dict]:
     except ValueError as error:
         raise UserError(f"{path} is not valid JSON: {error}") from None
     features = data.get("features") if isinstance(data, dict) else data
-    if not isinstance(features, list) or not all(isinstance(f, dict) and "id" in f for f in features):
-        raise UserError(f"{path} must hold a list of features, each with an 'id'")
+    if not isinstance(features, list) or not all(_is_feature(f) for f in features):
+        raise UserError(f"{path} must hold a list of features, each with an 'id' and a 'top' list of contexts")
     return features
+
+
+def _is_feature(record) -> bool:
+    if not isinstance(record, dict) or "id" not in record or not isinstance(record.get("top", []), list):
+        return False
+    return all(isinstance(example, dict) for example in record.get("top", []))
 
 
 def sample_live_features(features: list[dict], n: int, seed: int) -> list[dict]:
@@ -106,10 +112,11 @@ def run_autointerp(cfg: AutointerpConfig) -> dict:
         raise UserError(f"no model name for endpoint {cfg.endpoint}: give --model NAME or 'model' in --config")
     api_key = api_key_from_env(cfg.api_key_env)
     features = sample_live_features(load_features(cfg.features), cfg.n_features, cfg.seed)
+    # every prompt is built first, so a malformed context fails before any (paid) request
+    prompts = [explanation_prompt(feature, cfg.n_contexts) for feature in features]
     results = []
-    for feature in tqdm(features, desc="autointerp", unit="feature", dynamic_ncols=True):
-        messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                    {"role": "user", "content": explanation_prompt(feature, cfg.n_contexts)}]
+    for feature, prompt in tqdm(list(zip(features, prompts)), desc="autointerp", unit="feature", dynamic_ncols=True):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
         reply = chat_completion(cfg.endpoint, cfg.model, messages, api_key, cfg.timeout_s, cfg.retries)
         explanation, score = parse_reply(reply)
         results.append({"id": feature["id"], "explanation": explanation, "score": score, "reply": reply})
@@ -118,7 +125,7 @@ def run_autointerp(cfg: AutointerpConfig) -> dict:
               **summarise(results), "features": results}
     out = Path(cfg.out) if cfg.out else Path(cfg.features) / "autointerp.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(out, json.dumps(report, indent=2, ensure_ascii=False))
+    write_text_atomically(out, json.dumps(report, indent=2))
     write_text_atomically(out.with_suffix(".md"), report_markdown(report))
     report["out"] = str(out)
     return report

@@ -115,7 +115,7 @@ def run_steering(cfg: SteerConfig) -> dict:
     }
     out = Path(cfg.out or f"steer-feature-{cfg.feature}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(out, json.dumps(result, indent=2, ensure_ascii=False))
+    write_text_atomically(out, json.dumps(result, indent=2))
     result["out"] = str(out)
     return result
 
