@@ -7,7 +7,9 @@ import click
 
 from instructsae.cli_options import build, options_from, read_yaml, split_list
 from instructsae.errors import UserError
+from instructsae.schemas.autointerp import AutointerpConfig
 from instructsae.schemas.extract import ExtractConfig
+from instructsae.schemas.steer import SteerConfig
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import ARCHITECTURES, PRESETS, JumpReLUConfig, OptimConfig, TrainConfig
 
@@ -102,6 +104,32 @@ def demo(out, train_tokens):
     from instructsae.pipelines.demo import run_demo
 
     run_demo(out, train_tokens)
+
+
+@cli.command()
+@options_from(SteerConfig)
+def steer(**options):
+    """Generate greedily with α × a feature's unit-norm decoder direction added after the SAE's layer."""
+    from instructsae.evaluate.steering import run_steering, side_by_side
+
+    options["alpha"] = split_list(options["alpha"])
+    result = run_steering(build(SteerConfig, options))
+    click.echo(f"feature {result['feature']} of {result['sae']}, layer {result['layer']} of {result['model']}")
+    click.echo(side_by_side(result["generations"]))
+    click.echo(f"\nwrote {result['out']}")
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(), help="YAML file with any of the options below")
+@options_from(AutointerpConfig)
+def autointerp(config_file, **options):
+    """Explain and score sampled features (seed's 1-5 rubric) through an OpenAI-compatible endpoint."""
+    from instructsae.evaluate.autointerp import run_autointerp
+
+    report = run_autointerp(build(AutointerpConfig, read_yaml(config_file), options))
+    mean = "n/a" if report["mean_score"] is None else f"{report['mean_score']:.2f}"
+    click.echo(f"mean score {mean} over {report['n_scored']} features "
+               f"({report['n_unscored']} unscored); wrote {report['out']} and its .md")
 
 
 def main() -> None:

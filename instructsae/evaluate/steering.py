@@ -1,0 +1,136 @@
+"""`instructsae steer`: add α × a feature's decoder direction to the residual stream while the model generates.
+
+The seed's special-token steering experiment: the vector is added after the SAE's decoder layer (the hook
+site the stores were extracted from, resid_post) at every position, prompt and generated tokens alike, and
+decoding is greedy so each run is reproducible.
+"""
+
+import json
+import shutil
+import textwrap
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from instructsae.errors import UserError
+from instructsae.evaluate.run import sae_layer
+from instructsae.extract.models import LoadedModel, decoder_layers, load_model
+from instructsae.fileio import write_text_atomically
+from instructsae.schemas.steer import SteerConfig
+from instructsae.train.export import load_sae
+
+
+def steering_direction(W_dec_FD: torch.Tensor, feature: int) -> torch.Tensor:
+    """The feature's decoder row scaled to unit norm: saved weights fold in the training scale, so the raw
+    row's norm is arbitrary, while α × a unit vector is in residual-stream units as in the seed."""
+    if not 0 <= feature < W_dec_FD.shape[0]:
+        raise UserError(f"feature {feature} is out of range: the SAE has {W_dec_FD.shape[0]} features "
+                        f"(0..{W_dec_FD.shape[0] - 1})")
+    row_D = W_dec_FD[feature].float()
+    if row_D.norm() == 0:
+        raise UserError(f"feature {feature} has an all-zero decoder row: it has no direction to steer along")
+    return row_D / row_D.norm()
+
+
+@contextmanager
+def residual_added(model: torch.nn.Module, layer: int, vector_D: torch.Tensor):
+    """While open, the output of decoder layer `layer` is shifted by vector_D at every position."""
+
+    def hook(_module, _inputs, output):
+        if isinstance(output, tuple):
+            return (output[0] + vector_D.to(output[0].dtype),) + output[1:]
+        return output + vector_D.to(output.dtype)
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """[1, seq] token ids: the prompt as one user turn of the chat template, or the raw text."""
+    if not chat:
+        return tokenizer(prompt, return_tensors="pt").input_ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the model's tokenizer has no chat template: use --no-chat to steer on raw text")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    # the template already holds the special tokens; adding them again would double the BOS
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+@torch.no_grad()
+def greedy_generate(loaded: LoadedModel, input_ids_1S: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """The new token ids of a greedy continuation, stopping at the end-of-turn token."""
+    tokenizer = loaded.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    output_1T = loaded.model.generate(
+        input_ids=input_ids_1S, attention_mask=torch.ones_like(input_ids_1S), max_new_tokens=max_new_tokens,
+        do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
+    )
+    return output_1T[0, input_ids_1S.shape[1]:].tolist()
+
+
+def steer_generations(loaded: LoadedModel, layer: int, direction_D: torch.Tensor, alphas: tuple[float, ...],
+                      input_ids_1S: torch.Tensor, max_new_tokens: int) -> list[dict]:
+    """One greedy generation per α, in the order given."""
+    generations = []
+    device = next(loaded.model.parameters()).device
+    for alpha in tqdm(alphas, desc="steer", unit="α", dynamic_ncols=True):
+        with residual_added(loaded.model, layer, alpha * direction_D.to(device)):
+            new_ids = greedy_generate(loaded, input_ids_1S.to(device), max_new_tokens)
+        generations.append({"alpha": alpha, "text": loaded.tokenizer.decode(new_ids, skip_special_tokens=True),
+                            "token_ids": new_ids})
+    return generations
+
+
+def _model_of(cfg: dict, sae_dir: str, model_flag: str | None) -> str:
+    model = model_flag or (cfg.get("metadata") or {}).get("model")
+    if model is None:
+        raise UserError(f"SAE {sae_dir} does not name its model (cfg.json metadata.model): pass --model")
+    return str(model)
+
+
+def run_steering(cfg: SteerConfig) -> dict:
+    sae, sae_cfg = load_sae(cfg.sae)
+    model_spec, layer = _model_of(sae_cfg, cfg.sae, cfg.model), sae_layer(sae_cfg, cfg.sae)
+    direction_D = steering_direction(sae.W_dec.detach(), cfg.feature)
+    loaded = load_model(model_spec, device=cfg.device)
+    if layer >= loaded.n_layers:
+        raise UserError(f"SAE {cfg.sae} reads layer {layer} but model '{model_spec}' "
+                        f"has layers 0..{loaded.n_layers - 1}")
+    if loaded.d_model != sae.d_in:
+        raise UserError(f"SAE {cfg.sae} has d_in {sae.d_in} but model '{model_spec}' has d_model {loaded.d_model}")
+    input_ids_1S = prompt_ids(loaded.tokenizer, cfg.prompt, cfg.chat)
+    generations = steer_generations(loaded, layer, direction_D, cfg.alpha, input_ids_1S, cfg.max_new_tokens)
+    result = {
+        "sae": cfg.sae, "model": model_spec, "layer": layer, "hook_site": "resid_post", "feature": cfg.feature,
+        "direction": "unit-norm decoder row", "decoder_row_norm": float(sae.W_dec[cfg.feature].norm()),
+        "prompt": cfg.prompt, "chat": cfg.chat, "decoding": "greedy", "max_new_tokens": cfg.max_new_tokens,
+        "generations": generations,
+    }
+    out = Path(cfg.out or f"steer-feature-{cfg.feature}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out, json.dumps(result, indent=2))
+    result["out"] = str(out)
+    return result
+
+
+def side_by_side(generations: list[dict], width: int | None = None, max_columns: int = 3) -> str:
+    """The generations as wrapped text columns headed by their α, at most `max_columns` per row of columns."""
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    blocks = []
+    for start in range(0, len(generations), max_columns):
+        group = generations[start:start + max_columns]
+        column_width = max(12, (width - 3 * (len(group) - 1)) // len(group))
+        columns = [[f"α = {g['alpha']:g}", "-" * column_width]
+                   + textwrap.wrap(" ".join(g["text"].split()) or "(empty)", column_width) for g in group]
+        height = max(len(column) for column in columns)
+        rows = [" | ".join(column[i].ljust(column_width) if i < len(column) else " " * column_width
+                           for column in columns).rstrip() for i in range(height)]
+        blocks.append("\n".join(rows))
+    return "\n\n".join(blocks)

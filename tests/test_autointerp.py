@@ -1,0 +1,176 @@
+"""`instructsae autointerp` against a real HTTP server on loopback that answers like a chat-completions API."""
+
+import json
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from helpers import assert_one_line_error, run_cli
+
+from instructsae.evaluate.autointerp import parse_reply, sample_live_features, summarise
+
+FIRING_TOKENS = {3: "<|im_end|>", 7: " robot", 12: "ing"}
+
+
+def judge_reply(prompt: str) -> str:
+    """Request-dependent answer: names the first marked token; the score follows from its length."""
+    token = re.search(r"Context: .*?«(.+?)»", prompt).group(1)
+    return f"Explanation: fires on {token}\nScore: {len(token) % 5 + 1}"
+
+
+class ChatServer(ThreadingHTTPServer):
+    def __init__(self, mode: str):
+        self.mode, self.requests = mode, []
+        super().__init__(("127.0.0.1", 0), ChatHandler)
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        if self.server.mode == "500":
+            self._send(500, b"internal error")
+        elif self.server.mode == "garbage":
+            self._send(200, b"<html>not json</html>")
+        else:
+            content = judge_reply(body["messages"][-1]["content"])
+            self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode())
+
+    def _send(self, status: int, payload: bytes):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+
+@pytest.fixture
+def server(request):
+    chat_server = ChatServer(getattr(request, "param", "ok"))
+    thread = threading.Thread(target=chat_server.serve_forever, daemon=True)
+    thread.start()
+    yield chat_server
+    chat_server.shutdown()
+    chat_server.server_close()
+
+
+def url(chat_server) -> str:
+    return f"http://127.0.0.1:{chat_server.server_address[1]}/v1"
+
+
+def context(token: str, activation: float, before: str = "Tell me a\nstory") -> dict:
+    return {"activation": activation, "instance": 0, "position": 4, "role": "assistant",
+            "tokens": [before, token, " now"], "focus": 1}
+
+
+@pytest.fixture
+def features_dir(tmp_path):
+    """What `instructsae features` writes: three live features, a dead one and one without contexts."""
+    features = [{"id": fid, "density": 0.01, "mean_activation": 1.5, "role_share": {"assistant": 1.0},
+                 "top": [context(token, 2.0), context(token, 9.5), context("other", 0.5)]}
+                for fid, token in FIRING_TOKENS.items()]
+    features += [{"id": 20, "density": 0.0, "mean_activation": 0.0, "role_share": {}, "top": []},
+                 {"id": 21, "density": 0.02, "mean_activation": 1.0, "role_share": {}, "top": []}]
+    (tmp_path / "features.json").write_text(json.dumps(features))
+    return tmp_path
+
+
+def test_report_holds_each_features_explanation_and_score_and_the_mean(server, features_dir, tmp_path,
+                                                                         monkeypatch, capsys):
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    out = tmp_path / "report" / "interp.json"
+    code, stdout, err = run_cli(monkeypatch, capsys, "autointerp", "--features", str(features_dir),
+                                "--endpoint", url(server), "--model", "judge", "--n-features", "10",
+                                "--n-contexts", "2", "--api-key-env", "JUDGE_KEY", "--out", str(out))
+    assert code == 0, err
+    assert len(server.requests) == 3, "one call per live feature, none for dead or context-less ones"
+    for sent in server.requests:
+        assert sent["path"] == "/v1/chat/completions" and sent["auth"] == "Bearer sk-test"
+        assert sent["body"]["model"] == "judge" and sent["body"]["temperature"] == 0
+    prompts = [sent["body"]["messages"][-1]["content"] for sent in server.requests]
+    for prompt, token in zip(prompts, FIRING_TOKENS.values()):
+        assert f"Activation: 9.5 | Context: Tell me a\\nstory«{token}» now" in prompt
+        assert prompt.index("Activation: 9.5") < prompt.index("Activation: 2"), "strongest context first"
+        assert "«other»" not in prompt, "--n-contexts 2 keeps the two strongest"
+        assert "5: Clear pattern with no deviating examples" in prompt and "Score: [5/4/3/2/1]" in prompt
+
+    report = json.loads(out.read_text())
+    assert [f["id"] for f in report["features"]] == list(FIRING_TOKENS)
+    expected_scores = [len(token) % 5 + 1 for token in FIRING_TOKENS.values()]
+    for feature, token, score in zip(report["features"], FIRING_TOKENS.values(), expected_scores):
+        assert (feature["explanation"], feature["score"]) == (f"fires on {token}", score)
+    assert report["mean_score"] == pytest.approx(sum(expected_scores) / 3)
+    assert report["n_scored"] == 3 and report["n_unscored"] == 0
+    assert f"mean score {report['mean_score']:.2f}" in stdout
+    markdown = out.with_suffix(".md").read_text()
+    assert f"**Mean score {report['mean_score']:.2f}**" in markdown and "| 7 | " in markdown
+
+
+def test_features_are_sampled_reproducibly_from_the_live_ones():
+    features = [{"id": i, "density": 0.0 if i % 4 == 0 else 0.1, "top": [context("x", 1.0)]} for i in range(40)]
+    first = [f["id"] for f in sample_live_features(features, 5, seed=1)]
+    assert first == [f["id"] for f in sample_live_features(features, 5, seed=1)]
+    assert first != [f["id"] for f in sample_live_features(features, 5, seed=2)]
+    assert len(set(first)) == 5 and all(i % 4 != 0 for i in first)
+    assert len(sample_live_features(features, 100, seed=0)) == 30
+
+
+def test_replies_without_a_score_count_as_unscored():
+    assert parse_reply("Explanation: commas in lists\nScore: 4") == ("commas in lists", 4)
+    assert parse_reply("Explanation: dates\nScore: [3]") == ("dates", 3)
+    assert parse_reply("Explanation: x\nScore: [5/4/3/2/1]") == ("x", None), "an echoed format is no score"
+    assert parse_reply("I cannot tell.") == (None, None)
+    summary = summarise([{"score": 5}, {"score": 2}, {"score": None}])
+    assert (summary["mean_score"], summary["n_unscored"], summary["top_score_share"]) == (3.5, 1, 0.5)
+
+
+def test_no_endpoint_is_one_line(features_dir, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "autointerp", "--features", str(features_dir), "--model", "judge")
+    assert_one_line_error(code, err, "no endpoint", "--endpoint")
+
+
+@pytest.mark.parametrize("server, expected", [("500", "HTTP 500"), ("garbage", "malformed reply")],
+                         indirect=["server"])
+def test_failing_server_is_one_line_naming_the_url(server, expected, features_dir, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "autointerp", "--features", str(features_dir),
+                           "--endpoint", url(server), "--model", "judge", "--retries", "1")
+    assert_one_line_error(code, err, expected, f"{url(server)}/chat/completions")
+    assert len(server.requests) == (2 if expected == "HTTP 500" else 1), "5xx is retried, a bad reply is not"
+    assert not (features_dir / "autointerp.json").exists()
+
+
+def test_unreachable_endpoint_is_one_line(features_dir, monkeypatch, capsys):
+    with socket.socket() as probe:  # a port nothing listens on once the probe closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, _, err = run_cli(monkeypatch, capsys, "autointerp", "--features", str(features_dir),
+                           "--endpoint", f"http://127.0.0.1:{port}/v1", "--model", "judge", "--retries", "0")
+    assert_one_line_error(code, err, "unreachable", f"http://127.0.0.1:{port}/v1/chat/completions")
+
+
+def test_endpoint_settings_from_a_yaml_config(server, features_dir, tmp_path, monkeypatch, capsys):
+    config = tmp_path / "judge.yaml"
+    config.write_text(f"endpoint: {url(server)}\nmodel: judge-from-yaml\nn_features: 1\ntimeout_s: 5\n")
+    code, _, err = run_cli(monkeypatch, capsys, "autointerp", "--config", str(config), "--features", str(features_dir))
+    assert code == 0, err
+    assert [sent["body"]["model"] for sent in server.requests] == ["judge-from-yaml"]
+    assert json.loads((features_dir / "autointerp.json").read_text())["n_scored"] == 1
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "not valid JSON"),
+    ('[{"id": 1, "top": ["a string, not a context"]}]', "each with an 'id' and a 'top' list"),
+    ('[{"id": 0, "top": [{"activation": 1.0, "tokens": ["a"], "focus": 0}]}, '
+     '{"id": 1, "top": [{"activation": 1.0, "tokens": ["a"], "focus": 3}]}]', "feature 1 in features.json"),
+])
+def test_malformed_features_file_is_one_line(content, expected, server, tmp_path, monkeypatch, capsys):
+    (tmp_path / "features.json").write_text(content)
+    code, _, err = run_cli(monkeypatch, capsys, "autointerp", "--features", str(tmp_path),
+                           "--endpoint", url(server), "--model", "judge")
+    assert_one_line_error(code, err, expected)
+    assert server.requests == [], "a bad file is caught before any request"
