@@ -16,6 +16,7 @@ from instructsae.evaluate.dialogues import first_stored_position, stored_sequenc
 from instructsae.evaluate.metrics import ReconstructionSums
 from instructsae.evaluate.splice import lm_view
 from instructsae.extract.models import load_model
+from instructsae.extract.run import batch_budget
 from instructsae.extract.store import StoreReader, open_complete_store
 from instructsae.fileio import write_text_atomically
 from instructsae.schemas.evaluate import LMViewConfig
@@ -55,9 +56,9 @@ def lm_metrics(sae: SparseAutoencoder, reader: StoreReader, layer: int, cfg: LMV
                         f"d_in {sae.d_in} at layer {layer}")
     sequences = stored_sequences(reader, lm, cfg.lm_tokens, cfg.dataset)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    batch_tokens = cfg.batch_tokens or (1024 if cfg.device == "cpu" else 16384)
+    # the same runtime knob as extract's, with the same default per device
     result = lm_view(lm.model, layer, sae.to(cfg.device), sequences, first_stored_position(reader),
-                     batch_tokens, pad_id, cfg.device)
+                     batch_budget(cfg), pad_id, cfg.device)
     return {"model": lm.name, "n_sequences": len(sequences), **result}
 
 
@@ -117,7 +118,7 @@ def format_table(results: list[dict]) -> str:
 
 def format_role_table(results: list[dict]) -> str:
     """Per token role: reconstruction (with L0) over the store, and the LM view over the tokens predicted."""
-    header = ("| SAE | role | tokens | L0 | NMSE | MSE | LM tokens | CE clean | CE SAE | CE zero | CE recovered | KL |")
+    header = "| SAE | role | tokens | L0 | NMSE | MSE | LM tokens | CE clean | CE SAE | CE zero | CE recovered | KL |"
     lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lm_roles = r["lm"]["per_role"] if "lm" in r else {}
