@@ -1,4 +1,4 @@
-"""`instructsae extract | train | sweep | evaluate | inspect | demo`. Bad input: one line on stderr, exit 2."""
+"""`instructsae extract | train | sweep | evaluate | steer | autointerp | inspect | demo`. Bad input: one line on stderr, exit 2."""
 
 import json
 import sys
@@ -8,6 +8,7 @@ import click
 from instructsae.cli_options import build, options_from, read_yaml, split_list
 from instructsae.errors import UserError
 from instructsae.schemas.autointerp import AutointerpConfig
+from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.steer import SteerConfig
 from instructsae.schemas.sweep import SweepConfig
@@ -78,12 +79,16 @@ def sweep(config_file, resume, **options):
 @click.option("--store", required=True, type=click.Path(), help="store to evaluate on (not trained on)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")
-def evaluate(sae_dir, store, as_json, max_tokens):
-    """Reconstruction (MSE, NMSE, explained variance), L0 and dead fraction of an SAE on a store."""
-    from instructsae.evaluate.run import evaluate_sae_on_store, format_table
+@options_from(LMViewConfig)
+def evaluate(sae_dir, store, as_json, max_tokens, **lm_options):
+    """Reconstruction (MSE, NMSE, explained variance, the seed's Eq. 7), L0 and dead fraction of an SAE on a
+    store, per token role too, and the LM's loss with the SAE spliced in (CE loss recovered, KL)."""
+    from instructsae.evaluate.run import evaluate_sae_on_store, format_role_table, format_table
 
-    result = evaluate_sae_on_store(sae_dir, store, max_tokens)
-    click.echo(json.dumps(result, indent=2) if as_json else format_table([result]))
+    result = evaluate_sae_on_store(sae_dir, store, max_tokens, build(LMViewConfig, lm_options))
+    tables = f"{format_table([result])}\n\nper role (LM columns: the role of the token predicted)\n" \
+             f"{format_role_table([result])}"
+    click.echo(json.dumps(result, indent=2) if as_json else tables)
 
 
 @cli.command()

@@ -1,25 +1,65 @@
-"""`instructsae evaluate`: an exported SAE against a store it was not trained on."""
+"""`instructsae evaluate`: an exported SAE against a store it was not trained on.
+
+One streaming pass over the store gives the reconstruction metrics, the seed's Eq. 7 MSE / MSE_st and the
+per-role figures; the LM view (evaluate/splice.py) then runs the model on the store's first sequences.
+"""
 
 import json
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from instructsae.errors import UserError
-from instructsae.evaluate.metrics import reconstruction_metrics
+from instructsae.evaluate.breakdown import SequenceRoleSums
+from instructsae.evaluate.dialogues import first_stored_position, stored_sequences
+from instructsae.evaluate.metrics import ReconstructionSums
+from instructsae.evaluate.splice import lm_view
+from instructsae.extract.models import load_model
+from instructsae.extract.run import batch_budget
 from instructsae.extract.store import StoreReader, open_complete_store
 from instructsae.fileio import write_text_atomically
+from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.train.export import load_sae
+from instructsae.train.sae import SparseAutoencoder
 
 
 def store_batches(reader: StoreReader, layer: int, max_tokens: int | None):
-    """The store's activations in order, chunk by chunk, stopping at max_tokens."""
+    """(activations, instance ids, roles) of the store in order, chunk by chunk, stopping at max_tokens."""
     limit = reader.n_tokens if max_tokens is None else min(max_tokens, reader.n_tokens)
     with tqdm(total=limit, desc="evaluate", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
         for start in range(0, limit, reader.chunk_tokens):
-            batch_ND = reader.read_acts(layer, start, min(start + reader.chunk_tokens, limit))
+            stop = min(start + reader.chunk_tokens, limit)
+            batch_ND = reader.read_acts(layer, start, stop)
             bar.update(len(batch_ND))
-            yield batch_ND
+            yield batch_ND, reader.read_column("instance", start, stop), reader.read_column("role", start, stop)
+
+
+@torch.no_grad()
+def store_metrics(sae: SparseAutoencoder, reader: StoreReader, layer: int, max_tokens: int | None) -> dict:
+    totals = ReconstructionSums(sae.d_in, sae.d_sae)
+    breakdown = SequenceRoleSums(reader.n_instances, sae.d_in)
+    for x_BD, instance_B, role_B in store_batches(reader, layer, max_tokens):
+        latents_BF = sae.encode(x_BD)
+        recon_BD = sae.decode(latents_BF)
+        totals.add(x_BD, recon_BD, latents_BF)
+        breakdown.add(x_BD, recon_BD, latents_BF, instance_B, role_B)
+    return {**totals.result(), "eq7": breakdown.eq7(), "per_role": breakdown.per_role()}
+
+
+def lm_metrics(sae: SparseAutoencoder, reader: StoreReader, layer: int, cfg: LMViewConfig) -> dict:
+    """The LM view on the store's first cfg.lm_tokens stored tokens, with the model that made the store."""
+    identity = reader.manifest.identity
+    lm = load_model(cfg.model or identity.model, identity.model_dtype, cfg.device)
+    if lm.d_model != sae.d_in or layer >= lm.n_layers:
+        raise UserError(f"model '{lm.name}' (d_model {lm.d_model}, {lm.n_layers} layers) cannot take an SAE of "
+                        f"d_in {sae.d_in} at layer {layer}")
+    sequences = stored_sequences(reader, lm, cfg.lm_tokens, cfg.dataset)
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    # the same runtime knob as extract's, with the same default per device
+    result = lm_view(lm.model, layer, sae.to(cfg.device), sequences, first_stored_position(reader),
+                     batch_budget(cfg), pad_id, cfg.device)
+    return {"model": lm.name, "n_sequences": len(sequences), **result}
 
 
 def sae_layer(cfg: dict, sae_dir: str) -> int:
@@ -29,7 +69,10 @@ def sae_layer(cfg: dict, sae_dir: str) -> int:
     return int(layer)
 
 
-def evaluate_sae_on_store(sae_dir: str, store: str, max_tokens: int | None = None) -> dict:
+def evaluate_sae_on_store(sae_dir: str, store: str, max_tokens: int | None = None,
+                          lm: LMViewConfig | None = None) -> dict:
+    """The metrics of an SAE on a store, also written to SAE/eval/<store fingerprint>.json. Without `lm`
+    (or with lm_tokens 0) the LM view is skipped and the result has no 'lm' section."""
     sae, cfg = load_sae(sae_dir)
     reader = open_complete_store(store)
     if cfg["d_in"] != reader.d_model:
@@ -37,7 +80,9 @@ def evaluate_sae_on_store(sae_dir: str, store: str, max_tokens: int | None = Non
     layer = sae_layer(cfg, sae_dir)
     if layer not in reader.layers:
         raise UserError(f"SAE {sae_dir} reads layer {layer} but store {store} has layers {list(reader.layers)}")
-    metrics = reconstruction_metrics(sae, store_batches(reader, layer, max_tokens))
+    metrics = store_metrics(sae, reader, layer, max_tokens)
+    if lm is not None and lm.lm_tokens > 0:
+        metrics["lm"] = lm_metrics(sae, reader, layer, lm)
     result = {"sae": str(sae_dir), "architecture": cfg["architecture"], "d_sae": cfg["d_sae"],
               "store": str(store), "store_fingerprint": reader.manifest.fingerprint, "layer": layer, **metrics}
     out = Path(sae_dir) / "eval" / f"{reader.manifest.fingerprint}.json"
@@ -46,12 +91,39 @@ def evaluate_sae_on_store(sae_dir: str, store: str, max_tokens: int | None = Non
     return result
 
 
+def _number(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _lm_cells(lm: dict | None) -> str:
+    if lm is None:
+        return "– | – | – | – | –"
+    return (f"{lm['ce_clean']:.4f} | {lm['ce_spliced']:.4f} | {lm['ce_ablated']:.4f} | "
+            f"{_number(lm['ce_loss_recovered'], '.4f')} | {lm['kl_spliced']:.4f}")
+
+
 def format_table(results: list[dict]) -> str:
-    """A markdown table, readable in a terminal."""
-    header = "| SAE | arch | d_sae | NMSE | explained var | L0 | dead frac | MSE | tokens |"
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """A markdown table, readable in a terminal: one row per SAE, L0 beside every error figure."""
+    header = ("| SAE | arch | d_sae | L0 | NMSE | explained var | dead frac | MSE | log2 MSE (Eq.7) | log2 MSE_st | "
+              "CE clean | CE SAE | CE zero | CE recovered | KL | tokens |")
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {Path(r['sae']).name} | {r['architecture']} | {r['d_sae']} | {r['nmse']:.4f} | "
-                     f"{r['explained_variance']:.4f} | {r['l0']:.1f} | {r['dead_fraction']:.3f} | "
-                     f"{r['mse']:.4g} | {r['n_tokens']:,} |")
+        eq7 = r["eq7"]
+        lines.append(f"| {Path(r['sae']).name} | {r['architecture']} | {r['d_sae']} | {r['l0']:.1f} | "
+                     f"{r['nmse']:.4f} | {r['explained_variance']:.4f} | {r['dead_fraction']:.3f} | "
+                     f"{r['mse']:.4g} | {_number(eq7['log2_mse'], '.4f')} | {_number(eq7['log2_mse_st'], '.4f')} | "
+                     f"{_lm_cells(r.get('lm'))} | {r['n_tokens']:,} |")
+    return "\n".join(lines)
+
+
+def format_role_table(results: list[dict]) -> str:
+    """Per token role: reconstruction (with L0) over the store, and the LM view over the tokens predicted."""
+    header = "| SAE | role | tokens | L0 | NMSE | MSE | LM tokens | CE clean | CE SAE | CE zero | CE recovered | KL |"
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lm_roles = r["lm"]["per_role"] if "lm" in r else {}
+        for role, m in r["per_role"].items():
+            lm = lm_roles.get(role)
+            lines.append(f"| {Path(r['sae']).name} | {role} | {m['n_tokens']:,} | {m['l0']:.1f} | {m['nmse']:.4f} | "
+                         f"{m['mse']:.4g} | {lm['n_tokens'] if lm else 0:,} | {_lm_cells(lm)} |")
     return "\n".join(lines)

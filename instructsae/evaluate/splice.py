@@ -1,0 +1,124 @@
+"""The language-model view of an SAE: next-token loss with its reconstruction spliced into the forward pass.
+
+Each sequence runs three times: clean; with the SAE's reconstruction replacing the residual stream at the
+SAE's layer (resid_post, the output of that decoder layer, where extract's hooks read); and with that layer's
+output zero-ablated. Only the positions the store holds are replaced: a dropped first token (the attention
+sink) was never seen by the SAE and stays clean in both. A prediction counts where it is made at a stored
+position and predicts a stored token, so each counted prediction is one the splice can change; its role is
+that of the token predicted.
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from instructsae.evaluate.dialogues import StoredSequence
+from instructsae.extract.models import decoder_layers
+from instructsae.extract.plan import length_batches
+from instructsae.extract.run import padded_batch
+from instructsae.schemas.manifest import ROLES
+
+Replacement = Callable[[torch.Tensor], torch.Tensor]  # residual x_ND -> what the model gets instead
+QUANTITIES = ("ce_clean", "ce_spliced", "ce_ablated", "kl_spliced", "kl_ablated")
+LOGIT_ROWS = 512  # positions whose vocabulary-wide log-probabilities are held at once
+
+
+def sae_replacement(sae: torch.nn.Module) -> Replacement:
+    """The SAE's reconstruction, computed in float32 and handed back in the model's dtype."""
+    return lambda x_ND: sae(x_ND.float()).to(x_ND.dtype)
+
+
+def zero_replacement(x_ND: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(x_ND)
+
+
+@torch.no_grad()
+def final_hidden(model: torch.nn.Module, layer: int, input_ids_BS: torch.Tensor, first_stored: int,
+                 replace: Replacement | None) -> torch.Tensor:
+    """[batch, seq, d_model] last hidden states (after the final norm), with positions >= first_stored of
+    `layer`'s output replaced. No attention mask: padding is on the right, and causal attention keeps it
+    from every real token (as in extract)."""
+
+    def hook(_module, _inputs, output):
+        hidden_BSD = (output[0] if isinstance(output, tuple) else output).clone()
+        stored_BSD = hidden_BSD[:, first_stored:]
+        hidden_BSD[:, first_stored:] = replace(stored_BSD.reshape(-1, stored_BSD.shape[-1])).view_as(stored_BSD)
+        return (hidden_BSD, *output[1:]) if isinstance(output, tuple) else hidden_BSD
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook) if replace is not None else None
+    try:
+        return model.base_model(input_ids=input_ids_BS, use_cache=False).last_hidden_state
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def log_probs(model: torch.nn.Module, hidden_ND: torch.Tensor) -> torch.Tensor:
+    logits_NV = model.get_output_embeddings()(hidden_ND).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits
+    if cap:
+        logits_NV = cap * torch.tanh(logits_NV / cap)
+    return F.log_softmax(logits_NV, dim=-1)
+
+
+@torch.no_grad()
+def token_losses(model: torch.nn.Module, clean_ND: torch.Tensor, spliced_ND: torch.Tensor,
+                 ablated_ND: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    """[len(QUANTITIES), N] per prediction: cross-entropy of each run, KL(clean || spliced), KL(clean || ablated)."""
+    rows = [torch.zeros(len(QUANTITIES), 0, device=targets_N.device)]  # a sequence may predict nothing
+    for start in range(0, len(targets_N), LOGIT_ROWS):
+        part = slice(start, start + LOGIT_ROWS)
+        clean_NV, spliced_NV, ablated_NV = (log_probs(model, h[part]) for h in (clean_ND, spliced_ND, ablated_ND))
+        target_N1 = targets_N[part, None]
+        p_clean_NV = clean_NV.exp()
+        rows.append(torch.stack([
+            -clean_NV.gather(-1, target_N1)[:, 0], -spliced_NV.gather(-1, target_N1)[:, 0],
+            -ablated_NV.gather(-1, target_N1)[:, 0],
+            (p_clean_NV * (clean_NV - spliced_NV)).sum(-1), (p_clean_NV * (clean_NV - ablated_NV)).sum(-1),
+        ]))
+    return torch.cat(rows, dim=1)
+
+
+def summarize(sums_Q: np.ndarray, n_tokens: int) -> dict:
+    """Means of the QUANTITIES and CE loss recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_clean)."""
+    means = dict(zip(QUANTITIES, (float(value) for value in sums_Q / max(n_tokens, 1))))
+    gap = means["ce_ablated"] - means["ce_clean"]
+    recovered = (means["ce_ablated"] - means["ce_spliced"]) / gap if gap != 0 else None
+    return {**means, "ce_loss_recovered": recovered, "n_tokens": int(n_tokens)}
+
+
+def summarize_by_role(sums_QR: np.ndarray, count_R: np.ndarray) -> dict:
+    """Overall figures (sums over roles) and per role, for the roles of the predicted tokens that occur."""
+    per_role = {name: summarize(sums_QR[:, code], count_R[code])
+                for code, name in enumerate(ROLES) if count_R[code] > 0}
+    return {**summarize(sums_QR.sum(axis=1), count_R.sum()), "per_role": per_role}
+
+
+@torch.no_grad()
+def lm_view(model: torch.nn.Module, layer: int, sae: torch.nn.Module, sequences: list[StoredSequence],
+            first_stored: int, batch_tokens: int, pad_id: int, device: str = "cpu") -> dict:
+    """CE clean / spliced / ablated, CE loss recovered and KLs over the sequences, overall and per role."""
+    sums_QR = np.zeros((len(QUANTITIES), len(ROLES)))
+    count_R = np.zeros(len(ROLES), dtype=np.int64)
+    lengths = [len(sequence.token_ids) for sequence in sequences]
+    with tqdm(total=sum(len(s.roles) for s in sequences), desc="LM view", unit="tok", unit_scale=True,
+              dynamic_ncols=True) as bar:
+        for batch in length_batches(lengths, batch_tokens):
+            input_ids_BS = padded_batch(sequences, batch, pad_id).to(device)
+            runs = [final_hidden(model, layer, input_ids_BS, first_stored, replace)
+                    for replace in (None, sae_replacement(sae), zero_replacement)]
+            for row, index in enumerate(batch):
+                # predictions made at stored positions first_stored .. n-2 of the stored tokens 1 ..
+                made_at = slice(first_stored, lengths[index] - 1)
+                targets_N = input_ids_BS[row, first_stored + 1: lengths[index]]
+                losses_QN = token_losses(model, *(hidden_BSD[row, made_at] for hidden_BSD in runs), targets_N)
+                roles_N = sequences[index].roles[1:]
+                for q in range(len(QUANTITIES)):
+                    sums_QR[q] += np.bincount(roles_N, weights=losses_QN[q].double().cpu().numpy(),
+                                              minlength=len(ROLES))
+                count_R += np.bincount(roles_N, minlength=len(ROLES))
+                bar.update(len(sequences[index].roles))
+    return summarize_by_role(sums_QR, count_R)

@@ -1,0 +1,99 @@
+"""The LM view on the tiny model: an identity SAE gives the clean loss exactly, a zero SAE the ablated loss."""
+
+import numpy as np
+import pytest
+import torch
+
+from instructsae.evaluate.dialogues import StoredSequence
+from instructsae.evaluate.splice import QUANTITIES, final_hidden, lm_view, zero_replacement
+from instructsae.extract.data import Message
+from instructsae.extract.instances import tokenize_dialogue
+from instructsae.extract.models import load_model
+from instructsae.train.sae.standard import StandardSAE
+
+LAYER = 0
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    return load_model(str(tiny_model_dir))
+
+
+def standard_sae(W_enc_DF: torch.Tensor, W_dec_FD: torch.Tensor) -> StandardSAE:
+    sae = StandardSAE(*W_enc_DF.shape)
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc_DF), sae.W_dec.copy_(W_dec_FD), sae.b_enc.zero_(), sae.b_dec.zero_()
+    return sae.eval()
+
+
+def identity_sae(d: int) -> StandardSAE:
+    """relu(x) − relu(−x) = x exactly: W_enc = [I, −I], W_dec = [I; −I], no biases."""
+    eye = torch.eye(d)
+    return standard_sae(torch.cat([eye, -eye], dim=1), torch.cat([eye, -eye], dim=0))
+
+
+def zero_sae(d: int) -> StandardSAE:
+    return standard_sae(torch.randn(d, 2 * d), torch.zeros(2 * d, d))
+
+
+def sequences(tokenizer, first_stored: int) -> list[StoredSequence]:
+    """Dialogues of different lengths (so batches are padded), roles of the stored tokens as extract keeps them."""
+    out = []
+    for i in range(5):
+        messages = (Message("user", f"Tell me story {i} about a robot." * (1 + i)),
+                    Message("assistant", "Once upon a time there was a small robot. " * (1 + i % 3)))
+        tokenized = tokenize_dialogue(tokenizer, messages, max_len=None)
+        out.append(StoredSequence(i, tokenized.token_ids, tokenized.roles[first_stored:]))
+    return out
+
+
+def run(lm, sae, first_stored: int = 1, batch_tokens: int = 256) -> dict:
+    return lm_view(lm.model, LAYER, sae, sequences(lm.tokenizer, first_stored), first_stored, batch_tokens,
+                   pad_id=lm.tokenizer.pad_token_id)
+
+
+def test_identity_sae_gives_the_clean_loss_exactly(lm):
+    result = run(lm, identity_sae(lm.d_model))
+    assert result["ce_spliced"] == result["ce_clean"]
+    assert result["kl_spliced"] == 0.0
+    assert result["ce_loss_recovered"] == 1.0
+    assert result["ce_ablated"] != result["ce_clean"]  # the ablation changes the loss, so recovery is defined
+    for role in result["per_role"].values():
+        assert role["ce_spliced"] == role["ce_clean"] and role["kl_spliced"] == 0.0
+
+
+def test_zero_sae_gives_the_ablated_loss_exactly(lm):
+    result = run(lm, zero_sae(lm.d_model))
+    assert result["ce_spliced"] == result["ce_ablated"]
+    assert result["kl_spliced"] == result["kl_ablated"] > 0
+    assert result["ce_loss_recovered"] == 0.0
+
+
+def test_per_role_figures_add_up_to_the_overall_ones(lm):
+    result = run(lm, zero_sae(lm.d_model))
+    per_role = result["per_role"]
+    assert {"template", "system", "user", "assistant"} <= set(per_role)
+    n_tokens = sum(role["n_tokens"] for role in per_role.values())
+    # every stored token but the first of each sequence is predicted from a stored position
+    assert n_tokens == result["n_tokens"] == sum(len(s.roles) - 1 for s in sequences(lm.tokenizer, 1))
+    for quantity in QUANTITIES:
+        weighted = sum(role[quantity] * role["n_tokens"] for role in per_role.values()) / n_tokens
+        assert weighted == pytest.approx(result[quantity], rel=1e-9)
+
+
+def test_clean_loss_is_the_models_own_loss(lm):
+    """With every position stored, the counted predictions are exactly those HF's labels loss averages."""
+    sequence = sequences(lm.tokenizer, 0)[:1]
+    result = lm_view(lm.model, LAYER, identity_sae(lm.d_model), sequence, 0, 1024, lm.tokenizer.pad_token_id)
+    input_ids_1S = torch.from_numpy(sequence[0].token_ids.astype(np.int64))[None]
+    with torch.no_grad():
+        reference = lm.model(input_ids=input_ids_1S, labels=input_ids_1S).loss
+    assert result["ce_clean"] == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_positions_the_sae_never_saw_stay_clean(lm):
+    input_ids_BS = torch.from_numpy(sequences(lm.tokenizer, 1)[0].token_ids.astype(np.int64))[None]
+    clean_BSD = final_hidden(lm.model, LAYER, input_ids_BS, 1, None)
+    ablated_BSD = final_hidden(lm.model, LAYER, input_ids_BS, 1, zero_replacement)
+    assert torch.equal(ablated_BSD[:, 0], clean_BSD[:, 0])  # the dropped first token is not replaced
+    assert not torch.allclose(ablated_BSD[:, 1:], clean_BSD[:, 1:])
