@@ -36,8 +36,8 @@ def test_a_sweep_of_four_reads_each_training_token_once(tmp_path, monkeypatch):
     rows = run_sweep(sweep_cfg(tmp_path / "sweep"))
 
     assert len(rows) == 4 and {row["arch"] for row in rows} == {"jumprelu", "standard"}
-    training_reads = [read for read in reader.reads if read[1] != 4]  # chunk 4 is held out (read per SAE)
-    assert sorted(training_reads) == [(3, chunk) for chunk in range(4)]
+    # chunks 0-3 train (read once, by the stream), chunk 4 is held out (read once, for all four summaries)
+    assert sorted(reader.reads) == [(3, chunk) for chunk in range(5)]
     with open(tmp_path / "sweep" / "results.csv") as file:
         table = list(csv.DictReader(file))
     assert len(table) == 4 and all(0 < float(row["nmse"]) < 2 for row in table)
@@ -71,8 +71,7 @@ def test_a_rerun_trains_only_new_grid_points(tmp_path, monkeypatch):
     again = {path.parent.name: path.stat().st_mtime_ns for path in (tmp_path / "sweep").glob("*/summary.json")}
     assert {name: again[name] for name in finished} == finished  # untouched
     assert len(again) == 5
-    # one new SAE: one training pass plus one held-out read
-    assert sorted(reader.reads) == [(3, chunk) for chunk in range(5)]
+    assert sorted(reader.reads) == [(3, chunk) for chunk in range(5)]  # the one new SAE's training and summary
 
 
 def test_a_sweep_over_layers_reads_each_layer_once(tmp_path, monkeypatch):
@@ -81,8 +80,7 @@ def test_a_sweep_over_layers_reads_each_layer_once(tmp_path, monkeypatch):
     grid = {"sae": [{"arch": "standard", "expansion": 2, "sparsity_coeff": 0.05}], "layer": [1, 3]}
     rows = run_sweep(sweep_cfg(tmp_path / "sweep", grid=grid))
     assert sorted(row["layer"] for row in rows) == [1, 3]
-    training_reads = sorted(read for read in reader.reads if read[1] != 4)
-    assert training_reads == sorted((layer, chunk) for layer in (1, 3) for chunk in range(4))
+    assert sorted(reader.reads) == sorted((layer, chunk) for layer in (1, 3) for chunk in range(5))
 
 
 def write_sweep_yaml(path, grid, **base) -> str:

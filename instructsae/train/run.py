@@ -15,7 +15,7 @@ import torch
 from instructsae import __version__
 from instructsae.charts import plot_training_curves
 from instructsae.errors import UserError
-from instructsae.evaluate.metrics import reconstruction_metrics
+from instructsae.evaluate.metrics import ReconstructionSums
 from instructsae.extract.store import StoreReader, open_complete_store
 from instructsae.fileio import write_text_atomically
 from instructsae.schemas.train import TrainConfig
@@ -192,9 +192,11 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
             log.close()
     stats["stream_seconds"] = stream.seconds
 
-    summaries = []
-    for cfg, key, trainee, layer in zip(configs, keys, trainees, member_layers):
-        summaries.append(_finish(cfg, key, trainee, layer, view, stats))
+    exported = [_export(cfg, key, trainee.sae, layer, view) for cfg, key, trainee, layer
+                in zip(configs, keys, trainees, member_layers)]
+    metrics = _heldout_metrics(exported, member_layers, view)
+    summaries = [_summary(cfg, key, trainee, layer, view, stats, result) for cfg, key, trainee, layer, result
+                 in zip(configs, keys, trainees, member_layers, metrics)]
     checkpoint_path.unlink(missing_ok=True)  # every SAE is finished: nothing to resume
     return summaries
 
@@ -227,19 +229,34 @@ def _initial_sample(view: StoreView, layer: int, cfg: TrainConfig) -> torch.Tens
     return sample_ND[pick[: cfg.geometric_median_tokens]]
 
 
-def _finish(cfg: TrainConfig, key: str, trainee: Trainee, layer: int, view: StoreView, stats: dict) -> dict:
-    """Export the SAE, plot its curves, and measure it in raw activation space on the held-out chunks."""
+def _export(cfg: TrainConfig, key: str, sae, layer: int, view: StoreView):
+    """Save the SAE (raw activation space) and its curves; the exported SAE, as a user will load it."""
     root, reader = Path(cfg.out), view.reader
-    input_scale = view.scales[layer]
     metadata = {"layer": layer, "store": cfg.store, "store_fingerprint": reader.manifest.fingerprint,
-                "model": reader.manifest.identity.model, "input_scale": input_scale,
+                "model": reader.manifest.identity.model, "input_scale": view.scales[layer],
                 "train_config": cfg.model_dump(mode="json"), "config_key": key, "instructsae_version": __version__}
-    sae = trainee.sae.cpu()
-    save_sae(root, sae, input_scale, metadata)
+    save_sae(root, sae.cpu(), view.scales[layer], metadata)
     plot_training_curves(MetricsLog.read(root / "metrics.jsonl"), root / CURVES_FILE, title=root.name)
-    exported, _ = load_sae(root)
-    eval_chunks = view.holdout_chunks or view.train_chunks
-    metrics = reconstruction_metrics(exported, (reader.read_acts_chunk(layer, i) for i in eval_chunks))
+    return load_sae(root)[0]
+
+
+@torch.no_grad()
+def _heldout_metrics(saes, member_layers: list[int], view: StoreView) -> list[dict]:
+    """Every SAE measured on the held-out chunks, each chunk read once whatever the number of SAEs."""
+    sums = [ReconstructionSums(sae.d_in, sae.d_sae) for sae in saes]
+    for index in view.holdout_chunks or view.train_chunks:
+        for layer in view.layers:
+            x_BD = view.reader.read_acts_chunk(layer, index)
+            for sae, sae_layer, accumulator in zip(saes, member_layers, sums):
+                if sae_layer == layer:
+                    latents_BF = sae.encode(x_BD)
+                    accumulator.add(x_BD, sae.decode(latents_BF), latents_BF)
+    return [accumulator.result() for accumulator in sums]
+
+
+def _summary(cfg: TrainConfig, key: str, trainee: Trainee, layer: int, view: StoreView, stats: dict,
+             metrics: dict) -> dict:
+    sae = trainee.sae
     summary = {
         "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "layer": layer,
         "nmse": metrics["nmse"], "explained_variance": metrics["explained_variance"], "mse": metrics["mse"],
@@ -248,5 +265,5 @@ def _finish(cfg: TrainConfig, key: str, trainee: Trainee, layer: int, view: Stor
         "sae_seconds": trainee.seconds, "config_key": key,
         "evaluated_on": "held-out chunks" if view.holdout_chunks else "training chunks (no chunk was held out)",
     }
-    write_text_atomically(root / SUMMARY_FILE, json.dumps(summary, indent=2))
+    write_text_atomically(Path(cfg.out) / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
