@@ -15,7 +15,7 @@ HELDOUT ?= runs/demo/stores/fast-heldout
 EXTRA   ?=
 # OUT is the store for `extract` and the SAE folder for `train`.
 
-.PHONY: install demo test extract train evaluate inspect bench clean
+.PHONY: install demo test extract train sweep evaluate inspect bench clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ extract: $(STAMP)
 
 train: $(STAMP)
 	$(CLI) train --store $(STORE) --sae $(SAE) --out $(or $(OUT),runs/$(SAE)) $(EXTRA)
+
+# CONFIG is a sweep YAML; OUT the sweep folder. Rerunning trains only grid points not finished yet.
+sweep: $(STAMP)
+	$(CLI) sweep --config $(or $(CONFIG),instructsae/configs/sweep-demo.yaml) --store $(STORE) --out $(or $(OUT),runs/demo/sweep) $(EXTRA)
 
 evaluate: $(STAMP)
 	$(CLI) evaluate --sae $(or $(OUT),runs/$(SAE)) --store $(HELDOUT) $(EXTRA)
