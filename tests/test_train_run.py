@@ -2,10 +2,12 @@
 
 import json
 import math
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import assert_one_line_error, run_cli
 
 from instructsae.errors import UserError
 from instructsae.evaluate.metrics import reconstruction_metrics
@@ -160,3 +162,51 @@ def test_reconstruction_metrics_match_a_direct_computation():
     assert metrics["explained_variance"] == pytest.approx(float(1 - error_ND.pow(2).sum() / variance))
     assert metrics["l0"] == pytest.approx(float((latents_NF > 0).sum(dim=1).double().mean()))
     assert metrics["dead_fraction"] == pytest.approx(float((latents_NF <= 0).all(dim=0).double().mean()))
+
+
+class RecordingWandb:
+    """Stands in for the optional wandb package: a module object that keeps what it was given."""
+
+    def __init__(self):
+        self.runs = []
+
+    def init(self, **options):
+        run = SimpleNamespace(options=options, logged=[], finished=False)
+        run.log = lambda record, step: run.logged.append((step, record))
+        run.finish = lambda: setattr(run, "finished", True)
+        self.runs.append(run)
+        return run
+
+
+def test_wandb_gets_every_metrics_record_when_asked(tmp_path, monkeypatch):
+    use_reader(monkeypatch, FakeReader())
+    wandb = RecordingWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    run_training(train_cfg(tmp_path / "run", wandb=True, wandb_project="sweeps"))
+    (run,) = wandb.runs
+    assert run.options["project"] == "sweeps" and run.options["config"]["batch_size"] == 32 and run.finished
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record for _, record in run.logged] == records
+    assert [step for step, _ in run.logged] == [record["step"] for record in records]
+
+
+def test_wandb_is_never_needed_unless_asked(tmp_path, monkeypatch):
+    use_reader(monkeypatch, FakeReader())
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    run_training(train_cfg(tmp_path / "run"))
+    with pytest.raises(UserError, match="pip install"):
+        run_training(train_cfg(tmp_path / "other", wandb=True))
+
+
+def test_metrics_carry_a_firing_histogram(tmp_path, monkeypatch):
+    use_reader(monkeypatch, FakeReader())
+    run_training(train_cfg(tmp_path / "run"))
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert sum(last["firing_histogram"].values()) == 16  # every feature in one bin (d_sae = 2 x 8)
+
+
+def test_resume_without_a_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    use_reader(monkeypatch, FakeReader())
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--store", "fake-store", "--out", str(tmp_path / "run"),
+                           "--resume")
+    assert_one_line_error(code, err, "no checkpoint", "without --resume")
