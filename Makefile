@@ -15,7 +15,7 @@ HELDOUT ?= runs/demo/stores/fast-heldout
 EXTRA   ?=
 # OUT is the store for `extract` and the SAE folder for `train`.
 
-.PHONY: install demo test extract train sweep evaluate inspect bench clean
+.PHONY: install demo test extract train sweep evaluate inspect compare bench clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ sweep: $(STAMP)
 
 evaluate: $(STAMP)
 	$(CLI) evaluate --sae $(or $(OUT),runs/$(SAE)) --store $(HELDOUT) $(EXTRA)
+
+# BT(P) vs BT(F) vs FAST on the embedded model: stores, SAE sweeps, held-out evaluation, runs/compare/report.md.
+compare: $(STAMP)
+	$(CLI) pipeline compare $(EXTRA)
 
 inspect: $(STAMP)
 	$(CLI) inspect $(STORE) $(EXTRA)

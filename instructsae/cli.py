@@ -1,4 +1,4 @@
-"""`instructsae extract | train | sweep | evaluate | steer | autointerp | inspect | demo`. Bad input: one line on stderr, exit 2."""
+"""`instructsae extract | train | sweep | evaluate | steer | autointerp | inspect | demo | pipeline compare`. Bad input: one line on stderr, exit 2."""
 
 import json
 import sys
@@ -8,6 +8,7 @@ import click
 from instructsae.cli_options import build, options_from, read_yaml, split_list
 from instructsae.errors import UserError
 from instructsae.schemas.autointerp import AutointerpConfig
+from instructsae.schemas.compare import CompareConfig
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.steer import SteerConfig
@@ -135,6 +136,21 @@ def autointerp(config_file, **options):
     mean = "n/a" if report["mean_score"] is None else f"{report['mean_score']:.2f}"
     click.echo(f"mean score {mean} over {report['n_scored']} features "
                f"({report['n_unscored']} unscored); wrote {report['out']} and its .md")
+
+
+@cli.group()
+def pipeline():
+    """End-to-end recipes built from the stages."""
+
+
+@pipeline.command()
+@options_from(CompareConfig, skip=("grid", "train"))
+@click.option("--config", "config_file", type=click.Path(), help="YAML with any of these options, and grid/train")
+def compare(config_file, **options):
+    """BT(P) vs BT(F) vs FAST: same budget, same SAEs, one held-out FAST store; writes report.md and charts."""
+    from instructsae.pipelines.compare import run_compare
+
+    run_compare(build(CompareConfig, read_yaml(config_file), options))
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ One streaming pass over the store gives the reconstruction metrics, the seed's E
 per-role figures; the LM view (evaluate/splice.py) then runs the model on the store's first sequences.
 """
 
+import functools
 import json
 from pathlib import Path
 
@@ -47,10 +48,16 @@ def store_metrics(sae: SparseAutoencoder, reader: StoreReader, layer: int, max_t
     return {**totals.result(), "eq7": breakdown.eq7(), "per_role": breakdown.per_role()}
 
 
+@functools.lru_cache(maxsize=1)
+def _load_model_once(spec: str, dtype: str, device: str):
+    """Evaluating many SAEs of one model (a comparison, a sweep) loads it once."""
+    return load_model(spec, dtype, device)
+
+
 def lm_metrics(sae: SparseAutoencoder, reader: StoreReader, layer: int, cfg: LMViewConfig) -> dict:
     """The LM view on the store's first cfg.lm_tokens stored tokens, with the model that made the store."""
     identity = reader.manifest.identity
-    lm = load_model(cfg.model or identity.model, identity.model_dtype, cfg.device)
+    lm = _load_model_once(cfg.model or identity.model, identity.model_dtype, cfg.device)
     if lm.d_model != sae.d_in or layer >= lm.n_layers:
         raise UserError(f"model '{lm.name}' (d_model {lm.d_model}, {lm.n_layers} layers) cannot take an SAE of "
                         f"d_in {sae.d_in} at layer {layer}")

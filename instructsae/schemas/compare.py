@@ -1,0 +1,36 @@
+"""What `instructsae pipeline compare` does: BT(P) vs BT(F) vs FAST at the same budget, on held-out dialogues."""
+
+from typing import Any
+
+from pydantic import Field
+
+from instructsae.schemas.base import FrozenModel
+
+# Sized for a 2-core CPU in under 45 minutes with the embedded model; on a GPU raise --tokens freely.
+DEFAULT_GRID: dict[str, Any] = {
+    "sae": [{"arch": "standard", "sparsity_coeff": [0.08, 0.15, 0.3]},
+            {"arch": "jumprelu", "sparsity_coeff": [0.001, 0.003, 0.01]}],
+    "expansion": [8],
+}
+DEFAULT_TRAIN: dict[str, Any] = {
+    "batch_size": 1024, "buffer_tokens": 65536,
+    "optim": {"lr": 0.001, "lr_warmup_steps": 20, "beta1": 0.9, "sparsity_warmup_steps": 60},
+}
+
+
+class CompareConfig(FrozenModel):
+    out: str = Field("runs/compare", description="folder for the stores, the SAEs, report.md and the charts")
+    model: str = Field("smollm2", description="instruct LM (as for extract)")
+    dialogues: str = Field("sharegpt", description="SFT dialogues: BT(F) and FAST train on them, all are tested on them")
+    pretraining_text: str = Field("shakespeare", description="plain text for BT(P)")
+    layer: int = Field(15, ge=0, description="decoder layer whose output the SAEs read")
+    tokens: int = Field(60_000, gt=0, description="tokens in each of the three training stores (the same budget)")
+    heldout_tokens: int = Field(20_000, gt=0, description="tokens of held-out FAST dialogues to evaluate on")
+    train_tokens: int = Field(120_000, gt=0, description="training tokens per SAE (epochs over its store)")
+    block_len: int = Field(2048, gt=1, description="BT block length")
+    lm_tokens: int = Field(4_000, ge=0, description="held-out tokens for the spliced LM loss of each SAE (0: skip)")
+    device: str = Field("cpu", description="torch device, a runtime knob")
+    grid: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_GRID),
+                                 description="sweep grid trained on each store (see instructsae sweep)")
+    train: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_TRAIN),
+                                  description="train settings shared by every SAE (see instructsae train)")
