@@ -15,7 +15,7 @@ HELDOUT ?= runs/demo/stores/fast-heldout
 EXTRA   ?=
 # OUT is the store for `extract` and the SAE folder for `train`.
 
-.PHONY: install demo test extract train evaluate inspect bench clean
+.PHONY: install demo test extract train evaluate features inspect bench clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ train: $(STAMP)
 
 evaluate: $(STAMP)
 	$(CLI) evaluate --sae $(or $(OUT),runs/$(SAE)) --store $(HELDOUT) $(EXTRA)
+
+# SAE: an SAE folder, or the name of one of the demo's (runs/demo/saes/NAME); OUT: the dashboard's folder.
+features: $(STAMP)
+	$(CLI) features --sae $(if $(wildcard $(SAE)/cfg.json),$(SAE),runs/demo/saes/$(SAE)) --store $(STORE) --out $(or $(OUT),runs/features/$(notdir $(SAE))) $(EXTRA)
 
 inspect: $(STAMP)
 	$(CLI) inspect $(STORE) $(EXTRA)
