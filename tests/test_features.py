@@ -37,16 +37,19 @@ def sparse_latents(n_tokens: int, d_sae: int, seed: int = 0) -> torch.Tensor:
 def test_top_n_across_chunks_equals_top_n_at_once():
     latents_NF = sparse_latents(300, 7)
     latents_NF[:, 6] = 0  # a feature that never fires
-    latents_NF[:3, 5], latents_NF[3:, 5] = torch.tensor([0.5, 2.0, 1.0]), 0  # one that fires less than N times
+    latents_NF[:3, 5], latents_NF[3:, 5] = torch.tensor([0.5, 2.0, 1.0]), 0  # one that fires fewer than N times
+    latents_NF[[10, 250], 4] = 9.0  # a tie: the earlier row comes first
     top_acts_FN, top_rows_FN = torch.full((7, 4), -torch.inf), torch.full((7, 4), -1, dtype=torch.int64)
     for start, stop in [(0, 1), (1, 64), (64, 65), (65, 200), (200, 300)]:
-        top_acts_FN, top_rows_FN = merge_top_n(top_acts_FN, top_rows_FN, latents_NF[start:stop],
-                                               torch.arange(start, stop))
-    expected_acts_FN, expected_rows_FN = latents_NF.T.topk(4, dim=1)
-    assert torch.equal(top_acts_FN, expected_acts_FN)
+        token_K, feature_K = latents_NF[start:stop].nonzero(as_tuple=True)
+        top_acts_FN, top_rows_FN = merge_top_n(top_acts_FN, top_rows_FN, feature_K,
+                                               latents_NF[start:stop][token_K, feature_K], token_K + start)
+    expected_acts_FN, expected_rows_FN = (t[:, :4] for t in latents_NF.T.sort(dim=1, descending=True, stable=True))
     fired_FN = expected_acts_FN > 0
+    assert torch.equal(top_acts_FN[fired_FN], expected_acts_FN[fired_FN])
     assert torch.equal(top_rows_FN[fired_FN], expected_rows_FN[fired_FN])
-    assert top_rows_FN[5, :3].tolist() == [1, 2, 0] and top_acts_FN[6].eq(0).all()
+    assert top_acts_FN[~fired_FN].eq(-torch.inf).all() and top_rows_FN[~fired_FN].eq(-1).all()
+    assert top_rows_FN[5, :3].tolist() == [1, 2, 0] and top_rows_FN[4, :2].tolist() == [10, 250]
 
 
 def test_stats_match_a_direct_computation():

@@ -1,25 +1,33 @@
 """Per-feature statistics accumulated over a stream of SAE latents. Pure tensor code: tests need no model.
 
-A feature fires on a token when its latent is > 0; its activation mass is the sum of its latents. The
-running top-N keeps, per feature, the N largest latents seen so far and the store rows they came from.
+A feature fires on a token when its latent is > 0 (SAE latents are never negative); its activation mass
+is the sum of its latents. The running top-N keeps, per feature, the N largest latents seen so far and
+the store rows they came from (-inf and row -1 while a feature has fired fewer than N times).
 """
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
-def merge_top_n(top_acts_FN: torch.Tensor, top_rows_FN: torch.Tensor, latents_BF: torch.Tensor,
-                rows_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The N largest of (the kept N, the new B) per feature, with their rows: equal to a top-N over all at once."""
-    n_kept = top_acts_FN.shape[1]
-    acts_FM = torch.cat([top_acts_FN, latents_BF.T], dim=1)
-    acts_FN, picked_FN = acts_FM.topk(n_kept, dim=1)
-    # index the rows instead of concatenating them: an F x B int64 copy would cost twice the latents
-    from_kept_FN = picked_FN < n_kept
-    kept_rows_FN = top_rows_FN.gather(1, picked_FN.clamp(max=n_kept - 1))
-    new_rows_FN = rows_B[(picked_FN - n_kept).clamp(min=0)]
-    return acts_FN, torch.where(from_kept_FN, kept_rows_FN, new_rows_FN)
+def merge_top_n(top_acts_FN: torch.Tensor, top_rows_FN: torch.Tensor, feature_K: torch.Tensor,
+                acts_K: torch.Tensor, rows_K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The N largest per feature of the kept N and K new (feature, activation, row) entries, with their rows.
+
+    Works on the sparse entries only (latents are mostly 0), sorting F x N + K values instead of F x B.
+    """
+    n_features, n_kept = top_acts_FN.shape
+    feature_M = torch.cat([torch.arange(n_features).unsqueeze(1).expand(n_features, n_kept).flatten(), feature_K])
+    acts_M = torch.cat([top_acts_FN.flatten(), acts_K])
+    rows_M = torch.cat([top_rows_FN.flatten(), rows_K])
+    # by feature, largest first within each (numpy's lexsort: torch's stable integer argsort measured ~10x slower)
+    order_M = torch.from_numpy(np.lexsort((-acts_M.numpy(), feature_M.numpy())))
+    # every feature has at least its N kept entries, so the first N of each group are exactly F x N
+    count_F = torch.bincount(feature_M, minlength=n_features)
+    rank_M = torch.arange(len(order_M)) - (count_F.cumsum(0) - count_F)[feature_M[order_M]]
+    keep = order_M[rank_M < n_kept]
+    return acts_M[keep].view(n_features, n_kept), rows_M[keep].view(n_features, n_kept)
 
 
 @dataclass
@@ -49,13 +57,17 @@ class FeatureStats:
     def add(self, latents_BF: torch.Tensor, rows_B: torch.Tensor, roles_B: torch.Tensor,
             special_B: torch.Tensor) -> None:
         """Count one batch: latents of B tokens, their store rows, role codes and special-token mask."""
-        latents64_BF = latents_BF.double()
         self.n_tokens += len(latents_BF)
-        self.fire_count_F += (latents_BF > 0).sum(dim=0)
-        self.act_sum_F += latents64_BF.sum(dim=0)
-        self.role_mass_RF.index_add_(0, roles_B.long(), latents64_BF)
-        self.special_mass_F += latents64_BF[special_B].sum(dim=0)
-        self.top_acts_FN, self.top_rows_FN = merge_top_n(self.top_acts_FN, self.top_rows_FN, latents_BF, rows_B)
+        token_K, feature_K = latents_BF.nonzero(as_tuple=True)  # the firing (token, feature) pairs
+        acts_K = latents_BF[token_K, feature_K]
+        acts64_K = acts_K.double()
+        self.fire_count_F += torch.bincount(feature_K, minlength=len(self.fire_count_F))
+        self.act_sum_F.index_add_(0, feature_K, acts64_K)
+        self.role_mass_RF.index_put_((roles_B[token_K].long(), feature_K), acts64_K, accumulate=True)
+        special_K = special_B[token_K]
+        self.special_mass_F.index_add_(0, feature_K[special_K], acts64_K[special_K])
+        self.top_acts_FN, self.top_rows_FN = merge_top_n(self.top_acts_FN, self.top_rows_FN, feature_K, acts_K,
+                                                         rows_B[token_K])
 
     @property
     def live_F(self) -> torch.Tensor:
