@@ -243,6 +243,16 @@ def chromium_or_skip() -> Path:
     pytest.skip(f"headless Chromium ({CHROMIUM}) is not installed")
 
 
+def test_a_missing_browser_skips_unless_required(monkeypatch, tmp_path):
+    monkeypatch.setattr(f"{__name__}.CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.delenv("INSTRUCTSAE_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        chromium_or_skip()
+    monkeypatch.setenv("INSTRUCTSAE_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match="no-chromium"):
+        chromium_or_skip()
+
+
 def run_chromium(tmp_path: Path, *args: str) -> str:
     profile = Path(tmp_path) / f"profile-{len(list(Path(tmp_path).glob('profile-*')))}"  # fresh for every run
     command = [str(chromium_or_skip()), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
