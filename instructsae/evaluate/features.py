@@ -18,13 +18,12 @@ from instructsae.errors import UserError
 from instructsae.evaluate.contexts import context_windows, gather_column, token_strings, window_rows
 from instructsae.evaluate.dashboard import render_dashboard
 from instructsae.evaluate.feature_stats import FeatureStats
-from instructsae.evaluate.run import sae_layer
+from instructsae.evaluate.run import open_sae_and_store
 from instructsae.extract.models import load_tokenizer
-from instructsae.extract.store import StoreReader, open_complete_store
+from instructsae.extract.store import StoreReader
 from instructsae.fileio import write_atomically, write_text_atomically
 from instructsae.schemas.features import FeaturesConfig
 from instructsae.schemas.manifest import ROLE_CODE, ROLES
-from instructsae.train.export import load_sae
 from instructsae.train.sae import SparseAutoencoder
 
 LATENT_BUDGET = 1 << 24  # latents per encoded batch (64 MB of float32), whatever d_sae is
@@ -42,17 +41,6 @@ def check_out_folder(out: Path) -> None:
     if foreign:
         raise UserError(f"--out {out} holds files this command did not write ({', '.join(foreign[:3])}); "
                         f"choose a new folder")
-
-
-def open_sae_and_store(sae_dir: str, store: str) -> tuple[SparseAutoencoder, int, StoreReader]:
-    sae, cfg = load_sae(sae_dir)
-    reader = open_complete_store(store)
-    if cfg["d_in"] != reader.d_model:
-        raise UserError(f"SAE {sae_dir} has d_in {cfg['d_in']} but store {store} has d_model {reader.d_model}")
-    layer = sae_layer(cfg, sae_dir)
-    if layer not in reader.layers:
-        raise UserError(f"SAE {sae_dir} reads layer {layer} but store {store} has layers {list(reader.layers)}")
-    return sae, layer, reader
 
 
 def special_token_ids(tokenizer) -> np.ndarray:
@@ -131,7 +119,7 @@ def feature_table(records: list[dict]) -> pd.DataFrame:
 def run_features(cfg: FeaturesConfig) -> dict:
     out = Path(cfg.out)
     check_out_folder(out)
-    sae, layer, reader = open_sae_and_store(cfg.sae, cfg.store)
+    sae, _, reader, layer = open_sae_and_store(cfg.sae, cfg.store)
     tokenizer = load_tokenizer(reader.manifest.identity.tokenizer)
     special_ids = special_token_ids(tokenizer)
     stats = measure_features(sae, reader, layer, special_ids, cfg.top, cfg.max_tokens)
