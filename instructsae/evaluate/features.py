@@ -84,7 +84,8 @@ def top_contexts(stats: FeatureStats, feature_ids: np.ndarray, reader: StoreRead
     all_rows, offsets = window_rows(start, stop)
     strings = token_strings(tokenizer, gather_column(reader, "token_id", all_rows))
     contexts = [{"activation": float(activation), "instance": int(instance[k]), "position": int(position[k]),
-                 "role": ROLES[role[k]], "tokens": strings[offsets[k]:offsets[k + 1]], "focus": int(rows[k] - start[k])}
+                 "role": ROLES[role[k]], "tokens": strings[offsets[k]:offsets[k + 1]],
+                 "focus": int(rows[k] - start[k])}
                 for k, activation in enumerate(acts_KN[fired_KN])]
     per_feature = np.cumsum([0, *fired_KN.sum(axis=1)])
     return [contexts[per_feature[i]:per_feature[i + 1]] for i in range(len(feature_ids))]
