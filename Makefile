@@ -15,7 +15,7 @@ HELDOUT ?= runs/demo/stores/fast-heldout
 EXTRA   ?=
 # OUT is the store for `extract` and the SAE folder for `train`.
 
-.PHONY: install demo test extract train sweep evaluate inspect compare bench clean
+.PHONY: install demo test extract train sweep evaluate features inspect compare bench clean
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ evaluate: $(STAMP)
 # BT(P) vs BT(F) vs FAST on the embedded model: stores, SAE sweeps, held-out evaluation, runs/compare/report.md.
 compare: $(STAMP)
 	$(CLI) pipeline compare $(EXTRA)
+
+# SAE: an SAE folder, or the name of one of the demo's (runs/demo/saes/NAME); OUT: the dashboard's folder.
+features: $(STAMP)
+	$(CLI) features --sae $(if $(wildcard $(SAE)/cfg.json),$(SAE),runs/demo/saes/$(SAE)) --store $(STORE) --out $(or $(OUT),runs/features/$(notdir $(SAE))) $(EXTRA)
 
 inspect: $(STAMP)
 	$(CLI) inspect $(STORE) $(EXTRA)

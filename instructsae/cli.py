@@ -1,4 +1,6 @@
-"""`instructsae extract | train | sweep | evaluate | steer | autointerp | inspect | demo | pipeline compare`. Bad input: one line on stderr, exit 2."""
+"""`instructsae extract | train | sweep | evaluate | features | steer | autointerp | inspect | demo | pipeline compare`.
+
+Bad input: one line on stderr, exit 2."""
 
 import json
 import sys
@@ -11,6 +13,7 @@ from instructsae.schemas.autointerp import AutointerpConfig
 from instructsae.schemas.compare import CompareConfig
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.schemas.extract import ExtractConfig
+from instructsae.schemas.features import FeaturesConfig
 from instructsae.schemas.steer import SteerConfig
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import ARCHITECTURES, PRESETS, JumpReLUConfig, OptimConfig, TrainConfig
@@ -90,6 +93,15 @@ def evaluate(sae_dir, store, as_json, max_tokens, **lm_options):
     tables = f"{format_table([result])}\n\nper role (LM columns: the role of the token predicted)\n" \
              f"{format_role_table([result])}"
     click.echo(json.dumps(result, indent=2) if as_json else tables)
+
+
+@cli.command()
+@options_from(FeaturesConfig)
+def features(**options):
+    """Per-feature density, mean activation, role shares and top contexts; JSON, Parquet and a static dashboard."""
+    from instructsae.evaluate.features import format_summary, run_features
+
+    click.echo(format_summary(run_features(build(FeaturesConfig, options))))
 
 
 @cli.command()

@@ -76,10 +76,8 @@ def sae_layer(cfg: dict, sae_dir: str) -> int:
     return int(layer)
 
 
-def evaluate_sae_on_store(sae_dir: str, store: str, max_tokens: int | None = None,
-                          lm: LMViewConfig | None = None) -> dict:
-    """The metrics of an SAE on a store, also written to SAE/eval/<store fingerprint>.json. Without `lm`
-    (or with lm_tokens 0) the LM view is skipped and the result has no 'lm' section."""
+def open_sae_and_store(sae_dir: str, store: str) -> tuple[SparseAutoencoder, dict, StoreReader, int]:
+    """An SAE, its cfg, a complete store it fits (same width, holds the SAE's layer) and that layer."""
     sae, cfg = load_sae(sae_dir)
     reader = open_complete_store(store)
     if cfg["d_in"] != reader.d_model:
@@ -87,6 +85,14 @@ def evaluate_sae_on_store(sae_dir: str, store: str, max_tokens: int | None = Non
     layer = sae_layer(cfg, sae_dir)
     if layer not in reader.layers:
         raise UserError(f"SAE {sae_dir} reads layer {layer} but store {store} has layers {list(reader.layers)}")
+    return sae, cfg, reader, layer
+
+
+def evaluate_sae_on_store(sae_dir: str, store: str, max_tokens: int | None = None,
+                          lm: LMViewConfig | None = None) -> dict:
+    """The metrics of an SAE on a store, also written to SAE/eval/<store fingerprint>.json. Without `lm`
+    (or with lm_tokens 0) the LM view is skipped and the result has no 'lm' section."""
+    sae, cfg, reader, layer = open_sae_and_store(sae_dir, store)
     metrics = store_metrics(sae, reader, layer, max_tokens)
     if lm is not None and lm.lm_tokens > 0:
         metrics["lm"] = lm_metrics(sae, reader, layer, lm)

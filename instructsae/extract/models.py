@@ -103,6 +103,25 @@ def quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
+def load_tokenizer(spec: str):
+    """Only the tokenizer of a --model value: from the converted cache when there is one, else straight from
+    the GGUF's metadata (a few seconds, no weights dequantised)."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    kind, folder, gguf_file = resolve_model(spec)
+    try:
+        if kind == "gguf":
+            cached = _gguf_cache_folder(folder, gguf_file)
+            if (cached / "config.json").exists():
+                return AutoTokenizer.from_pretrained(str(cached))
+            return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        return AutoTokenizer.from_pretrained(str(folder) if folder is not None else spec)
+    except Exception as error:  # transformers raises many types; the user needs one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot load the tokenizer of '{spec}': {reason}") from None
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

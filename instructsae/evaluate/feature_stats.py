@@ -1,0 +1,92 @@
+"""Per-feature statistics accumulated over a stream of SAE latents. Pure tensor code: tests need no model.
+
+A feature fires on a token when its latent is > 0 (SAE latents are never negative); its activation mass
+is the sum of its latents. The running top-N keeps, per feature, the N largest latents seen so far and
+the store rows they came from (-inf and row -1 while a feature has fired fewer than N times).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def merge_top_n(top_acts_FN: torch.Tensor, top_rows_FN: torch.Tensor, feature_K: torch.Tensor,
+                acts_K: torch.Tensor, rows_K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The N largest per feature of the kept N and K new (feature, activation, row) entries, with their rows.
+
+    Works on the sparse entries only (latents are mostly 0), sorting F x N + K values instead of F x B.
+    """
+    n_features, n_kept = top_acts_FN.shape
+    feature_M = torch.cat([torch.arange(n_features).unsqueeze(1).expand(n_features, n_kept).flatten(), feature_K])
+    acts_M = torch.cat([top_acts_FN.flatten(), acts_K])
+    rows_M = torch.cat([top_rows_FN.flatten(), rows_K])
+    # by feature, largest first within each (numpy's lexsort: torch's stable integer argsort measured ~10x slower)
+    order_M = torch.from_numpy(np.lexsort((-acts_M.numpy(), feature_M.numpy())))
+    # every feature has at least its N kept entries, so the first N of each group are exactly F x N
+    count_F = torch.bincount(feature_M, minlength=n_features)
+    rank_M = torch.arange(len(order_M)) - (count_F.cumsum(0) - count_F)[feature_M[order_M]]
+    keep = order_M[rank_M < n_kept]
+    return acts_M[keep].view(n_features, n_kept), rows_M[keep].view(n_features, n_kept)
+
+
+@dataclass
+class FeatureStats:
+    """Running sums (float64) and the running top-N of every feature."""
+
+    n_tokens: int
+    fire_count_F: torch.Tensor
+    act_sum_F: torch.Tensor
+    role_mass_RF: torch.Tensor
+    special_mass_F: torch.Tensor
+    top_acts_FN: torch.Tensor
+    top_rows_FN: torch.Tensor
+
+    @classmethod
+    def empty(cls, d_sae: int, n_roles: int, top_n: int) -> "FeatureStats":
+        return cls(
+            n_tokens=0,
+            fire_count_F=torch.zeros(d_sae, dtype=torch.int64),
+            act_sum_F=torch.zeros(d_sae, dtype=torch.float64),
+            role_mass_RF=torch.zeros(n_roles, d_sae, dtype=torch.float64),
+            special_mass_F=torch.zeros(d_sae, dtype=torch.float64),
+            top_acts_FN=torch.full((d_sae, top_n), -torch.inf),
+            top_rows_FN=torch.full((d_sae, top_n), -1, dtype=torch.int64),
+        )
+
+    def add(self, latents_BF: torch.Tensor, rows_B: torch.Tensor, roles_B: torch.Tensor,
+            special_B: torch.Tensor) -> None:
+        """Count one batch: latents of B tokens, their store rows, role codes and special-token mask."""
+        self.n_tokens += len(latents_BF)
+        token_K, feature_K = latents_BF.nonzero(as_tuple=True)  # the firing (token, feature) pairs
+        acts_K = latents_BF[token_K, feature_K]
+        acts64_K = acts_K.double()
+        self.fire_count_F += torch.bincount(feature_K, minlength=len(self.fire_count_F))
+        self.act_sum_F.index_add_(0, feature_K, acts64_K)
+        self.role_mass_RF.index_put_((roles_B[token_K].long(), feature_K), acts64_K, accumulate=True)
+        special_K = special_B[token_K]
+        self.special_mass_F.index_add_(0, feature_K[special_K], acts64_K[special_K])
+        self.top_acts_FN, self.top_rows_FN = merge_top_n(self.top_acts_FN, self.top_rows_FN, feature_K, acts_K,
+                                                         rows_B[token_K])
+
+    @property
+    def live_F(self) -> torch.Tensor:
+        return self.fire_count_F > 0
+
+    @property
+    def density_F(self) -> torch.Tensor:
+        return self.fire_count_F.double() / max(self.n_tokens, 1)
+
+    @property
+    def mean_activation_F(self) -> torch.Tensor:
+        """Mean latent over the tokens where the feature fires (0 for a dead feature)."""
+        return self.act_sum_F / self.fire_count_F.clamp(min=1)
+
+    @property
+    def role_share_RF(self) -> torch.Tensor:
+        """Share of each feature's activation mass per role: columns sum to 1 (0 for a dead feature)."""
+        return self.role_mass_RF / self.act_sum_F.clamp(min=torch.finfo(torch.float64).tiny)
+
+    @property
+    def special_share_F(self) -> torch.Tensor:
+        return self.special_mass_F / self.act_sum_F.clamp(min=torch.finfo(torch.float64).tiny)
