@@ -29,7 +29,7 @@ class BatchTopKSAE(TopKBase):
         if not self.training:
             return (pre_BF > self.threshold.clamp_min(0)).nonzero(as_tuple=True)
         n_active = min(self.k * len(pre_BF), pre_BF.numel())
-        flat_N = pre_BF.flatten().topk(n_active, sorted=False).indices.sort().values
+        flat_N = pre_BF.flatten().topk(n_active, sorted=False).indices.sort(stable=True).values
         rows, cols = flat_N // self.d_sae, flat_N % self.d_sae
         self.update_threshold(pre_BF[rows, cols])
         return rows, cols

@@ -14,8 +14,10 @@ from instructsae.train.sae.sparse_codes import decode_codes, gather_codes, scatt
 
 
 def row_topk_coordinates(scores_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) of the k largest entries of each row, row-major sorted."""
-    cols_BK = scores_BF.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+    """(rows, cols) of the k largest entries of each row, row-major sorted.
+
+    Sorts are stable ones: on CPU torch's default sort of int64 indices measured 10-100× slower here."""
+    cols_BK = scores_BF.topk(k, dim=1, sorted=False).indices.sort(dim=1, stable=True).values
     rows_BK = torch.arange(len(scores_BF), device=scores_BF.device)[:, None].expand_as(cols_BK)
     return rows_BK.flatten(), cols_BK.flatten()
 
