@@ -9,7 +9,6 @@ leaves unchanged, so it is exported as it is.
 """
 
 import torch
-from torch import nn
 
 from instructsae.train.sae.topk_base import TopKBase
 
@@ -26,10 +25,10 @@ class BatchTopKSAE(TopKBase):
         self.register_buffer("threshold", torch.full((d_sae,), -1.0))
 
     def select(self, pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """In training, the batch's top k·batch, and (like BatchNorm's running statistics) a threshold update."""
         if not self.training:
             return (pre_BF > self.threshold.clamp_min(0)).nonzero(as_tuple=True)
-        n_active = min(self.k * len(pre_BF), pre_BF.numel())
-        flat_N = pre_BF.flatten().topk(n_active, sorted=False).indices.sort(stable=True).values
+        flat_N = pre_BF.flatten().topk(self.k * len(pre_BF), sorted=False).indices.sort(stable=True).values
         rows, cols = flat_N // self.d_sae, flat_N % self.d_sae
         self.update_threshold(pre_BF[rows, cols])
         return rows, cols
