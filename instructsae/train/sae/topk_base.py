@@ -1,8 +1,8 @@
 """What TopK and BatchTopK share: a fixed number of active latents, unit-norm decoder rows, and AuxK.
 
-Sparsity is set by k, not by a penalty, so the only term besides the reconstruction is AuxK (Gao et al. 2024,
-section A.2): the top-aux_k latents among the dead ones reconstruct the main reconstruction's error, which
-hands dead latents a gradient towards directions the live ones miss. Its squared error is divided by the
+Sparsity is set by k, not by a penalty, so the only term besides the reconstruction is AuxK (Gao et al. 2024):
+the top-aux_k latents among the dead ones reconstruct the main reconstruction's error, which hands dead
+latents a gradient towards directions the live ones miss. Its squared error is divided by the
 error's variance over the batch (as dictionary_learning does) and it is zero when no latent is dead.
 Subclasses only say which latents are active (`select`).
 """
