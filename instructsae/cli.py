@@ -16,7 +16,7 @@ from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.features import FeaturesConfig
 from instructsae.schemas.steer import SteerConfig
 from instructsae.schemas.sweep import SweepConfig
-from instructsae.schemas.train import ARCHITECTURES, PRESETS, JumpReLUConfig, OptimConfig, TrainConfig
+from instructsae.schemas.train import ARCHITECTURES, PRESETS, JumpReLUConfig, OptimConfig, TopKConfig, TrainConfig
 
 
 def _describe(model, field: str) -> str:
@@ -51,15 +51,16 @@ def extract(config_file, **options):
 @click.option("--sparsity-coeff", type=float, help="sparsity coefficient (L1 for standard, L0 for jumprelu)")
 @click.option("--bandwidth", type=float, help=_describe(JumpReLUConfig, "bandwidth"))
 @click.option("--init-threshold", type=float, help=_describe(JumpReLUConfig, "init_threshold"))
+@click.option("--k", type=int, help=_describe(TopKConfig, "k") + " (topk, batchtopk)")
 @options_from(OptimConfig)
 @click.option("--resume", is_flag=True, help="continue a killed run from its checkpoint (same config and store)")
-def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, resume, **options):
+def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, k, resume, **options):
     """Train one SAE on a store, streaming shuffled chunks through a mixing buffer."""
     from instructsae.train.config import resolve_train_config
     from instructsae.train.run import run_training
 
     sae_flags = {"arch": arch, "expansion": expansion, "sparsity_coeff": sparsity_coeff,
-                 "bandwidth": bandwidth, "init_threshold": init_threshold}
+                 "bandwidth": bandwidth, "init_threshold": init_threshold, "k": k}
     optim_flags = {name: options.pop(name) for name in OptimConfig.model_fields}
     cfg = resolve_train_config(read_yaml(config_file), preset, options, sae_flags, optim_flags)
     summary = run_training(cfg, resume=resume)

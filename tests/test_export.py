@@ -8,11 +8,13 @@ from safetensors.torch import load_file, save_file
 
 from instructsae.errors import UserError
 from instructsae.schemas import JumpReLUConfig, StandardConfig
+from instructsae.schemas.train import BatchTopKConfig, TopKConfig
 from instructsae.train.export import load_sae, save_sae
 from instructsae.train.sae import SAE_CLASSES, build_sae
 
 D_IN = 12
-CONFIGS = {"standard": StandardConfig(expansion=2), "jumprelu": JumpReLUConfig(expansion=2, init_threshold=0.02)}
+CONFIGS = {"standard": StandardConfig(expansion=2), "jumprelu": JumpReLUConfig(expansion=2, init_threshold=0.02),
+           "topk": TopKConfig(expansion=2, k=5, aux_k=3), "batchtopk": BatchTopKConfig(expansion=2, k=5)}
 
 
 @pytest.fixture(params=sorted(SAE_CLASSES))
@@ -23,7 +25,9 @@ def sae(request):
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(std=0.1)
-    return sae
+        if sae.architecture == "batchtopk":
+            sae.threshold.fill_(0.3)  # as if estimated in training, so that the threshold matters
+    return sae.eval()
 
 
 def test_cfg_and_tensors_follow_the_saelens_layout(sae, tmp_path):
@@ -36,8 +40,10 @@ def test_cfg_and_tensors_follow_the_saelens_layout(sae, tmp_path):
     assert cfg["metadata"] == {"layer": 7, "store_fingerprint": "abc"}
     tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
     expected = {"W_enc": (D_IN, 2 * D_IN), "W_dec": (2 * D_IN, D_IN), "b_enc": (2 * D_IN,), "b_dec": (D_IN,)}
-    if sae.architecture == "jumprelu":
+    if sae.architecture in ("jumprelu", "batchtopk"):
         expected["threshold"] = (2 * D_IN,)
+    if sae.architecture in ("topk", "batchtopk"):
+        assert (cfg["k"], cfg["aux_k"], cfg["aux_coeff"]) == (5, sae.aux_k, 1 / 32)
     assert {name: tuple(t.shape) for name, t in tensors.items()} == expected
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert not list(tmp_path.glob("*.partial")), "temporary files were left behind"
@@ -54,9 +60,10 @@ def test_loaded_sae_acts_on_raw_activations(sae, tmp_path):
     assert (latents_BF > 0).any(), "the comparison must involve active latents"
     torch.testing.assert_close(loaded.encode(x_raw_BD), latents_BF, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loaded(x_raw_BD), recon_BD, rtol=1e-4, atol=1e-3)
-    if sae.architecture == "jumprelu":
+    if "threshold" in sae.extra_parameters:
         torch.testing.assert_close(loaded.threshold, sae.threshold.detach())
-        assert loaded.bandwidth == sae.bandwidth
+    for name in sae.exported_settings:
+        assert getattr(loaded, name) == getattr(sae, name), name
 
 
 def test_saving_again_replaces_the_folder_contents(sae, tmp_path):
@@ -85,7 +92,8 @@ GOOD_CFG = {"architecture": "standard", "d_in": 4, "d_sae": 8}
     ("empty", "not an SAE folder"),
     ("garbage_cfg", "unreadable"),
     ("cfg_not_a_dict", "unknown architecture"),
-    ("unknown_arch", "unknown architecture 'topk'"),
+    ("unknown_arch", "unknown architecture 'gated'"),
+    ("topk_without_k", "does not describe a topk SAE"),
     ("no_W_enc", "W_enc"),
     ("missing_threshold", "do not fit"),
     ("wrong_d_sae", "cfg.json says"),
@@ -99,6 +107,8 @@ def test_bad_folders_raise_one_clear_line(tmp_path, case, expected):
     elif case == "cfg_not_a_dict":
         write_folder(folder, "[1, 2]", GOOD_TENSORS)
     elif case == "unknown_arch":
+        write_folder(folder, {**GOOD_CFG, "architecture": "gated"}, GOOD_TENSORS)
+    elif case == "topk_without_k":
         write_folder(folder, {**GOOD_CFG, "architecture": "topk"}, GOOD_TENSORS)
     elif case == "no_W_enc":
         write_folder(folder, GOOD_CFG, {k: v for k, v in GOOD_TENSORS.items() if k != "W_enc"})

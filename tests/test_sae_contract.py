@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from instructsae.schemas import JumpReLUConfig, StandardConfig
-from instructsae.schemas.train import SAEConfig
+from instructsae.schemas.train import BatchTopKConfig, SAEConfig, TopKConfig
 from instructsae.train.export import load_sae, save_sae
 from instructsae.train.sae import SAE_CLASSES, build_sae
 from instructsae.train.sae.jumprelu import JumpReLUSAE
 
 D_IN = 16
-CONFIGS = {"standard": StandardConfig(expansion=4), "jumprelu": JumpReLUConfig(expansion=4, init_threshold=0.05)}
+CONFIGS = {"standard": StandardConfig(expansion=4), "jumprelu": JumpReLUConfig(expansion=4, init_threshold=0.05),
+           "topk": TopKConfig(expansion=4, k=6), "batchtopk": BatchTopKConfig(expansion=4, k=6)}
 
 
 def test_every_config_tag_has_a_class():
@@ -46,13 +47,16 @@ def test_export_folds_the_input_scale(sae):
         sae.b_enc.normal_(std=0.1)
     scale = 0.01
     x_raw_BD = torch.randn(8, D_IN) * 100
-    exported = type(sae)(D_IN, sae.d_sae)
+    sae.training_loss(torch.randn(8, D_IN), 0.1)  # BatchTopK estimates its inference threshold here
+    sae.eval()
+    exported = type(sae)(D_IN, sae.d_sae, **{name: getattr(sae, name) for name in sae.exported_settings}).eval()
     exported.load_state_dict(sae.export_tensors(scale))
     torch.testing.assert_close(exported.encode(x_raw_BD), sae.encode(x_raw_BD * scale), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(exported(x_raw_BD), sae(x_raw_BD * scale) / scale, rtol=1e-4, atol=1e-3)
 
 
 def test_saved_folder_round_trips(sae, tmp_path):
+    sae.eval()  # a loaded SAE is in eval mode (BatchTopK then keeps latents above its threshold)
     save_sae(tmp_path / "sae", sae, input_scale=1.0, metadata={"layer": 3})
     loaded, cfg = load_sae(tmp_path / "sae")
     assert cfg["architecture"] == sae.architecture and cfg["d_in"] == D_IN and cfg["metadata"]["layer"] == 3

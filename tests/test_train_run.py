@@ -12,13 +12,15 @@ from helpers import assert_one_line_error, run_cli
 from instructsae.errors import UserError
 from instructsae.evaluate.metrics import reconstruction_metrics
 from instructsae.schemas import JumpReLUConfig, LayerStats, OptimConfig, StandardConfig, TrainConfig
+from instructsae.schemas.train import BatchTopKConfig, TopKConfig
 from instructsae.train.export import load_sae
 from instructsae.train.run import run_training, split_chunks
 from instructsae.train.sae import SAE_CLASSES, build_sae
 
 D_MODEL, CHUNK = 8, 64
 RUN_FILES = {"cfg.json", "sae_weights.safetensors", "metrics.jsonl", "summary.json", "training_curves.png"}
-CONFIGS = {"standard": StandardConfig(expansion=2, sparsity_coeff=0.05), "jumprelu": JumpReLUConfig(expansion=2)}
+CONFIGS = {"standard": StandardConfig(expansion=2, sparsity_coeff=0.05), "jumprelu": JumpReLUConfig(expansion=2),
+           "topk": TopKConfig(expansion=2, k=4), "batchtopk": BatchTopKConfig(expansion=2, k=4)}
 
 
 class FakeReader:

@@ -26,9 +26,27 @@ class JumpReLUConfig(FrozenModel):
     init_threshold: float = Field(1e-3, gt=0, description="initial threshold of every feature")
 
 
-SAE_CONFIGS = (StandardConfig, JumpReLUConfig)
+class TopKConfig(FrozenModel):
+    """TopK SAE: the k largest latents of each token stay, with the AuxK loss for dead latents (Gao et al. 2024)."""
+
+    arch: Literal["topk"] = "topk"
+    expansion: int = Field(16, gt=0, description="d_sae = expansion * d_model")
+    k: int = Field(32, gt=0, description="active latents per token (the sparsity setting; at most d_sae)")
+    aux_k: int | None = Field(None, gt=0, description="dead latents AuxK reconstructs with (None: d_model // 2)")
+    aux_coeff: float = Field(1 / 32, ge=0, description="coefficient of the AuxK loss")
+
+
+class BatchTopKConfig(TopKConfig):
+    """BatchTopK SAE: the k·batch largest latents of a batch stay; a global threshold serves inference."""
+
+    arch: Literal["batchtopk"] = "batchtopk"
+    k: int = Field(32, gt=0, description="active latents per token on average over a batch (at most d_sae)")
+
+
+SAE_CONFIGS = (StandardConfig, JumpReLUConfig, TopKConfig, BatchTopKConfig)
 SAEConfig = Annotated[Union[SAE_CONFIGS], Field(discriminator="arch")]
 ARCHITECTURES = tuple(config.model_fields["arch"].default for config in SAE_CONFIGS)
+
 
 
 class OptimConfig(FrozenModel):

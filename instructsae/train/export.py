@@ -28,8 +28,7 @@ def sae_cfg(sae: SparseAutoencoder, metadata: dict) -> dict:
         "hook_layer": layer,
         "metadata": metadata,
     }
-    if hasattr(sae, "bandwidth"):
-        cfg["bandwidth"] = sae.bandwidth
+    cfg.update({name: getattr(sae, name) for name in sae.exported_settings})  # e.g. SAELens's `k` for topk
     return cfg
 
 
@@ -58,9 +57,13 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
                         f"(known: {', '.join(SAE_CLASSES)})")
     if tensors.get("W_enc") is None or tensors["W_enc"].dim() != 2:
         raise UserError(f"SAE folder {folder} has no 2-D W_enc in {WEIGHTS_FILE}")
-    sae = SAE_CLASSES[architecture](*tensors["W_enc"].shape)
-    if "bandwidth" in cfg and hasattr(sae, "bandwidth"):
-        sae.bandwidth = cfg["bandwidth"]
+    sae_class = SAE_CLASSES[architecture]
+    # settings with a default may be absent (SAELens's own jumprelu folders carry no bandwidth); TopK's k may not
+    settings = {name: cfg[name] for name in sae_class.exported_settings if name in cfg}
+    try:
+        sae = sae_class(*tensors["W_enc"].shape, **settings)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"SAE folder {folder}: cfg.json does not describe a {architecture} SAE ({error})") from None
     try:
         sae.load_state_dict(tensors)
     except RuntimeError as error:

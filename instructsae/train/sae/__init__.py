@@ -3,10 +3,14 @@
 from instructsae.errors import UserError
 from instructsae.schemas.train import SAEConfig
 from instructsae.train.sae.base import LossOutput, SparseAutoencoder
+from instructsae.train.sae.batchtopk import BatchTopKSAE
 from instructsae.train.sae.jumprelu import JumpReLUSAE
 from instructsae.train.sae.standard import StandardSAE
+from instructsae.train.sae.topk import TopKSAE
 
-SAE_CLASSES: dict[str, type[SparseAutoencoder]] = {cls.architecture: cls for cls in (StandardSAE, JumpReLUSAE)}
+SAE_CLASSES: dict[str, type[SparseAutoencoder]] = {
+    cls.architecture: cls for cls in (StandardSAE, JumpReLUSAE, TopKSAE, BatchTopKSAE)}
+TRAINER_FIELDS = {"arch", "expansion", "sparsity_coeff"}  # read by build_sae and the trainer, not the module
 
 
 def check_sae_config(cfg: SAEConfig, d_in: int) -> None:
@@ -18,7 +22,8 @@ def check_sae_config(cfg: SAEConfig, d_in: int) -> None:
 
 def build_sae(cfg: SAEConfig, d_in: int) -> SparseAutoencoder:
     """The SAE a config describes; architecture-specific fields become constructor arguments."""
-    extra = cfg.model_dump(exclude={"arch", "expansion", "sparsity_coeff"})
+    check_sae_config(cfg, d_in)
+    extra = cfg.model_dump(exclude=TRAINER_FIELDS)
     return SAE_CLASSES[cfg.arch](d_in, cfg.expansion * d_in, **extra)
 
 

@@ -25,6 +25,7 @@ class SparseAutoencoder(nn.Module):
     architecture: ClassVar[str]
     unit_norm_decoder: ClassVar[bool] = False
     extra_parameters: ClassVar[tuple[str, ...]] = ()  # exported beside the four shared tensors
+    exported_settings: ClassVar[tuple[str, ...]] = ()  # constructor arguments cfg.json carries to rebuild it
 
     def __init__(self, d_in: int, d_sae: int):
         super().__init__()
