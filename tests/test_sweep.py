@@ -19,7 +19,9 @@ from instructsae.train.sweep import expand_sweep, run_sweep
 BASE = {"batch_size": 32, "buffer_tokens": 128, "holdout_fraction": 0.2, "geometric_median_tokens": 0,
         "log_every": 2, "optim": {"lr": 3e-3, "lr_warmup_steps": 2, "beta1": 0.9, "sparsity_warmup_steps": 4}}
 GRID = {"sae": [{"arch": "jumprelu", "expansion": 2, "sparsity_coeff": [1e-3, 3e-3]},
-                {"arch": "standard", "expansion": 2, "sparsity_coeff": [0.05, 0.1]}], "layer": [3]}
+                {"arch": "standard", "expansion": 2, "sparsity_coeff": [0.05, 0.1]},
+                {"arch": "topk", "expansion": 2, "k": 4}, {"arch": "batchtopk", "expansion": 2, "k": 4}],
+        "layer": [3]}
 
 
 def sweep_cfg(out, grid=GRID, **base) -> SweepConfig:
@@ -30,17 +32,17 @@ def weights(folder) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "sae_weights.safetensors"))
 
 
-def test_a_sweep_of_four_reads_each_training_token_once(tmp_path, monkeypatch):
+def test_a_sweep_of_six_reads_each_training_token_once(tmp_path, monkeypatch):
     reader = FakeReader()
     use_reader(monkeypatch, reader)
     rows = run_sweep(sweep_cfg(tmp_path / "sweep"))
 
-    assert len(rows) == 4 and {row["arch"] for row in rows} == {"jumprelu", "standard"}
-    # chunks 0-3 train (read once, by the stream), chunk 4 is held out (read once, for all four summaries)
+    assert len(rows) == 6 and {row["arch"] for row in rows} == {"jumprelu", "standard", "topk", "batchtopk"}
+    # chunks 0-3 train (read once, by the stream), chunk 4 is held out (read once, for all six summaries)
     assert sorted(reader.reads) == [(3, chunk) for chunk in range(5)]
     with open(tmp_path / "sweep" / "results.csv") as file:
         table = list(csv.DictReader(file))
-    assert len(table) == 4 and all(0 < float(row["nmse"]) < 2 for row in table)
+    assert len(table) == 6 and all(0 < float(row["nmse"]) < 2 for row in table)
     assert (tmp_path / "sweep" / "frontier.png").stat().st_size > 0
     assert (tmp_path / "sweep" / "results.md").read_text().count("| jumprelu |") == 2
     assert not (tmp_path / "sweep" / "checkpoint.pt").exists()
@@ -67,10 +69,10 @@ def test_a_rerun_trains_only_new_grid_points(tmp_path, monkeypatch):
     reader.reads.clear()
     bigger = {**GRID, "sae": [*GRID["sae"], {"arch": "standard", "expansion": 2, "sparsity_coeff": 0.2}]}
     rows = run_sweep(sweep_cfg(tmp_path / "sweep", grid=bigger))
-    assert len(rows) == 5
+    assert len(rows) == 7
     again = {path.parent.name: path.stat().st_mtime_ns for path in (tmp_path / "sweep").glob("*/summary.json")}
     assert {name: again[name] for name in finished} == finished  # untouched
-    assert len(again) == 5
+    assert len(again) == 7
     assert sorted(reader.reads) == [(3, chunk) for chunk in range(5)]  # the one new SAE's training and summary
 
 
@@ -93,6 +95,7 @@ def write_sweep_yaml(path, grid, **base) -> str:
     ({"arch": "standard", "sparsity_coeff": [0.1, -1.0]}, 3, ["grid point 2", "sparsity_coeff"]),
     ({"arch": "standard"}, 7, ["layer 7", "1, 3"]),
     ({"arch": "standard", "expansion": 0}, 3, ["expansion"]),
+    ({"arch": "topk", "expansion": 2, "k": [4, 17]}, 3, ["k 17 exceeds d_sae 16"]),
 ])
 def test_bad_grids_are_refused_before_training(grid_sae, layer, expected, tmp_path, monkeypatch, capsys):
     use_reader(monkeypatch, FakeReader())
