@@ -104,7 +104,8 @@ def evaluate_sae_on_store(sae_dir: str, store: str, max_tokens: int | None = Non
     return result
 
 
-def _number(value: float | None, spec: str) -> str:
+def format_optional(value: float | None, spec: str) -> str:
+    """A table cell: "–" where a figure does not exist (no LM view, no template token)."""
     return "–" if value is None else format(value, spec)
 
 
@@ -112,7 +113,7 @@ def _lm_cells(lm: dict | None) -> str:
     if lm is None:
         return "– | – | – | – | –"
     return (f"{lm['ce_clean']:.4f} | {lm['ce_spliced']:.4f} | {lm['ce_ablated']:.4f} | "
-            f"{_number(lm['ce_loss_recovered'], '.4f')} | {lm['kl_spliced']:.4f}")
+            f"{format_optional(lm['ce_loss_recovered'], '.4f')} | {lm['kl_spliced']:.4f}")
 
 
 def format_table(results: list[dict]) -> str:
@@ -124,7 +125,8 @@ def format_table(results: list[dict]) -> str:
         eq7 = r["eq7"]
         lines.append(f"| {Path(r['sae']).name} | {r['architecture']} | {r['d_sae']} | {r['l0']:.1f} | "
                      f"{r['nmse']:.4f} | {r['explained_variance']:.4f} | {r['dead_fraction']:.3f} | "
-                     f"{r['mse']:.4g} | {_number(eq7['log2_mse'], '.4f')} | {_number(eq7['log2_mse_st'], '.4f')} | "
+                     f"{r['mse']:.4g} | {format_optional(eq7['log2_mse'], '.4f')} | "
+                     f"{format_optional(eq7['log2_mse_st'], '.4f')} | "
                      f"{_lm_cells(r.get('lm'))} | {r['n_tokens']:,} |")
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from instructsae.charts import plot_frontier
-from instructsae.evaluate.run import evaluate_sae_on_store
+from instructsae.evaluate.run import evaluate_sae_on_store, format_optional
 from instructsae.extract.run import run_extract
 from instructsae.fileio import write_text_atomically
 from instructsae.schemas import ExtractConfig
@@ -74,10 +74,6 @@ def _sparsity(result: dict) -> str:
     return f"k={cfg['k']}" if "k" in cfg else f"{cfg['sparsity_coeff']:g}"
 
 
-def _cell(value, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
 def results_table(results: list[dict]) -> str:
     lines = ["| method | arch | sparsity coeff | L0 | NMSE | explained var | dead frac | log2 MSE (Eq.7) | "
              "log2 MSE_st | CE recovered | KL |",
@@ -86,8 +82,10 @@ def results_table(results: list[dict]) -> str:
         lm = r.get("lm") or {}
         lines.append(f"| {LABELS[r['method']]} | {r['architecture']} | {_sparsity(r)} | {r['l0']:.1f} | "
                      f"{r['nmse']:.4f} | {r['explained_variance']:.4f} | {r['dead_fraction']:.3f} | "
-                     f"{_cell(r['eq7']['log2_mse'], '.4f')} | {_cell(r['eq7']['log2_mse_st'], '.4f')} | "
-                     f"{_cell(lm.get('ce_loss_recovered'), '.4f')} | {_cell(lm.get('kl_spliced'), '.4f')} |")
+                     f"{format_optional(r['eq7']['log2_mse'], '.4f')} | "
+                     f"{format_optional(r['eq7']['log2_mse_st'], '.4f')} | "
+                     f"{format_optional(lm.get('ce_loss_recovered'), '.4f')} | "
+                     f"{format_optional(lm.get('kl_spliced'), '.4f')} |")
     return "\n".join(lines)
 
 
@@ -109,8 +107,8 @@ def role_table(results: list[dict]) -> str:
                 recovered = [((r.get("lm") or {}).get("per_role") or {}).get(role, {}).get("ce_loss_recovered")
                              for r in group]
                 recovered = [value for value in recovered if value is not None]
-                cells.append(f"{_cell(nmse, '.4f')} ({_cell(l0, '.1f')}) | "
-                             f"{_cell(sum(recovered) / len(recovered) if recovered else None, '.3f')}")
+                cells.append(f"{format_optional(nmse, '.4f')} ({format_optional(l0, '.1f')}) | "
+                             f"{format_optional(sum(recovered) / len(recovered) if recovered else None, '.3f')}")
             lines.append(f"| {LABELS[method]} | {arch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -125,8 +123,8 @@ def write_report(root: Path, cfg: CompareConfig, results: list[dict]) -> str:
 
 Command: `{command}`
 
-Model `{cfg.model}`, layer {cfg.layer}. Three training stores of {cfg.tokens:,} tokens each: BT(P) = `{cfg.pretraining_text}`
-joined and cut into {cfg.block_len}-token blocks, BT(F) = `{cfg.dialogues}` dialogues chat-templated, joined and cut the
+Model `{cfg.model}`, layer {cfg.layer}. Three training stores of {cfg.tokens:,} tokens each:
+BT(P) = `{cfg.pretraining_text}` joined and cut into {cfg.block_len}-token blocks, BT(F) = `{cfg.dialogues}` dialogues chat-templated, joined and cut the
 same way, FAST = the same dialogues each run alone. Every SAE trained for {cfg.train_tokens:,} tokens with the same
 settings, and evaluated on {cfg.heldout_tokens:,} tokens of held-out FAST dialogues none of the stores contain
 (the spliced LM loss on the first {cfg.lm_tokens:,} of them). NMSE and L0 are on the held-out store; log2 MSE is the

@@ -21,7 +21,8 @@ DEFAULT_TRAIN: dict[str, Any] = {
 class CompareConfig(FrozenModel):
     out: str = Field("runs/compare", description="folder for the stores, the SAEs, report.md and the charts")
     model: str = Field("smollm2", description="instruct LM (as for extract)")
-    dialogues: str = Field("sharegpt", description="SFT dialogues: BT(F) and FAST train on them, all are tested on them")
+    dialogues: str = Field("sharegpt",
+                           description="SFT dialogues: BT(F) and FAST train on them, all SAEs are tested on them")
     pretraining_text: str = Field("shakespeare", description="plain text for BT(P)")
     layer: int = Field(15, ge=0, description="decoder layer whose output the SAEs read")
     tokens: int = Field(60_000, gt=0, description="tokens in each of the three training stores (the same budget)")

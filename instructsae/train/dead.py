@@ -44,12 +44,13 @@ class DeadFeatureTracker:
         # a feature firing on every token (log 0) joins the top bin
         bins = torch.bucketize(log_F, edges, right=True).clamp_max(len(edges) - 1)
         counts = bins.bincount(minlength=len(edges)).tolist()
-        labels = [f"<1e{HISTOGRAM_EDGES[0]}"] + [f"1e{lo}..1e{hi}" for lo, hi in zip(HISTOGRAM_EDGES, HISTOGRAM_EDGES[1:])]
+        labels = [f"<1e{HISTOGRAM_EDGES[0]}"]
+        labels += [f"1e{lo}..1e{hi}" for lo, hi in zip(HISTOGRAM_EDGES, HISTOGRAM_EDGES[1:])]
         return {"never": int((frequency_F == 0).sum()), **dict(zip(labels, counts))}
 
     def state_dict(self) -> dict:
-        return {"steps_since_fired_F": self.steps_since_fired_F.clone(), "firing_counts_F": self.firing_counts_F.clone(),
-                "steps": self.steps, "tokens": self.tokens}
+        return {"steps_since_fired_F": self.steps_since_fired_F.clone(),
+                "firing_counts_F": self.firing_counts_F.clone(), "steps": self.steps, "tokens": self.tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_since_fired_F = state["steps_since_fired_F"].clone()

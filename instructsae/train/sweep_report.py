@@ -25,7 +25,8 @@ def collect_rows(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
         sae = train["sae"]
         rows.append({
             "name": folder.name, "arch": sae["arch"], "layer": summary["layer"], "expansion": sae["expansion"],
-            "d_sae": summary["d_sae"], "sparsity": f"k={sae['k']}" if "k" in sae else f"coeff={sae['sparsity_coeff']:g}",
+            "d_sae": summary["d_sae"],
+            "sparsity": f"k={sae['k']}" if "k" in sae else f"coeff={sae['sparsity_coeff']:g}",
             "lr": train["optim"]["lr"], "nmse": summary["nmse"], "explained_variance": summary["explained_variance"],
             "l0": summary["l0"], "dead_fraction": summary["dead_fraction_heldout"], "tokens": summary["tokens_seen"],
         })
