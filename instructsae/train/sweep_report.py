@@ -51,7 +51,8 @@ def write_sweep_report(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
     writer.writerows(rows)
     write_text_atomically(sweep_dir / "results.csv", text.getvalue())
     table = markdown_table(rows)
-    write_text_atomically(sweep_dir / "results.md", f"Sweep {sweep_dir.name}: held-out chunks of the store\n\n{table}\n")
+    heading = f"Sweep {sweep_dir.name}: held-out chunks of the store"
+    write_text_atomically(sweep_dir / "results.md", f"{heading}\n\n{table}\n")
     if rows:
         layers = sorted({r["layer"] for r in rows})
         for r in rows:
