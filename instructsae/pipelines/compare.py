@@ -127,9 +127,10 @@ Model `{cfg.model}`, layer {cfg.layer}. Three training stores of {cfg.tokens:,} 
 BT(P) = `{cfg.pretraining_text}` joined and cut into {cfg.block_len}-token blocks, BT(F) = `{cfg.dialogues}`
 dialogues chat-templated, joined and cut the same way, FAST = the same dialogues each run alone. Every SAE
 trained for {cfg.train_tokens:,} tokens with the same settings, and evaluated on {cfg.heldout_tokens:,} tokens
-of held-out FAST dialogues none of the stores contain (the spliced LM loss on the first {cfg.lm_tokens:,} of them). NMSE and L0 are on the held-out store; log2 MSE is the
-seed's Eq. 7 (per sequence, then over sequences, per element) and MSE_st the same on template/special tokens; CE
-recovered = (CE zero-ablated − CE with the SAE) / (CE zero-ablated − CE clean).
+of held-out FAST dialogues none of the stores contain (the spliced LM loss on the first {cfg.lm_tokens:,} of
+them). NMSE and L0 are on the held-out store; log2 MSE is the seed's Eq. 7 (per sequence, then over
+sequences, per element) and MSE_st the same on template/special tokens; CE recovered = (CE zero-ablated − CE
+with the SAE) / (CE zero-ablated − CE clean).
 
 ## All SAEs
 
