@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(PY) bench/extract_vs_forward.py
 	$(PY) bench/sae_step.py --store $(STORE)
 	$(PY) bench/train_stream.py --store $(STORE)
+	$(PY) bench/sweep_vs_sequential.py --store $(STORE)
 	$(PY) bench/extract_batching.py
 
 clean:
