@@ -80,20 +80,22 @@ def sweep(config_file, resume, **options):
 
 
 @cli.command()
-@click.option("--sae", "sae_dir", required=True, type=click.Path(), help="SAE folder (SAELens layout)")
+@click.option("--sae", "sae_dirs", required=True, multiple=True, type=click.Path(),
+              help="SAE folder (SAELens layout); repeat it to evaluate several, sharing the LM's clean runs")
 @click.option("--store", required=True, type=click.Path(), help="store to evaluate on (not trained on)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")
 @options_from(LMViewConfig)
-def evaluate(sae_dir, store, as_json, max_tokens, **lm_options):
+def evaluate(sae_dirs, store, as_json, max_tokens, **lm_options):
     """Reconstruction (MSE, NMSE, explained variance, the seed's Eq. 7), L0 and dead fraction of an SAE on a
     store, per token role too, and the LM's loss with the SAE spliced in (CE loss recovered, KL)."""
-    from instructsae.evaluate.run import evaluate_sae_on_store, format_role_table, format_table
+    from instructsae.evaluate.run import evaluate_saes_on_store, format_role_table, format_table
 
-    result = evaluate_sae_on_store(sae_dir, store, max_tokens, build(LMViewConfig, lm_options))
-    tables = f"{format_table([result])}\n\nper role (LM columns: the role of the token predicted)\n" \
-             f"{format_role_table([result])}"
-    click.echo(json.dumps(result, indent=2) if as_json else tables)
+    results = evaluate_saes_on_store(list(sae_dirs), store, max_tokens, build(LMViewConfig, lm_options))
+    tables = f"{format_table(results)}\n\nper role (LM columns: the role of the token predicted)\n" \
+             f"{format_role_table(results)}"
+    # one SAE: its result object; several: a list of them
+    click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2) if as_json else tables)
 
 
 @cli.command()

@@ -93,3 +93,20 @@ def test_a_bad_model_gives_one_line(tiny_run, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "evaluate", "--sae", str(sae), "--store", str(store),
                            "--model", str(tmp_path / "no-such-model"))
     assert_one_line_error(code, err, "no-such-model")
+
+
+def test_several_saes_in_one_evaluate(tiny_run, tmp_path, monkeypatch, capsys):
+    store, sae, _ = tiny_run
+    other = tmp_path / "other"
+    run_training(TrainConfig(store=str(store), out=str(other), sae=StandardConfig(expansion=2, sparsity_coeff=1.0),
+                             batch_size=32, tokens=1000, buffer_tokens=128, optim=OptimConfig(lr=3e-3)))
+    code, out, err = run_cli(monkeypatch, capsys, "evaluate", "--sae", str(sae), "--sae", str(other), "--store",
+                             str(store), "--lm-tokens", "100", "--json")
+    assert code == 0, err
+    together = json.loads(out)
+    assert [r["sae"] for r in together] == [str(sae), str(other)]
+    assert together[0]["lm"]["ce_clean"] == together[1]["lm"]["ce_clean"]  # one clean run, shared
+    assert together[0]["lm"]["ce_spliced"] != together[1]["lm"]["ce_spliced"]
+    code, out, _ = run_cli(monkeypatch, capsys, "evaluate", "--sae", str(other), "--store", str(store),
+                           "--lm-tokens", "100", "--json")
+    assert json.loads(out) == together[1]  # the same figures as evaluated alone

@@ -9,6 +9,8 @@ from instructsae.evaluate.splice import QUANTITIES, final_hidden, lm_view, zero_
 from instructsae.extract.data import Message
 from instructsae.extract.instances import tokenize_dialogue
 from instructsae.extract.models import load_model
+from instructsae.schemas import StandardConfig
+from instructsae.train.sae import build_sae
 from instructsae.train.sae.standard import StandardSAE
 
 LAYER = 0
@@ -48,7 +50,11 @@ def sequences(tokenizer, first_stored: int) -> list[StoredSequence]:
 
 
 def run(lm, sae, first_stored: int = 1, batch_tokens: int = 256) -> dict:
-    return lm_view(lm.model, LAYER, sae, sequences(lm.tokenizer, first_stored), first_stored, batch_tokens,
+    return run_many(lm, [sae], first_stored, batch_tokens)[0]
+
+
+def run_many(lm, saes, first_stored: int = 1, batch_tokens: int = 256) -> list[dict]:
+    return lm_view(lm.model, LAYER, saes, sequences(lm.tokenizer, first_stored), first_stored, batch_tokens,
                    pad_id=lm.tokenizer.pad_token_id)
 
 
@@ -84,7 +90,7 @@ def test_per_role_figures_add_up_to_the_overall_ones(lm):
 def test_clean_loss_is_the_models_own_loss(lm):
     """With every position stored, the counted predictions are exactly those HF's labels loss averages."""
     sequence = sequences(lm.tokenizer, 0)[:1]
-    result = lm_view(lm.model, LAYER, identity_sae(lm.d_model), sequence, 0, 1024, lm.tokenizer.pad_token_id)
+    (result,) = lm_view(lm.model, LAYER, [identity_sae(lm.d_model)], sequence, 0, 1024, lm.tokenizer.pad_token_id)
     input_ids_1S = torch.from_numpy(sequence[0].token_ids.astype(np.int64))[None]
     with torch.no_grad():
         reference = lm.model(input_ids=input_ids_1S, labels=input_ids_1S).loss
@@ -97,3 +103,14 @@ def test_positions_the_sae_never_saw_stay_clean(lm):
     ablated_BSD = final_hidden(lm.model, LAYER, input_ids_BS, 1, zero_replacement)
     assert torch.equal(ablated_BSD[:, 0], clean_BSD[:, 0])  # the dropped first token is not replaced
     assert not torch.allclose(ablated_BSD[:, 1:], clean_BSD[:, 1:])
+
+
+def test_several_saes_share_one_view_and_get_their_own_results(lm):
+    """The clean and ablated runs are shared; each SAE's figures equal those of its own view."""
+    torch.manual_seed(1)
+    trained_like = build_sae(StandardConfig(expansion=2), lm.d_model).eval()
+    saes = [identity_sae(lm.d_model), zero_sae(lm.d_model), trained_like]
+    together = run_many(lm, saes)
+    for sae, shared in zip(saes, together):
+        assert shared == run(lm, sae)
+    assert together[0]["ce_loss_recovered"] == 1.0 and together[1]["ce_loss_recovered"] == 0.0

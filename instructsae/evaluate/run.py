@@ -4,7 +4,6 @@ One streaming pass over the store gives the reconstruction metrics, the seed's E
 per-role figures; the LM view (evaluate/splice.py) then runs the model on the store's first sequences.
 """
 
-import functools
 import json
 from pathlib import Path
 
@@ -48,25 +47,20 @@ def store_metrics(sae: SparseAutoencoder, reader: StoreReader, layer: int, max_t
     return {**totals.result(), "eq7": breakdown.eq7(), "per_role": breakdown.per_role()}
 
 
-@functools.lru_cache(maxsize=1)
-def _load_model_once(spec: str, dtype: str, device: str):
-    """Evaluating many SAEs of one model (a comparison, a sweep) loads it once."""
-    return load_model(spec, dtype, device)
-
-
-def lm_metrics(sae: SparseAutoencoder, reader: StoreReader, layer: int, cfg: LMViewConfig) -> dict:
-    """The LM view on the store's first cfg.lm_tokens stored tokens, with the model that made the store."""
+def lm_metrics(saes: list[SparseAutoencoder], reader: StoreReader, layer: int, cfg: LMViewConfig) -> list[dict]:
+    """The LM view of SAEs of one layer on the store's first cfg.lm_tokens stored tokens, with the model that
+    made the store, loaded once; the clean and ablated runs are shared by all of them."""
     identity = reader.manifest.identity
-    lm = _load_model_once(cfg.model or identity.model, identity.model_dtype, cfg.device)
-    if lm.d_model != sae.d_in or layer >= lm.n_layers:
+    lm = load_model(cfg.model or identity.model, identity.model_dtype, cfg.device)
+    if lm.d_model != saes[0].d_in or layer >= lm.n_layers:
         raise UserError(f"model '{lm.name}' (d_model {lm.d_model}, {lm.n_layers} layers) cannot take an SAE of "
-                        f"d_in {sae.d_in} at layer {layer}")
+                        f"d_in {saes[0].d_in} at layer {layer}")
     sequences = stored_sequences(reader, lm, cfg.lm_tokens, cfg.dataset)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     # the same runtime knob as extract's, with the same default per device
-    result = lm_view(lm.model, layer, sae.to(cfg.device), sequences, first_stored_position(reader),
-                     batch_budget(cfg), pad_id, cfg.device)
-    return {"model": lm.name, "n_sequences": len(sequences), **result}
+    results = lm_view(lm.model, layer, [sae.to(cfg.device) for sae in saes], sequences,
+                      first_stored_position(reader), batch_budget(cfg), pad_id, cfg.device)
+    return [{"model": lm.name, "n_sequences": len(sequences), **result} for result in results]
 
 
 def sae_layer(cfg: dict, sae_dir: str) -> int:
@@ -88,20 +82,33 @@ def open_sae_and_store(sae_dir: str, store: str) -> tuple[SparseAutoencoder, dic
     return sae, cfg, reader, layer
 
 
+def evaluate_saes_on_store(sae_dirs: list[str], store: str, max_tokens: int | None = None,
+                           lm: LMViewConfig | None = None) -> list[dict]:
+    """The metrics of each SAE on a store, also written to SAE/eval/<store fingerprint>.json. Without `lm`
+    (or with lm_tokens 0) the LM view is skipped and the results have no 'lm' section; with it, SAEs of one
+    layer share one LM view (the model runs clean and ablated once for all of them)."""
+    opened = [open_sae_and_store(sae_dir, store) for sae_dir in sae_dirs]  # every SAE checked before any work
+    results = []
+    for sae_dir, (sae, cfg, reader, layer) in zip(sae_dirs, opened):
+        results.append({"sae": str(sae_dir), "architecture": cfg["architecture"], "d_sae": cfg["d_sae"],
+                        "store": str(store), "store_fingerprint": reader.manifest.fingerprint, "layer": layer,
+                        **store_metrics(sae, reader, layer, max_tokens)})
+    if lm is not None and lm.lm_tokens > 0:
+        for layer in sorted({result["layer"] for result in results}):
+            members = [i for i, result in enumerate(results) if result["layer"] == layer]
+            views = lm_metrics([opened[i][0] for i in members], opened[members[0]][2], layer, lm)
+            for i, view in zip(members, views):
+                results[i]["lm"] = view
+    for sae_dir, result in zip(sae_dirs, results):
+        out = Path(sae_dir) / "eval" / f"{result['store_fingerprint']}.json"
+        out.parent.mkdir(exist_ok=True)
+        write_text_atomically(out, json.dumps(result, indent=2))
+    return results
+
+
 def evaluate_sae_on_store(sae_dir: str, store: str, max_tokens: int | None = None,
                           lm: LMViewConfig | None = None) -> dict:
-    """The metrics of an SAE on a store, also written to SAE/eval/<store fingerprint>.json. Without `lm`
-    (or with lm_tokens 0) the LM view is skipped and the result has no 'lm' section."""
-    sae, cfg, reader, layer = open_sae_and_store(sae_dir, store)
-    metrics = store_metrics(sae, reader, layer, max_tokens)
-    if lm is not None and lm.lm_tokens > 0:
-        metrics["lm"] = lm_metrics(sae, reader, layer, lm)
-    result = {"sae": str(sae_dir), "architecture": cfg["architecture"], "d_sae": cfg["d_sae"],
-              "store": str(store), "store_fingerprint": reader.manifest.fingerprint, "layer": layer, **metrics}
-    out = Path(sae_dir) / "eval" / f"{reader.manifest.fingerprint}.json"
-    out.parent.mkdir(exist_ok=True)
-    write_text_atomically(out, json.dumps(result, indent=2))
-    return result
+    return evaluate_saes_on_store([sae_dir], store, max_tokens, lm)[0]
 
 
 def format_optional(value: float | None, spec: str) -> str:

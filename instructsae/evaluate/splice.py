@@ -1,6 +1,6 @@
 """The language-model view of an SAE: next-token loss with its reconstruction spliced into the forward pass.
 
-Each sequence runs three times: clean; with the SAE's reconstruction replacing the residual stream at the
+Each sequence runs clean; with each SAE's reconstruction replacing the residual stream at the
 SAE's layer (resid_post, the output of that decoder layer, where extract's hooks read); and with that layer's
 output zero-ablated. Only the positions the store holds are replaced: a dropped first token (the attention
 sink) was never seen by the SAE and stays clean in both. A prediction counts where it is made at a stored
@@ -65,21 +65,25 @@ def log_probs(model: torch.nn.Module, hidden_ND: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_losses(model: torch.nn.Module, clean_ND: torch.Tensor, spliced_ND: torch.Tensor,
+def token_losses(model: torch.nn.Module, clean_ND: torch.Tensor, spliced_SND: list[torch.Tensor],
                  ablated_ND: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-    """[len(QUANTITIES), N] per prediction: cross-entropy of each run, KL(clean || spliced), KL(clean || ablated)."""
-    rows = [torch.zeros(len(QUANTITIES), 0, device=targets_N.device)]  # a sequence may predict nothing
+    """[n_saes, len(QUANTITIES), N] per prediction: cross-entropy of each run, KL(clean || spliced),
+    KL(clean || ablated). The clean and ablated log-probabilities are computed once for all SAEs."""
+    rows = [torch.zeros(len(spliced_SND), len(QUANTITIES), 0, device=targets_N.device)]  # may predict nothing
     for start in range(0, len(targets_N), LOGIT_ROWS):
         part = slice(start, start + LOGIT_ROWS)
-        clean_NV, spliced_NV, ablated_NV = (log_probs(model, h[part]) for h in (clean_ND, spliced_ND, ablated_ND))
+        clean_NV, ablated_NV = log_probs(model, clean_ND[part]), log_probs(model, ablated_ND[part])
         target_N1 = targets_N[part, None]
         p_clean_NV = clean_NV.exp()
-        rows.append(torch.stack([
-            -clean_NV.gather(-1, target_N1)[:, 0], -spliced_NV.gather(-1, target_N1)[:, 0],
-            -ablated_NV.gather(-1, target_N1)[:, 0],
-            (p_clean_NV * (clean_NV - spliced_NV)).sum(-1), (p_clean_NV * (clean_NV - ablated_NV)).sum(-1),
-        ]))
-    return torch.cat(rows, dim=1)
+        ce_clean_N, ce_ablated_N = -clean_NV.gather(-1, target_N1)[:, 0], -ablated_NV.gather(-1, target_N1)[:, 0]
+        kl_ablated_N = (p_clean_NV * (clean_NV - ablated_NV)).sum(-1)
+        per_sae = []
+        for spliced_ND in spliced_SND:
+            spliced_NV = log_probs(model, spliced_ND[part])
+            per_sae.append(torch.stack([ce_clean_N, -spliced_NV.gather(-1, target_N1)[:, 0], ce_ablated_N,
+                                        (p_clean_NV * (clean_NV - spliced_NV)).sum(-1), kl_ablated_N]))
+        rows.append(torch.stack(per_sae))
+    return torch.cat(rows, dim=2)
 
 
 def summarize(sums_Q: np.ndarray, n_tokens: int) -> dict:
@@ -98,27 +102,34 @@ def summarize_by_role(sums_QR: np.ndarray, count_R: np.ndarray) -> dict:
 
 
 @torch.no_grad()
-def lm_view(model: torch.nn.Module, layer: int, sae: torch.nn.Module, sequences: list[StoredSequence],
-            first_stored: int, batch_tokens: int, pad_id: int, device: str = "cpu") -> dict:
-    """CE clean / spliced / ablated, CE loss recovered and KLs over the sequences, overall and per role."""
-    sums_QR = np.zeros((len(QUANTITIES), len(ROLES)))
+def lm_view(model: torch.nn.Module, layer: int, saes: list[torch.nn.Module], sequences: list[StoredSequence],
+            first_stored: int, batch_tokens: int, pad_id: int, device: str = "cpu") -> list[dict]:
+    """Per SAE: CE clean / spliced / ablated, CE loss recovered and KLs over the sequences, overall and per
+    role. The clean and ablated runs are shared by all the SAEs (of one layer), so K SAEs cost K + 2 forward
+    passes per batch, not 3K."""
+    sums_SQR = np.zeros((len(saes), len(QUANTITIES), len(ROLES)))
     count_R = np.zeros(len(ROLES), dtype=np.int64)
     lengths = [len(sequence.token_ids) for sequence in sequences]
     with tqdm(total=sum(len(s.roles) for s in sequences), desc="LM view", unit="tok", unit_scale=True,
               dynamic_ncols=True) as bar:
         for batch in length_batches(lengths, batch_tokens):
             input_ids_BS = padded_batch(sequences, batch, pad_id).to(device)
-            runs = [final_hidden(model, layer, input_ids_BS, first_stored, replace)
-                    for replace in (None, sae_replacement(sae), zero_replacement)]
+            clean_BSD, ablated_BSD = (final_hidden(model, layer, input_ids_BS, first_stored, replace)
+                                      for replace in (None, zero_replacement))
+            spliced_SBSD = [final_hidden(model, layer, input_ids_BS, first_stored, sae_replacement(sae))
+                            for sae in saes]
             for row, index in enumerate(batch):
                 # predictions made at stored positions first_stored .. n-2 of the stored tokens 1 ..
                 made_at = slice(first_stored, lengths[index] - 1)
                 targets_N = input_ids_BS[row, first_stored + 1: lengths[index]]
-                losses_QN = token_losses(model, *(hidden_BSD[row, made_at] for hidden_BSD in runs), targets_N)
+                losses_SQN = token_losses(model, clean_BSD[row, made_at],
+                                          [spliced_BSD[row, made_at] for spliced_BSD in spliced_SBSD],
+                                          ablated_BSD[row, made_at], targets_N).double().cpu().numpy()
                 roles_N = sequences[index].roles[1:]
-                for q in range(len(QUANTITIES)):
-                    sums_QR[q] += np.bincount(roles_N, weights=losses_QN[q].double().cpu().numpy(),
-                                              minlength=len(ROLES))
+                for s_index in range(len(saes)):
+                    for q in range(len(QUANTITIES)):
+                        sums_SQR[s_index, q] += np.bincount(roles_N, weights=losses_SQN[s_index, q],
+                                                            minlength=len(ROLES))
                 count_R += np.bincount(roles_N, minlength=len(ROLES))
                 bar.update(len(sequences[index].roles))
-    return summarize_by_role(sums_QR, count_R)
+    return [summarize_by_role(sums_QR, count_R) for sums_QR in sums_SQR]

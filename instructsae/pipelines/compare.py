@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from instructsae.charts import plot_frontier
-from instructsae.evaluate.run import evaluate_sae_on_store, format_optional
+from instructsae.evaluate.run import evaluate_saes_on_store, format_optional
 from instructsae.extract.run import run_extract
 from instructsae.fileio import write_text_atomically
 from instructsae.schemas import ExtractConfig
@@ -58,11 +58,10 @@ def run_compare(cfg: CompareConfig) -> str:
 
     print(f"[6/6] evaluating every SAE on {heldout}")
     lm = LMViewConfig(lm_tokens=cfg.lm_tokens, device=cfg.device)
-    results = []
-    for method in METHODS:
-        for sae_dir in sae_dirs[method]:
-            result = evaluate_sae_on_store(str(sae_dir), str(heldout), lm=lm)
-            results.append({**result, "method": method})
+    # one call: the model runs clean and ablated once for all SAEs
+    all_dirs = [(method, str(sae_dir)) for method in METHODS for sae_dir in sae_dirs[method]]
+    evaluated = evaluate_saes_on_store([sae_dir for _, sae_dir in all_dirs], str(heldout), lm=lm)
+    results = [{**result, "method": method} for (method, _), result in zip(all_dirs, evaluated)]
     write_text_atomically(root / "results.json", json.dumps(results, indent=2))
     report = write_report(root, cfg, results)
     print(report)
