@@ -10,7 +10,7 @@ from instructsae.errors import UserError
 from instructsae.evaluate.dialogues import stored_sequences
 from instructsae.extract.models import load_model
 from instructsae.extract.run import run_extract
-from instructsae.extract.store import open_complete_store
+from instructsae.extract.store import StoreReader, open_complete_store
 from instructsae.schemas import ExtractConfig, OptimConfig, StandardConfig, TrainConfig
 from instructsae.train.run import run_training
 
@@ -100,9 +100,13 @@ def test_several_saes_in_one_evaluate(tiny_run, tmp_path, monkeypatch, capsys):
     other = tmp_path / "other"
     run_training(TrainConfig(store=str(store), out=str(other), sae=StandardConfig(expansion=2, sparsity_coeff=1.0),
                              batch_size=32, tokens=1000, buffer_tokens=128, optim=OptimConfig(lr=3e-3)))
+    reads = []
+    read_acts = StoreReader.read_acts
+    monkeypatch.setattr(StoreReader, "read_acts", lambda self, *args: reads.append(args) or read_acts(self, *args))
     code, out, err = run_cli(monkeypatch, capsys, "evaluate", "--sae", str(sae), "--sae", str(other), "--store",
                              str(store), "--lm-tokens", "100", "--json")
     assert code == 0, err
+    assert len(reads) == len(set(reads)) > 0  # both SAEs measured from one read of the store
     together = json.loads(out)
     assert [r["sae"] for r in together] == [str(sae), str(other)]
     assert together[0]["lm"]["ce_clean"] == together[1]["lm"]["ce_clean"]  # one clean run, shared

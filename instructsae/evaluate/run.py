@@ -36,15 +36,19 @@ def store_batches(reader: StoreReader, layer: int, max_tokens: int | None):
 
 
 @torch.no_grad()
-def store_metrics(sae: SparseAutoencoder, reader: StoreReader, layer: int, max_tokens: int | None) -> dict:
-    totals = ReconstructionSums(sae.d_in, sae.d_sae)
-    breakdown = SequenceRoleSums(reader.n_instances, sae.d_in)
+def store_metrics(saes: list[SparseAutoencoder], reader: StoreReader, layer: int,
+                  max_tokens: int | None) -> list[dict]:
+    """The metrics of SAEs of one layer from one read of the store, whatever the number of SAEs."""
+    totals = [ReconstructionSums(sae.d_in, sae.d_sae) for sae in saes]
+    breakdowns = [SequenceRoleSums(reader.n_instances, sae.d_in) for sae in saes]
     for x_BD, instance_B, role_B in store_batches(reader, layer, max_tokens):
-        latents_BF = sae.encode(x_BD)
-        recon_BD = sae.decode(latents_BF)
-        totals.add(x_BD, recon_BD, latents_BF)
-        breakdown.add(x_BD, recon_BD, latents_BF, instance_B, role_B)
-    return {**totals.result(), "eq7": breakdown.eq7(), "per_role": breakdown.per_role()}
+        for sae, total, breakdown in zip(saes, totals, breakdowns):
+            latents_BF = sae.encode(x_BD)
+            recon_BD = sae.decode(latents_BF)
+            total.add(x_BD, recon_BD, latents_BF)
+            breakdown.add(x_BD, recon_BD, latents_BF, instance_B, role_B)
+    return [{**total.result(), "eq7": breakdown.eq7(), "per_role": breakdown.per_role()}
+            for total, breakdown in zip(totals, breakdowns)]
 
 
 def lm_metrics(saes: list[SparseAutoencoder], reader: StoreReader, layer: int, cfg: LMViewConfig) -> list[dict]:
@@ -84,20 +88,22 @@ def open_sae_and_store(sae_dir: str, store: str) -> tuple[SparseAutoencoder, dic
 
 def evaluate_saes_on_store(sae_dirs: list[str], store: str, max_tokens: int | None = None,
                            lm: LMViewConfig | None = None) -> list[dict]:
-    """The metrics of each SAE on a store, also written to SAE/eval/<store fingerprint>.json. Without `lm`
-    (or with lm_tokens 0) the LM view is skipped and the results have no 'lm' section; with it, SAEs of one
-    layer share one LM view (the model runs clean and ablated once for all of them)."""
+    """The metrics of each SAE on a store, also written to SAE/eval/<store fingerprint>.json. SAEs of one layer
+    share one read of the store. Without `lm` (or with lm_tokens 0) the LM view is skipped and the results have
+    no 'lm' section; with it, SAEs of one layer share one LM view (the model runs clean and ablated once for all
+    of them)."""
     opened = [open_sae_and_store(sae_dir, store) for sae_dir in sae_dirs]  # every SAE checked before any work
-    results = []
-    for sae_dir, (sae, cfg, reader, layer) in zip(sae_dirs, opened):
-        results.append({"sae": str(sae_dir), "architecture": cfg["architecture"], "d_sae": cfg["d_sae"],
-                        "store": str(store), "store_fingerprint": reader.manifest.fingerprint, "layer": layer,
-                        **store_metrics(sae, reader, layer, max_tokens)})
-    if lm is not None and lm.lm_tokens > 0:
-        for layer in sorted({result["layer"] for result in results}):
-            members = [i for i, result in enumerate(results) if result["layer"] == layer]
-            views = lm_metrics([opened[i][0] for i in members], opened[members[0]][2], layer, lm)
-            for i, view in zip(members, views):
+    results = [{"sae": str(sae_dir), "architecture": cfg["architecture"], "d_sae": cfg["d_sae"], "store": str(store),
+                "store_fingerprint": reader.manifest.fingerprint, "layer": layer}
+               for sae_dir, (_, cfg, reader, layer) in zip(sae_dirs, opened)]
+    reader = opened[0][2]
+    for layer in sorted({result["layer"] for result in results}):
+        members = [i for i, result in enumerate(results) if result["layer"] == layer]
+        saes = [opened[i][0] for i in members]
+        for i, metrics in zip(members, store_metrics(saes, reader, layer, max_tokens)):
+            results[i].update(metrics)
+        if lm is not None and lm.lm_tokens > 0:
+            for i, view in zip(members, lm_metrics(saes, reader, layer, lm)):
                 results[i]["lm"] = view
     for sae_dir, result in zip(sae_dirs, results):
         out = Path(sae_dir) / "eval" / f"{result['store_fingerprint']}.json"
