@@ -93,9 +93,9 @@ def write_sweep_yaml(path, grid, **base) -> str:
 @pytest.mark.parametrize("grid_sae, layer, expected", [
     ({"arch": "gated"}, 3, ["grid.sae[0]", "unknown architecture 'gated'"]),
     ({"arch": "standard", "sparsity_coeff": [0.1, -1.0]}, 3, ["grid point 2", "sparsity_coeff"]),
-    ({"arch": "standard"}, 7, ["layer 7", "1, 3"]),
+    ({"arch": "standard"}, 7, ["grid point 1", "layer 7", "1, 3"]),
     ({"arch": "standard", "expansion": 0}, 3, ["expansion"]),
-    ({"arch": "topk", "expansion": 2, "k": [4, 17]}, 3, ["k 17 exceeds d_sae 16"]),
+    ({"arch": "topk", "expansion": 2, "k": [4, 17]}, 3, ["grid point 2", "k 17 exceeds d_sae 16"]),
 ])
 def test_bad_grids_are_refused_before_training(grid_sae, layer, expected, tmp_path, monkeypatch, capsys):
     use_reader(monkeypatch, FakeReader())

@@ -58,10 +58,10 @@ def expand_sweep(sweep: SweepConfig) -> list[TrainConfig]:
         try:
             cfg = resolve_train_config(settings, sweep.preset, {"store": sweep.store, "out": sweep.out},
                                        {"arch": sae["arch"]}, optim)
+            choose_layer(cfg, reader)
+            check_sae_config(cfg.sae, reader.d_model)
         except UserError as error:
             raise UserError(f"sweep grid point {index + 1} ({_describe(sae, optim, top)}): {error}") from None
-        choose_layer(cfg, reader)
-        check_sae_config(cfg.sae, reader.d_model)
         key = config_key(cfg, reader.manifest.fingerprint)
         if key in seen:
             continue  # the grid names the same SAE twice
