@@ -3,7 +3,6 @@
 import hashlib
 import itertools
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +16,8 @@ from instructsae.extract.instances import TokenizedInstance, bt_blocks, fast_ins
 from instructsae.extract.models import LoadedModel, load_model
 from instructsae.extract.plan import grouped, length_batches, within_budget
 from instructsae.extract.store import (
-    StoreWriter, TokenBlock, acts_to_storage, default_chunk_tokens, is_store, read_manifest, remove_store,
+    StoreWriter, TokenBlock, acts_to_storage, default_chunk_tokens, is_store, location_is_occupied, read_manifest,
+    remove_store,
 )
 from instructsae.extract.writer_thread import BackgroundWriter
 from instructsae.schemas.extract import ExtractConfig
@@ -57,7 +57,7 @@ def planned_instances(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReade
 
 def open_writer(cfg: ExtractConfig, identity: StoreIdentity, chat_template: str | None) -> StoreWriter | None:
     """Create, resume or refuse; None when the store is already complete."""
-    out = Path(cfg.out)
+    out = cfg.out
     if is_store(out) and not cfg.overwrite:
         existing = read_manifest(out)
         if existing.fingerprint != identity.fingerprint():
@@ -66,7 +66,7 @@ def open_writer(cfg: ExtractConfig, identity: StoreIdentity, chat_template: str 
         if existing.complete:
             return None
         return StoreWriter.resume(out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+    if location_is_occupied(out) and not cfg.overwrite:
         raise UserError(f"output path exists and is not a store: {out} (use --overwrite to replace it)")
     remove_store(out)
     manifest = StoreManifest(tool_version=__version__, identity=identity, fingerprint=identity.fingerprint(),

@@ -11,16 +11,19 @@ Layout (one row per stored token unless noted):
   instance_source    (n_instances,)       int64    dataset row of the instance (its first token's, in BT)
 The manifest in the group attributes is the commit record: rows beyond its counts are uncommitted
 and are cut off on resume, so a killed extraction loses and duplicates nothing.
+
+A store lives at a local path or any fsspec URL (`file://`, `memory://`, `s3://` with s3fs installed, ...).
 """
 
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import ZstdCodec
 
 from instructsae.errors import UserError
@@ -73,21 +76,48 @@ class TokenBlock:
         return len(self.token_id)
 
 
+def _filesystem(path: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The file system a store lives on and its path there (local paths and file:// URLs: the local disk)."""
+    try:
+        return fsspec.core.url_to_fs(str(path))
+    except (ImportError, ValueError) as error:  # an unknown protocol, or one whose package is missing
+        raise UserError(f"cannot open store location {path}: {str(error).splitlines()[0]}") from None
+
+
+def zarr_location(path: str | Path) -> str:
+    """What zarr opens: a plain path on the local disk (zarr's own LocalStore), the URL anywhere else."""
+    fs, root = _filesystem(path)
+    return root if isinstance(fs, LocalFileSystem) else str(path)
+
+
+def location_exists(path: str | Path) -> bool:
+    fs, root = _filesystem(path)
+    return fs.exists(root)
+
+
+def location_is_occupied(path: str | Path) -> bool:
+    """Something is there: a file, or a folder with anything in it."""
+    fs, root = _filesystem(path)
+    return fs.exists(root) and (not fs.isdir(root) or bool(fs.ls(root)))
+
+
 def is_store(path: str | Path) -> bool:
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(zarr_location(path), mode="r")
     except Exception:
         return False
     return MANIFEST_KEY in group.attrs
 
 
 def read_manifest(path: str | Path) -> StoreManifest:
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(zarr_location(path), mode="r")
     return StoreManifest.model_validate(group.attrs[MANIFEST_KEY])
 
 
 def remove_store(path: str | Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    fs, root = _filesystem(path)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
 
 
 class StoreWriter:
@@ -100,7 +130,7 @@ class StoreWriter:
     @classmethod
     def create(cls, path: str | Path, manifest: StoreManifest) -> "StoreWriter":
         identity = manifest.identity
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group = zarr.open_group(zarr_location(path), mode="w", zarr_format=3)
         for layer in identity.layers:
             group.create_array(
                 layer_array_name(layer), shape=(0, identity.d_model), dtype=ACTS_ZARR_DTYPE[identity.dtype],
@@ -118,7 +148,7 @@ class StoreWriter:
 
     @classmethod
     def resume(cls, path: str | Path) -> "StoreWriter":
-        group = zarr.open_group(str(path), mode="r+")
+        group = zarr.open_group(zarr_location(path), mode="r+")
         manifest = StoreManifest.model_validate(group.attrs[MANIFEST_KEY])
         writer = cls(group, manifest)
         writer._truncate_to(manifest.n_tokens, manifest.n_instances)
@@ -158,7 +188,7 @@ class StoreReader:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        self.group = zarr.open_group(self.path, mode="r")
+        self.group = zarr.open_group(zarr_location(path), mode="r")
         self.manifest = StoreManifest.model_validate(self.group.attrs[MANIFEST_KEY])
         self.n_tokens = self.manifest.n_tokens
         self.n_instances = self.manifest.n_instances
@@ -194,7 +224,7 @@ def open_complete_store(path: str | Path) -> StoreReader:
 
 
 def open_store(path: str | Path) -> StoreReader:
-    if not Path(str(path)).exists() and "://" not in str(path):
+    if not location_exists(path):
         raise UserError(f"store not found: {path}")
     if not is_store(path):
         raise UserError(f"not an instructsae store (no zarr group with a manifest): {path}")
