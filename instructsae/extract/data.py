@@ -6,6 +6,7 @@ instance, so any activation can be traced back to the row it came from.
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ class Record:
     source_row: int
     messages: tuple[Message, ...] | None = None
     text: str | None = None
+    conversation: str | None = None  # rows that share it are parts of one conversation (ShareGPT's split)
 
     def __post_init__(self):
         if (self.messages is None) == (self.text is None):
@@ -96,10 +98,12 @@ def normalize_row(row: dict, index: int, where: str = "dataset") -> Record | Non
     """
     if not isinstance(row, dict):
         raise UserError(f"row {index} of {where} is a {type(row).__name__}, not an object")
+    conversation = None
     if "messages" in row:
         messages = _dialogue(row["messages"], "role", "content")
     elif "conversations" in row:
         messages = _dialogue(row["conversations"], "from", "value")
+        conversation = sharegpt_conversation(row.get("id"))
     elif "instruction" in row:
         messages = _alpaca(row)
     elif "text" in row:
@@ -109,7 +113,12 @@ def normalize_row(row: dict, index: int, where: str = "dataset") -> Record | Non
         keys = ", ".join(sorted(map(str, row))) or "none"
         raise UserError(f"row {index} of {where} has no 'messages', 'conversations', 'instruction' or 'text' "
                         f"field (keys: {keys})")
-    return Record(index, messages=messages) if messages else None
+    return Record(index, messages=messages, conversation=conversation) if messages else None
+
+
+def sharegpt_conversation(row_id) -> str | None:
+    """ShareGPT's cleaned split cuts long conversations into consecutive rows `<id>_<part>`: their `<id>`."""
+    return re.sub(r"_\d+$", "", row_id) if isinstance(row_id, str) else None
 
 
 # ---------------------------------------------------------------- files -> rows

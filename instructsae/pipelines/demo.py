@@ -1,13 +1,14 @@
 """`make demo`: one FAST store of the embedded model and data, two SAEs trained from it, one table.
 
-The held-out store takes the dialogues right after those of the training store, so the table measures
-SAEs on dialogues they never saw.
+The held-out store takes the dialogues after those of the training store, from the next whole conversation, so
+the table measures SAEs on dialogues they never saw.
 """
 
 from pathlib import Path
 
 from instructsae.cli_options import read_yaml
 from instructsae.evaluate.run import evaluate_sae_on_store, format_table
+from instructsae.extract.heldout import heldout_skip
 from instructsae.extract.run import run_extract
 from instructsae.schemas import ExtractConfig, TrainConfig
 from instructsae.train.run import run_training
@@ -28,8 +29,8 @@ def run_demo(out: str, train_tokens: int | None = None) -> str:
     print(f"[1/4] extracting the training store -> {train_store}")
     manifest = run_extract(ExtractConfig(**base, out=str(train_store), max_tokens=train_tokens or TRAIN_TOKENS))
     print(f"[2/4] extracting the held-out store -> {heldout_store}")
-    run_extract(ExtractConfig(**base, out=str(heldout_store), skip_instances=manifest.n_instances,
-                              max_tokens=HELDOUT_TOKENS))
+    skip = heldout_skip(base["dataset"], manifest.identity.split, manifest.rows_used)
+    run_extract(ExtractConfig(**base, out=str(heldout_store), skip_instances=skip, max_tokens=HELDOUT_TOKENS))
     results = []
     for step, (name, config_file) in enumerate(DEMO_SAES.items(), start=3):
         run_dir = root / "saes" / name
