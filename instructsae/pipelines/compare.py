@@ -11,14 +11,16 @@ import sys
 from pathlib import Path
 
 from instructsae.charts import plot_frontier
+from instructsae.cli_options import build
 from instructsae.evaluate.run import evaluate_saes_on_store, format_optional
+from instructsae.extract.heldout import heldout_skip
 from instructsae.extract.run import run_extract
 from instructsae.fileio import write_text_atomically
 from instructsae.schemas import ExtractConfig
 from instructsae.schemas.compare import CompareConfig
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.schemas.sweep import SweepConfig
-from instructsae.train.sweep import run_sweep
+from instructsae.train.sweep import expand_sweep, resolve_grid, run_sweep
 
 METHODS = ("bt-p", "bt-f", "fast")
 LABELS = {"bt-p": "BT(P)", "bt-f": "BT(F)", "fast": "FAST"}
@@ -34,27 +36,39 @@ def method_extract_configs(cfg: CompareConfig, stores: Path) -> dict[str, Extrac
     }
 
 
+def method_sweeps(cfg: CompareConfig, root: Path) -> dict[str, SweepConfig]:
+    """The same grid on each method's store; every grid point checked before anything runs."""
+    base = {**cfg.train, "layer": cfg.layer, "tokens": cfg.train_tokens, "device": cfg.device}
+    sweeps = {method: build(SweepConfig, {"store": str(root / "stores" / method), "out": str(root / "saes" / method),
+                                          "base": base, "grid": cfg.grid})
+              for method in METHODS}
+    resolve_grid(sweeps["fast"])  # the grid and base are the same for all three
+    return sweeps
+
+
 def run_compare(cfg: CompareConfig) -> str:
     root = Path(cfg.out)
     stores = root / "stores"
+    sweeps = method_sweeps(cfg, root)
     manifests = {}
     for step, (method, extract_cfg) in enumerate(method_extract_configs(cfg, stores).items(), start=1):
         print(f"[{step}/6] extracting {LABELS[method]} -> {extract_cfg.out}")
         manifests[method] = run_extract(extract_cfg)
-    # dialogues after every one that BT(F) or FAST read: the SAEs never saw them
+    # dialogues after every one that BT(F) or FAST read, from the next whole conversation: the SAEs never saw them
     seen = max(manifests["bt-f"].rows_used, manifests["fast"].rows_used)
+    skip = heldout_skip(cfg.dialogues, manifests["fast"].identity.split, seen)
     heldout = stores / "heldout-fast"
-    print(f"[4/6] extracting held-out FAST dialogues (after the first {seen:,}) -> {heldout}")
+    print(f"[4/6] extracting held-out FAST dialogues (after the first {skip:,} rows) -> {heldout}")
     run_extract(ExtractConfig(model=cfg.model, dataset=cfg.dialogues, mode="fast", layers=(cfg.layer,),
-                              max_tokens=cfg.heldout_tokens, skip_instances=seen, out=str(heldout),
+                              max_tokens=cfg.heldout_tokens, skip_instances=skip, out=str(heldout),
                               device=cfg.device))
 
     print("[5/6] training the same SAE grid on each store (one pass per store)")
-    base = {**cfg.train, "layer": cfg.layer, "tokens": cfg.train_tokens, "device": cfg.device}
     sae_dirs = {}
-    for method in METHODS:
-        sweep = SweepConfig(store=str(stores / method), out=str(root / "saes" / method), base=base, grid=cfg.grid)
-        sae_dirs[method] = [root / "saes" / method / row["name"] for row in run_sweep(sweep)]
+    for method, sweep in sweeps.items():
+        run_sweep(sweep)
+        # this grid's SAEs only: the folder may also hold those of an earlier run with other settings
+        sae_dirs[method] = [Path(point.out) for point in expand_sweep(sweep)]
 
     print(f"[6/6] evaluating every SAE on {heldout}")
     lm = LMViewConfig(lm_tokens=cfg.lm_tokens, device=cfg.device)
@@ -109,6 +123,12 @@ def role_table(results: list[dict]) -> str:
                 cells.append(f"{format_optional(nmse, '.4f')} ({format_optional(l0, '.1f')}) | "
                              f"{format_optional(sum(recovered) / len(recovered) if recovered else None, '.3f')}")
             lines.append(f"| {LABELS[method]} | {arch} | " + " | ".join(cells) + " |")
+    first = results[0]
+    lm_roles = (first.get("lm") or {}).get("per_role") or {}
+    in_lm = {role: figures.get("n_tokens", 0) for role, figures in lm_roles.items()}
+    counts = ", ".join(f"{role} {first['per_role'][role]['n_tokens']:,} ({in_lm.get(role, 0):,})"
+                       for role in roles if role in first["per_role"])
+    lines.append(f"\nHeld-out tokens per role (in brackets: predicted in the LM view): {counts}.")
     return "\n".join(lines)
 
 

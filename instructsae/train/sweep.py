@@ -47,21 +47,33 @@ def point_name(cfg: TrainConfig, key: str) -> str:
     return f"{cfg.sae.arch}-x{cfg.sae.expansion}-{sparsity}-lr{cfg.optim.lr:g}{layer}-{key[:6]}"
 
 
-def expand_sweep(sweep: SweepConfig) -> list[TrainConfig]:
-    """One TrainConfig per grid point, each with its own folder in the sweep folder; checked against the store."""
-    reader = open_complete_store(sweep.store)
-    configs, seen = [], set()
+def resolve_grid(sweep: SweepConfig) -> list[tuple[str, TrainConfig]]:
+    """(how to name it in an error, its TrainConfig) for every grid point; checked against the schema only."""
+    resolved = []
     for index, (sae, optim, top) in enumerate(grid_points(sweep)):
         base = {key: value for key, value in sweep.base.items() if key not in ("store", "out")}
         settings = {**base, **{k: v for k, v in top.items() if v is not None},
                     "sae": {**(base.get("sae") or {}), **sae}}
+        description = f"sweep grid point {index + 1} ({_describe(sae, optim, top)})"
         try:
             cfg = resolve_train_config(settings, sweep.preset, {"store": sweep.store, "out": sweep.out},
                                        {"arch": sae["arch"]}, optim)
+        except UserError as error:
+            raise UserError(f"{description}: {error}") from None
+        resolved.append((description, cfg))
+    return resolved
+
+
+def expand_sweep(sweep: SweepConfig) -> list[TrainConfig]:
+    """One TrainConfig per grid point, each with its own folder in the sweep folder; checked against the store."""
+    reader = open_complete_store(sweep.store)
+    configs, seen = [], set()
+    for description, cfg in resolve_grid(sweep):
+        try:
             choose_layer(cfg, reader)
             check_sae_config(cfg.sae, reader.d_model)
         except UserError as error:
-            raise UserError(f"sweep grid point {index + 1} ({_describe(sae, optim, top)}): {error}") from None
+            raise UserError(f"{description}: {error}") from None
         key = config_key(cfg, reader.manifest.fingerprint)
         if key in seen:
             continue  # the grid names the same SAE twice
