@@ -84,7 +84,8 @@ def sweep(config_file, resume, **options):
               help="SAE folder (SAELens layout); repeat it to evaluate several, sharing the LM's clean runs")
 @click.option("--store", required=True, type=click.Path(), help="store to evaluate on (not trained on)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@click.option("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="evaluate on at most this many tokens")
 @options_from(LMViewConfig)
 def evaluate(sae_dirs, store, as_json, max_tokens, **lm_options):
     """Reconstruction (MSE, NMSE, explained variance, the seed's Eq. 7), L0 and dead fraction of an SAE on a
@@ -177,8 +178,8 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as error:
-        error.show()
+    except click.ClickException as error:  # a bad flag or value: one line too, not click's usage block
+        click.echo(f"error: {error.format_message()}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted (a store keeps what it committed; rerun to resume)", err=True)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from helpers import assert_one_line_error, run_cli
 
 
@@ -62,3 +64,13 @@ def test_bad_yaml_config(monkeypatch, capsys, tmp_path):
 def test_missing_required_option(monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "train", "--out", "x")
     assert_one_line_error(code, err, "missing --store")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["evaluate", "--sae", "x", "--store", "y", "--max-tokens", "0"], "--max-tokens"),
+    (["train", "--store", "x", "--out", "y", "--sae", "gated"], "gated"),
+    (["inspect", "x", "--no-such-flag"], "--no-such-flag"),
+])
+def test_a_bad_flag_gets_one_line(args, expected, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert_one_line_error(code, err, expected)
