@@ -140,3 +140,40 @@ def test_a_crashed_sweep_resumes_to_the_same_saes(tmp_path, monkeypatch):
         for name, tensor in load_file(str(folder)).items():
             assert torch.equal(resumed[name], tensor), (folder.parent.name, name)
     assert not (tmp_path / "crashed" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("grid, expected", [
+    ({"sae": [{"arch": "standard", "expansion": 2}], "expansion": [4]}, ["grid.sae[0]", "keep one"]),
+    ({"sae": [{"arch": "topk", "expansion": 2, "k": []}]}, ["grid.sae[0]", "axis k", "empty"]),
+    ({"sae": [{"arch": "standard", "expansion": 2}], "lr": []}, ["grid.lr"]),
+])
+def test_grids_that_say_nothing_or_too_much_are_refused(grid, expected, tmp_path, monkeypatch, capsys):
+    use_reader(monkeypatch, FakeReader())
+    config = write_sweep_yaml(tmp_path / "sweep.yaml", {**grid, "layer": [3]})
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", "--config", config, "--store", "fake-store",
+                           "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, *expected)
+
+
+def test_an_out_that_is_a_file_gets_one_line(tmp_path, monkeypatch, capsys):
+    use_reader(monkeypatch, FakeReader())
+    (tmp_path / "out").write_text("mine")
+    config = write_sweep_yaml(tmp_path / "sweep.yaml", {"sae": [{"arch": "standard", "expansion": 2}], "layer": [3]})
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", "--config", config, "--store", "fake-store",
+                           "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "is a file")
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_damaged_and_foreign_folders_do_not_stop_a_rerun(tmp_path, monkeypatch):
+    use_reader(monkeypatch, FakeReader())
+    grid = {"sae": [{"arch": "standard", "expansion": 2, "sparsity_coeff": [0.05, 0.1]}], "layer": [3]}
+    rows = run_sweep(sweep_cfg(tmp_path / "sweep", grid=grid))
+    damaged = tmp_path / "sweep" / rows[0]["name"] / "summary.json"
+    damaged.write_text('{"config_k')  # a kill while it was written, say
+    foreign = tmp_path / "sweep" / "notes"
+    foreign.mkdir()
+    (foreign / "summary.json").write_text("{}")
+    rerun = run_sweep(sweep_cfg(tmp_path / "sweep", grid=grid))
+    assert sorted(row["name"] for row in rerun) == sorted(row["name"] for row in rows)
+    assert json.loads(damaged.read_text())["config_key"]  # retrained and whole again

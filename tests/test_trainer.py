@@ -34,7 +34,8 @@ def test_reconstruction_improves_with_training():
 def test_schedules():
     cfg = OptimConfig(lr=1.0, lr_end=0.1, lr_warmup_steps=10)
     assert learning_rate(0, 100, cfg) == 0.1 and learning_rate(9, 100, cfg) == 1.0
-    assert abs(learning_rate(100, 100, cfg) - 0.1) < 1e-9
+    assert abs(learning_rate(99, 100, cfg) - 0.1) < 1e-9  # the last step of 100 ends the decay
+    assert 0.1 < learning_rate(98, 100, cfg) < learning_rate(50, 100, cfg) < 1.0
     assert learning_rate(50, 100, OptimConfig(lr=1.0, lr_warmup_steps=10)) == 1.0
     assert sparsity_coefficient(4, 2.0, 10) == 1.0 and sparsity_coefficient(50, 2.0, 10) == 2.0
 
@@ -63,3 +64,17 @@ def test_dead_tracker_window():
         tracker.update(torch.zeros(2, 3))
     assert tracker.dead_mask().tolist() == [False, True, True]
     assert abs(tracker.dead_fraction() - 2 / 3) < 1e-6
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_one_refused(tmp_path):
+    import pytest
+
+    from instructsae.errors import UserError
+    from instructsae.train.metrics_log import MetricsLog
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 0}\n{"step": 1}\n{"st')
+    assert MetricsLog.read(log) == [{"step": 0}, {"step": 1}]
+    log.write_text('{"step": 0}\n{"st\n{"step": 2}\n')
+    with pytest.raises(UserError, match="line 2"):
+        MetricsLog.read(log)

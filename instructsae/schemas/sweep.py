@@ -14,9 +14,11 @@ class SweepGrid(FrozenModel):
         ..., min_length=1,
         description="one entry per architecture, e.g. {arch: jumprelu, sparsity_coeff: [1e-3, 3e-3]} or "
                     "{arch: topk, k: [16, 32]}; any field of that architecture, lists are axes")
-    expansion: list[int] | None = Field(None, description="d_sae / d_model values (default: the base's)")
-    lr: list[float] | None = Field(None, description="peak learning rates (default: the base's)")
-    layer: list[int] | None = Field(None, description="layers of the store (default: the base's / the first)")
+    expansion: list[int] | None = Field(None, min_length=1,
+                                        description="d_sae / d_model values (default: the base's)")
+    lr: list[float] | None = Field(None, min_length=1, description="peak learning rates (default: the base's)")
+    layer: list[int] | None = Field(None, min_length=1,
+                                    description="layers of the store (default: the base's / the first)")
 
 
 class SweepConfig(FrozenModel):

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from instructsae.errors import UserError
+from instructsae.fileio import write_text_atomically
 from instructsae.schemas.train import TrainConfig
 
 
@@ -11,7 +12,7 @@ class MetricsLog:
     def __init__(self, path: Path, cfg: TrainConfig, name: str, keep_before_step: int | None = None):
         if keep_before_step is not None:  # a resumed run drops what was logged after its checkpoint
             kept = [record for record in self.read(path) if record["step"] < keep_before_step]
-            path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            write_text_atomically(path, "".join(json.dumps(record) + "\n" for record in kept))
         self.file = open(path, "a")
         self.wandb_run = _start_wandb(cfg, name) if cfg.wandb else None
 
@@ -28,9 +29,18 @@ class MetricsLog:
 
     @staticmethod
     def read(path: Path) -> list[dict]:
+        """The records; a torn last line (the run was killed while writing it) is left out."""
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise UserError(f"{path} line {number} is not JSON: the metrics log is damaged") from None
+        return records
 
 
 def _start_wandb(cfg: TrainConfig, name: str):

@@ -38,7 +38,7 @@ RUN_ENTRIES = (SUMMARY_FILE, "metrics.jsonl", "cfg.json", "sae_weights.safetenso
 RUNTIME_FIELDS = {"store", "out", "device", "log_every", "checkpoint_every", "wandb", "wandb_project"}
 # Settings of the stream: SAEs trained together must agree on them.
 STREAM_FIELDS = ("store", "tokens", "batch_size", "buffer_tokens", "holdout_fraction", "seed", "device",
-                 "checkpoint_every")
+                 "checkpoint_every", "geometric_median_tokens")
 
 
 def config_key(cfg: TrainConfig, store_fingerprint: str) -> str:
@@ -49,8 +49,12 @@ def config_key(cfg: TrainConfig, store_fingerprint: str) -> str:
 
 
 def is_finished(folder: Path, key: str) -> bool:
+    """The folder holds this SAE, finished (an unreadable summary means it is not)."""
     summary = folder / SUMMARY_FILE
-    return summary.is_file() and json.loads(summary.read_text()).get("config_key") == key
+    try:
+        return json.loads(summary.read_text()).get("config_key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def choose_layer(cfg: TrainConfig, reader: StoreReader) -> int:

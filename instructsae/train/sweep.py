@@ -13,11 +13,9 @@ from instructsae.extract.store import open_complete_store
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import ARCHITECTURES, TrainConfig
 from instructsae.train.config import resolve_train_config
-from instructsae.train.run import choose_layer, config_key, is_finished, train_saes
+from instructsae.train.run import CHECKPOINT_FILE, choose_layer, config_key, is_finished, train_saes
 from instructsae.train.sae import check_sae_config
 from instructsae.train.sweep_report import write_sweep_report
-
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def grid_points(sweep: SweepConfig) -> list[tuple[dict, dict, dict]]:
@@ -31,7 +29,12 @@ def grid_points(sweep: SweepConfig) -> list[tuple[dict, dict, dict]]:
                             f"(choose from {', '.join(ARCHITECTURES)})")
         axes = {name: value if isinstance(value, list) else [value] for name, value in entry.items()}
         if grid.expansion is not None:
+            if "expansion" in entry:
+                raise UserError(f"sweep grid.sae[{index}] sets expansion and so does grid.expansion: keep one")
             axes["expansion"] = grid.expansion
+        empty = [name for name, values in axes.items() if not values]
+        if empty:
+            raise UserError(f"sweep grid.sae[{index}]: the axis {empty[0]} is an empty list")
         names = list(axes)
         for values in itertools.product(*axes.values()):
             sae = dict(zip(names, values))
@@ -89,6 +92,8 @@ def _describe(sae: dict, optim: dict, top: dict) -> str:
 
 def run_sweep(sweep: SweepConfig, resume: bool = False) -> list[dict]:
     """Train the grid points not finished yet; then report on every finished SAE of this store in the folder."""
+    if Path(sweep.out).exists() and not Path(sweep.out).is_dir():
+        raise UserError(f"--out {sweep.out} is a file, not a folder")
     configs = expand_sweep(sweep)
     fingerprint = open_complete_store(sweep.store).manifest.fingerprint
     todo = [cfg for cfg in configs if not is_finished(Path(cfg.out), config_key(cfg, fingerprint))]

@@ -17,10 +17,13 @@ def collect_rows(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
     rows = []
     for summary_file in sorted(sweep_dir.glob("*/summary.json")):
         folder = summary_file.parent
-        cfg = json.loads((folder / "cfg.json").read_text())
-        if cfg["metadata"].get("store_fingerprint") != store_fingerprint:
+        try:
+            cfg = json.loads((folder / "cfg.json").read_text())
+            summary = json.loads(summary_file.read_text())
+        except (OSError, ValueError):
+            continue  # not a finished SAE of ours (a folder the user put there, or one a kill cut short)
+        if cfg.get("metadata", {}).get("store_fingerprint") != store_fingerprint:
             continue
-        summary = json.loads(summary_file.read_text())
         train = cfg["metadata"]["train_config"]
         sae = train["sae"]
         rows.append({

@@ -19,7 +19,8 @@ def learning_rate(step: int, n_steps: int, cfg: OptimConfig) -> float:
         return cfg.lr * (step + 1) / cfg.lr_warmup_steps
     if cfg.lr_end is None:
         return cfg.lr
-    progress = (step - cfg.lr_warmup_steps) / max(n_steps - cfg.lr_warmup_steps, 1)
+    # the last step that runs is n_steps - 1: it gets lr_end
+    progress = (step - cfg.lr_warmup_steps) / max(n_steps - 1 - cfg.lr_warmup_steps, 1)
     return cfg.lr_end + 0.5 * (cfg.lr - cfg.lr_end) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
