@@ -127,3 +127,30 @@ def test_model_without_the_layer_is_one_line(tiny_model_dir, tmp_path, monkeypat
                            "--out", str(tmp_path / "x.json"))
     assert_one_line_error(code, err, "layer 7", "layers 0..1")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_greedy_ignores_the_checkpoints_own_penalties(loaded):
+    """The argmax at every step, whatever repetition penalty or n-gram blocking generation_config asks for."""
+    input_ids_1S = prompt_ids(loaded.tokenizer, PROMPT, chat=True)
+    expected, ids_1S = [], input_ids_1S
+    with torch.no_grad():
+        for _ in range(10):
+            next_id = int(loaded.model(input_ids=ids_1S).logits[0, -1].argmax())
+            expected.append(next_id)
+            if next_id == loaded.tokenizer.eos_token_id:
+                break
+            ids_1S = torch.cat([ids_1S, torch.tensor([[next_id]])], dim=1)
+    config = loaded.model.generation_config
+    saved = config.repetition_penalty, config.no_repeat_ngram_size
+    config.repetition_penalty, config.no_repeat_ngram_size = 5.0, 1
+    try:
+        assert greedy_generate(loaded, input_ids_1S, 10) == expected
+    finally:
+        config.repetition_penalty, config.no_repeat_ngram_size = saved
+
+
+def test_an_out_that_is_a_folder_is_refused_before_generating(sae_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("instructsae.evaluate.steering.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    code, _, err = run_cli(monkeypatch, capsys, "steer", "--sae", str(sae_dir), "--feature", "0", "--prompt",
+                           PROMPT, "--out", str(tmp_path))
+    assert_one_line_error(code, err, "is a folder")

@@ -64,12 +64,17 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy_generate(loaded: LoadedModel, input_ids_1S: torch.Tensor, max_new_tokens: int) -> list[int]:
-    """The new token ids of a greedy continuation, stopping at the end-of-turn token."""
+    """The new token ids of a greedy continuation (the argmax at every step), stopping at the end-of-turn token.
+
+    The model's own generation_config may ask for a repetition penalty or n-gram blocking (Qwen2.5-Instruct's
+    does): those are switched off here, or "greedy" would depend on the checkpoint."""
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output_1T = loaded.model.generate(
         input_ids=input_ids_1S, attention_mask=torch.ones_like(input_ids_1S), max_new_tokens=max_new_tokens,
         do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None,
+        begin_suppress_tokens=None, min_new_tokens=None, min_length=0, sequence_bias=None,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
     )
     return output_1T[0, input_ids_1S.shape[1]:].tolist()
@@ -83,8 +88,8 @@ def steer_generations(loaded: LoadedModel, layer: int, direction_D: torch.Tensor
     for alpha in tqdm(alphas, desc="steer", unit="α", dynamic_ncols=True):
         with residual_added(loaded.model, layer, alpha * direction_D.to(device)):
             new_ids = greedy_generate(loaded, input_ids_1S.to(device), max_new_tokens)
-        generations.append({"alpha": alpha, "text": loaded.tokenizer.decode(new_ids, skip_special_tokens=True),
-                            "token_ids": new_ids})
+        # special tokens stay visible: steering a template feature may make the model emit them
+        generations.append({"alpha": alpha, "text": loaded.tokenizer.decode(new_ids), "token_ids": new_ids})
     return generations
 
 
@@ -96,6 +101,9 @@ def _model_of(cfg: dict, sae_dir: str, model_flag: str | None) -> str:
 
 
 def run_steering(cfg: SteerConfig) -> dict:
+    out = Path(cfg.out or f"steer-feature-{cfg.feature}.json")
+    if out.is_dir():  # found now, not after the model has generated
+        raise UserError(f"--out {out} is a folder: name a JSON file")
     sae, sae_cfg = load_sae(cfg.sae)
     model_spec, layer = _model_of(sae_cfg, cfg.sae, cfg.model), sae_layer(sae_cfg, cfg.sae)
     direction_D = steering_direction(sae.W_dec.detach(), cfg.feature)
@@ -113,7 +121,6 @@ def run_steering(cfg: SteerConfig) -> dict:
         "prompt": cfg.prompt, "chat": cfg.chat, "decoding": "greedy", "max_new_tokens": cfg.max_new_tokens,
         "generations": generations,
     }
-    out = Path(cfg.out or f"steer-feature-{cfg.feature}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out, json.dumps(result, indent=2))
     result["out"] = str(out)
