@@ -30,7 +30,7 @@ class ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-        if self.server.mode == "500":
+        if self.server.mode == "500" or (self.server.mode == "500-after-2" and len(self.server.requests) > 2):
             self._send(500, b"internal error")
         elif self.server.mode == "garbage":
             self._send(200, b"<html>not json</html>")
@@ -125,6 +125,9 @@ def test_replies_without_a_score_count_as_unscored():
     assert parse_reply("Explanation: dates\nScore: [3]") == ("dates", 3)
     assert parse_reply("Explanation: x\nScore: [5/4/3/2/1]") == ("x", None), "an echoed format is no score"
     assert parse_reply("I cannot tell.") == (None, None)
+    for reply, score in [("Score: 5/5", 5), ("**Score:** 4", 4), ("Score: 4 (clear pattern)", 4), ("score - 2", 2),
+                         ("Score: 3\nOn reflection,\nScore: 2", 2)]:
+        assert parse_reply(f"Explanation: x\n{reply}") == ("x", score), reply
     summary = summarise([{"score": 5}, {"score": 2}, {"score": None}])
     assert (summary["mean_score"], summary["n_unscored"], summary["top_score_share"]) == (3.5, 1, 0.5)
 
@@ -174,3 +177,28 @@ def test_malformed_features_file_is_one_line(content, expected, server, tmp_path
                            "--endpoint", url(server), "--model", "judge")
     assert_one_line_error(code, err, expected)
     assert server.requests == [], "a bad file is caught before any request"
+
+
+@pytest.mark.parametrize("server", ["500-after-2"], indirect=True)
+def test_a_failure_midway_keeps_the_replies_paid_for(server, features_dir, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "autointerp", "--features", str(features_dir),
+                           "--endpoint", url(server), "--model", "judge", "--retries", "0")
+    assert_one_line_error(code, err, "HTTP 500", "the 2 replies before it")
+    report = json.loads((features_dir / "autointerp.json").read_text())
+    assert report["n_scored"] == 2 and "HTTP 500" in report["stopped_early"]
+    assert "Partial report" in (features_dir / "autointerp.md").read_text()
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:8000/v1", "http://[::1", "ftp://host/v1"])
+def test_an_endpoint_that_is_no_http_url_is_one_line(endpoint, features_dir, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "autointerp", "--features", str(features_dir),
+                           "--endpoint", endpoint, "--model", "judge")
+    assert_one_line_error(code, err, "endpoint")
+
+
+def test_an_out_that_is_a_folder_is_refused_before_any_request(server, features_dir, tmp_path, monkeypatch,
+                                                               capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "autointerp", "--features", str(features_dir),
+                           "--endpoint", url(server), "--model", "judge", "--out", str(tmp_path))
+    assert_one_line_error(code, err, "is a folder")
+    assert server.requests == []

@@ -89,9 +89,10 @@ def explanation_prompt(feature: dict, n_contexts: int) -> str:
 
 def parse_reply(text: str) -> tuple[str | None, int | None]:
     """(explanation, score 1-5) from the two-line answer; None for a part the reply lacks."""
-    explanation = re.search(r"Explanation:\s*(.+)", text)
-    score = re.search(r"Score:\s*\[?([1-5])\]?\s*$", text, re.MULTILINE)
-    return (explanation.group(1).strip() if explanation else None), (int(score.group(1)) if score else None)
+    explanation = re.search(r"Explanation\W*(.+)", text, re.IGNORECASE)
+    # "Score: 4", "Score: [4]", "**Score:** 4", "Score: 5/5", "Score: 4 (clear)"; not an echoed "[5/4/3/2/1]"
+    scores = re.findall(r"Score\W*?\[?([1-5])\]?(?:\s*/\s*5)?(?![\d/])", text, re.IGNORECASE)
+    return (explanation.group(1).strip() if explanation else None), (int(scores[-1]) if scores else None)
 
 
 def summarise(results: list[dict]) -> dict:
@@ -110,6 +111,9 @@ def run_autointerp(cfg: AutointerpConfig) -> dict:
         raise UserError("no endpoint: give --endpoint URL (an OpenAI-compatible API) or 'endpoint' in --config")
     if cfg.model is None:
         raise UserError(f"no model name for endpoint {cfg.endpoint}: give --model NAME or 'model' in --config")
+    out = Path(cfg.out) if cfg.out else Path(cfg.features) / "autointerp.json"
+    if out.is_dir():  # found now, not after every request has been paid for
+        raise UserError(f"--out {out} is a folder: name a JSON file")
     api_key = api_key_from_env(cfg.api_key_env)
     features = sample_live_features(load_features(cfg.features), cfg.n_features, cfg.seed)
     # every prompt is built first, so a malformed context fails before any (paid) request
@@ -117,13 +121,25 @@ def run_autointerp(cfg: AutointerpConfig) -> dict:
     results = []
     for feature, prompt in tqdm(list(zip(features, prompts)), desc="autointerp", unit="feature", dynamic_ncols=True):
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
-        reply = chat_completion(cfg.endpoint, cfg.model, messages, api_key, cfg.timeout_s, cfg.retries)
+        try:
+            reply = chat_completion(cfg.endpoint, cfg.model, messages, api_key, cfg.timeout_s, cfg.retries)
+        except UserError as error:
+            if not results:
+                raise
+            # the replies so far were paid for: keep them, marked as a partial report
+            report = write_report(out, cfg, results, stopped=str(error))
+            raise UserError(f"{error} (stopped at feature {feature['id']}; the {len(results)} replies before it "
+                            f"are in {report['out']})") from None
         explanation, score = parse_reply(reply)
         results.append({"id": feature["id"], "explanation": explanation, "score": score, "reply": reply})
+    return write_report(out, cfg, results)
+
+
+def write_report(out: Path, cfg: AutointerpConfig, results: list[dict], stopped: str | None = None) -> dict:
+    """autointerp.json and its .md; `stopped` says why a partial report ends early."""
     report = {"features_file": str(Path(cfg.features) / FEATURES_FILE), "endpoint": cfg.endpoint,
               "model": cfg.model, "seed": cfg.seed, "n_contexts": cfg.n_contexts, "rubric": RUBRIC,
-              **summarise(results), "features": results}
-    out = Path(cfg.out) if cfg.out else Path(cfg.features) / "autointerp.json"
+              "stopped_early": stopped, **summarise(results), "features": results}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out, json.dumps(report, indent=2))
     write_text_atomically(out.with_suffix(".md"), report_markdown(report))
@@ -141,6 +157,7 @@ def report_markdown(report: dict) -> str:
         f"{report['n_contexts']} contexts per feature.", "",
         f"**Mean score {mean}** over {report['n_scored']} scored features "
         f"({report['n_unscored']} replies without a score); scored 5: {top}; counts {counts}.", "",
+        *([f"**Partial report**: stopped early ({report['stopped_early']}).", ""] if report["stopped_early"] else []),
         "| feature | score | explanation |", "|---:|---:|---|",
     ]
     for r in report["features"]:
