@@ -219,6 +219,8 @@ def hand_built_records() -> list[dict]:
         feature(7, 0.1, [context(["a", " small", " robot", "."], 2, 3.0), context([" the", " Robot"], 1, 2.0)]),
         feature(12, 0.0, [context(["</script><!--", " x"], 0, 1.0)]),
         feature(40, 0.6, [context(["<|im_start|>", "user"], 1, 2.5)]),
+        feature(50, 0.0, [context(["user", "\n", "Hi"], 1, 1.2)]),
+        feature(60, 0.0, [context([" in", " 2024"], 1, 1.1)]),
     ]
 
 
@@ -232,7 +234,7 @@ def test_dashboard_is_one_offline_file_that_escapes_token_text():
     assert not re.search(r"https?://|<link|<script src|@import|url\(", html)
     data = json.loads(re.search(r"const DATA = (.*);\n", html).group(1))
     assert [f["id"] for f in data["features"]] == [3, 7, 40]  # capped at 3: special-token features kept first
-    assert all(len(f["top"]) == 1 for f in data["features"]) and data["n_live"] == 4
+    assert all(len(f["top"]) == 1 for f in data["features"]) and data["n_live"] == 6
 
 
 def chromium_or_skip() -> Path:
@@ -277,7 +279,7 @@ def hand_built_page(tmp_path) -> Path:
 
 
 def test_dashboard_search_in_headless_chromium(hand_built_page, tmp_path):
-    assert shown_features(tmp_path, hand_built_page, "") == [3, 7, 12, 40]
+    assert shown_features(tmp_path, hand_built_page, "") == [3, 7, 12, 40, 50, 60]
     # the firing token counts, not the context: feature 40 fires on "user" after an <|im_start|>
     assert shown_features(tmp_path, hand_built_page, "q=im_start") == [3]
     assert shown_features(tmp_path, hand_built_page, "q=user") == [40]
@@ -285,6 +287,12 @@ def test_dashboard_search_in_headless_chromium(hand_built_page, tmp_path):
     assert shown_features(tmp_path, hand_built_page, "feature=12") == [12]
     assert shown_features(tmp_path, hand_built_page, "q=7") == [7]
     assert shown_features(tmp_path, hand_built_page, "special=1") == [3, 40]
+    # a newline token is found by the symbol the page shows for it; digits are an id unless token: says otherwise
+    assert shown_features(tmp_path, hand_built_page, "q=%E2%86%B5") == [50]
+    assert shown_features(tmp_path, hand_built_page, "q=2024") == []
+    assert shown_features(tmp_path, hand_built_page, "q=token:2024") == [60]
+    assert "is not one of the 6 this page embeds" in run_chromium(
+        tmp_path, "--virtual-time-budget=5000", "--dump-dom", f"{hand_built_page.as_uri()}#q=2024")
 
 
 def test_dashboard_screenshot_in_headless_chromium(hand_built_page, tmp_path):
