@@ -74,3 +74,15 @@ def test_missing_required_option(monkeypatch, capsys):
 def test_a_bad_flag_gets_one_line(args, expected, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert_one_line_error(code, err, expected)
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "tpu"])
+def test_a_device_this_machine_lacks_is_one_line(device, monkeypatch, capsys, tiny_model_dir, dialogues_jsonl,
+                                                tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset",
+                           str(dialogues_jsonl), "--layers", "1", "--out", str(tmp_path / "store"), "--device", device)
+    assert_one_line_error(code, err, device)
+    assert not (tmp_path / "store").exists()
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--store", str(tmp_path / "store"), "--out",
+                           str(tmp_path / "run"), "--device", device)
+    assert_one_line_error(code, err, device)

