@@ -1,15 +1,16 @@
-"""End-to-end extraction on a tiny random llama model: FAST isolation, BT blocks, resume, budget."""
+"""End-to-end extraction on a tiny random llama model: FAST isolation, BT blocks, budget, refusals.
+
+Resuming after a kill is tested once per store location in test_store_locations.py."""
 
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from instructsae.extract import run as extract_run
 from instructsae.extract.hooks import residuals_at_layers
 from instructsae.extract.models import load_model
 from instructsae.extract.run import run_extract
-from instructsae.extract.store import TOKEN_COLUMNS, layer_array_name, open_store
+from instructsae.extract.store import open_store
 from instructsae.schemas import ExtractConfig
 
 
@@ -70,44 +71,6 @@ def test_max_tokens_is_exact(tiny_model_dir, dialogues_jsonl, tmp_path):
     manifest = run_extract(cfg, show_progress=False)
     assert manifest.n_tokens == 100 and manifest.complete
     assert open_store(cfg.out).read_acts(0, 0, 1000).shape == (100, 64)
-
-
-def test_killed_and_resumed_extraction_equals_uninterrupted(tiny_model_dir, dialogues_jsonl, tmp_path,
-                                                            monkeypatch):
-    reference = config(tiny_model_dir, dialogues_jsonl, tmp_path / "reference", batch_tokens=64)
-    run_extract(reference, show_progress=False)
-    interrupted = reference.model_copy(update={"out": str(tmp_path / "interrupted")})
-
-    real_forward, calls = extract_run.forward_group, []
-
-    def dying_forward(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # stands in for a kill between groups
-        return real_forward(*args, **kwargs)
-
-    monkeypatch.setattr(extract_run, "forward_group", dying_forward)
-    with pytest.raises(KeyboardInterrupt):
-        run_extract(interrupted, show_progress=False)
-    monkeypatch.setattr(extract_run, "forward_group", real_forward)
-
-    partial = open_store(interrupted.out)
-    assert not partial.manifest.complete and 0 < partial.n_tokens < open_store(reference.out).n_tokens
-    # A kill between writing rows and committing the manifest leaves uncommitted rows: add some.
-    for name in [layer_array_name(0), "token_id"]:
-        array = zarr.open_array(f"{interrupted.out}/{name}", mode="r+")
-        committed = array.shape[0]
-        array.resize((committed + 7, *array.shape[1:]))
-        array[committed:] = 9
-
-    run_extract(interrupted, show_progress=False)
-    a, b = open_store(reference.out), open_store(interrupted.out)
-    assert b.manifest.complete and a.n_tokens == b.n_tokens and a.n_instances == b.n_instances
-    for name in list(TOKEN_COLUMNS) + ["instance_start", "instance_length", "instance_source"]:
-        np.testing.assert_array_equal(a.read_column(name), b.read_column(name))
-    for layer in (0, 1):
-        torch.testing.assert_close(a.read_acts(layer, 0, a.n_tokens), b.read_acts(layer, 0, b.n_tokens))
-    assert a.manifest.layer_stats == b.manifest.layer_stats
 
 
 def test_rerun_of_a_finished_store_does_nothing(tiny_model_dir, dialogues_jsonl, tmp_path, monkeypatch):

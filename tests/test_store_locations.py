@@ -73,10 +73,11 @@ def test_a_killed_extraction_resumes_to_the_same_store(place, tiny_model_dir, di
     monkeypatch.setattr(extract_run, "forward_group", real_forward)
     assert not open_store(interrupted.out).manifest.complete
     # rows written after the last commit (a kill between the two) are cut off on resume
-    array = zarr.open_array(f"{zarr_location(interrupted.out)}/{layer_array_name(0)}", mode="r+")
-    committed = array.shape[0]
-    array.resize((committed + 7, array.shape[1]))
-    array[committed:] = 9
+    for name in [layer_array_name(0), "token_id"]:
+        array = zarr.open_array(f"{zarr_location(interrupted.out)}/{name}", mode="r+")
+        committed = array.shape[0]
+        array.resize((committed + 7, *array.shape[1:]))
+        array[committed:] = 9
 
     run_extract(interrupted, show_progress=False)
     assert_same_store(open_store(reference.out), open_store(interrupted.out))
