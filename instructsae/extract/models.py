@@ -110,7 +110,6 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    checked_device(device)
     kind, folder, gguf_file = resolve_model(spec)
     try:
         if kind == "gguf":
