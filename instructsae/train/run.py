@@ -75,10 +75,14 @@ def split_chunks(n_chunks: int, holdout_fraction: float) -> tuple[list[int], lis
     return list(range(n_chunks - n_holdout)), list(range(n_chunks - n_holdout, n_chunks))
 
 
-def prepare_run_folder(root: Path) -> None:
-    """A rerun starts clean, but deletes only what a run writes: a mistyped --out must never wipe a folder."""
+def refuse_a_file_as_out(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} is a file, not a folder")
+
+
+def prepare_run_folder(root: Path) -> None:
+    """A rerun starts clean, but deletes only what a run writes: a mistyped --out must never wipe a folder."""
+    refuse_a_file_as_out(root)
     if root.exists():
         names = [entry.name for entry in root.iterdir()]
         foreign = sorted(name for name in names if name not in RUN_ENTRIES and not name.endswith(".partial"))

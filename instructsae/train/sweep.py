@@ -13,7 +13,9 @@ from instructsae.extract.store import open_complete_store
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import ARCHITECTURES, TrainConfig
 from instructsae.train.config import resolve_train_config
-from instructsae.train.run import CHECKPOINT_FILE, choose_layer, config_key, is_finished, train_saes
+from instructsae.train.run import (
+    CHECKPOINT_FILE, choose_layer, config_key, is_finished, refuse_a_file_as_out, train_saes,
+)
 from instructsae.train.sae import check_sae_config
 from instructsae.train.sweep_report import write_sweep_report
 
@@ -92,8 +94,7 @@ def _describe(sae: dict, optim: dict, top: dict) -> str:
 
 def run_sweep(sweep: SweepConfig, resume: bool = False) -> list[dict]:
     """Train the grid points not finished yet; then report on every finished SAE of this store in the folder."""
-    if Path(sweep.out).exists() and not Path(sweep.out).is_dir():
-        raise UserError(f"--out {sweep.out} is a file, not a folder")
+    refuse_a_file_as_out(Path(sweep.out))
     configs = expand_sweep(sweep)
     fingerprint = open_complete_store(sweep.store).manifest.fingerprint
     todo = [cfg for cfg in configs if not is_finished(Path(cfg.out), config_key(cfg, fingerprint))]
