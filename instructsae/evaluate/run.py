@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from instructsae.devices import resolve_device
 from instructsae.errors import UserError
 from instructsae.evaluate.breakdown import SequenceRoleSums
 from instructsae.evaluate.dialogues import first_stored_position, stored_sequences
@@ -55,6 +56,7 @@ def lm_metrics(saes: list[SparseAutoencoder], reader: StoreReader, layer: int, c
     """The LM view of SAEs of one layer on the store's first cfg.lm_tokens stored tokens, with the model that
     made the store, loaded once; the clean and ablated runs are shared by all of them."""
     identity = reader.manifest.identity
+    cfg = cfg.model_copy(update={"device": resolve_device(cfg.device)})
     lm = load_model(cfg.model or identity.model, identity.model_dtype, cfg.device)
     if lm.d_model != saes[0].d_in or layer >= lm.n_layers:
         raise UserError(f"model '{lm.name}' (d_model {lm.d_model}, {lm.n_layers} layers) cannot take an SAE of "

@@ -123,8 +123,21 @@ def load_tokenizer(spec: str):
         raise UserError(f"cannot load the tokenizer of '{spec}': {reason}") from None
 
 
+def _load_weights(source: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Attention through PyTorch's SDPA (flash / memory-efficient kernels on a GPU); the model's own attention
+    for the few architectures transformers has no SDPA path for."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    except ValueError as error:
+        if "sdpa" not in str(error).lower():
+            raise
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     quiet_transformers()
     checked_device(device)
@@ -134,7 +147,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         if kind == "gguf":
             source = str(_dequantize_gguf_once(folder, gguf_file))
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+        model = _load_weights(source, DTYPES[dtype])
     except UserError:
         raise
     except Exception as error:  # transformers raises many types; the user needs one line

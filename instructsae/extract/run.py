@@ -3,12 +3,14 @@
 import hashlib
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from instructsae import __version__
+from instructsae.devices import resolve_device, resolve_model_dtype
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader, dataset_sha256
 from instructsae.extract.hooks import residuals_at_layers
@@ -95,10 +97,22 @@ def padded_batch(group: list[TokenizedInstance], batch: list[int], pad_id: int) 
     return input_ids_BS
 
 
-def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractConfig) -> dict[int, list[torch.Tensor]]:
-    """{layer: per-instance [len, d_model] float32}, each instance computed with no other in its context."""
+@dataclass
+class GroupActs:
+    """What the LM gave for a group, already on the host: per layer, per instance, the activations in the store's
+    dtype and each token's squared norm (float64, taken before the cast, for the normalisation statistics)."""
+
+    acts: dict[int, list[torch.Tensor]]  # layer -> per instance [len, d_model], store dtype
+    sq_norms: dict[int, list[torch.Tensor]]  # layer -> per instance [len], float64
+
+
+def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractConfig) -> GroupActs:
+    """Every instance of the group computed with no other in its context. Activations leave the device in the
+    store's dtype (half the bytes over PCIe for bf16), their norms computed on the device first."""
     lengths = [len(instance.token_ids) for instance in group]
     per_instance: dict[int, list] = {layer: [None] * len(group) for layer in cfg.layers}
+    sq_norms: dict[int, list] = {layer: [None] * len(group) for layer in cfg.layers}
+    store_dtype = STORE_TORCH_DTYPES[cfg.dtype]
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     for batch in length_batches(lengths, batch_budget(cfg)):
         input_ids_BS = padded_batch(group, batch, pad_id).to(cfg.device)
@@ -106,15 +120,20 @@ def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractC
         # without a mask SDPA may pick its causal kernel (on this CPU no faster, BENCHMARKS.md, nor slower).
         residuals = residuals_at_layers(lm.model, cfg.layers, input_ids_BS)
         for layer, hidden_BSD in residuals.items():
+            squared_BS = hidden_BSD.float().pow(2).sum(-1, dtype=torch.float64)
+            stored_BSD = hidden_BSD.to(store_dtype).cpu()
+            squared_BS = squared_BS.cpu()
             for row, index in enumerate(batch):
-                per_instance[layer][index] = hidden_BSD[row, : lengths[index]].float().cpu()
-    return per_instance
+                per_instance[layer][index] = stored_BSD[row, : lengths[index]]
+                sq_norms[layer][index] = squared_BS[row, : lengths[index]]
+    return GroupActs(per_instance, sq_norms)
 
 
+STORE_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LayerSums = dict[int, tuple[int, float, float]]  # layer -> (count, sum ||x||^2, sum ||x||)
 
 
-def build_block(group: list[TokenizedInstance], acts: dict[int, list[torch.Tensor]], first_instance: int,
+def build_block(group: list[TokenizedInstance], acts: GroupActs, first_instance: int,
                 first_row: int, cfg: ExtractConfig) -> tuple[TokenBlock, LayerSums]:
     """Assemble a TokenBlock (the first token of each sequence dropped unless kept) and its norm sums."""
     drop = 0 if cfg.keep_first_token else 1
@@ -131,9 +150,9 @@ def build_block(group: list[TokenizedInstance], acts: dict[int, list[torch.Tenso
         sources.append(item.source_row)
         row += n
     layer_acts, stats = {}, {}
-    for layer, tensors in acts.items():
+    for layer, tensors in acts.acts.items():
         stacked_ND = torch.cat([tensor[drop:] for tensor in tensors])
-        squared_N = stacked_ND.pow(2).sum(-1, dtype=torch.float64)
+        squared_N = torch.cat([squared[drop:] for squared in acts.sq_norms[layer]])
         stats[layer] = (len(stacked_ND), float(squared_N.sum()), float(squared_N.sqrt().sum()))
         layer_acts[layer] = acts_to_storage(stacked_ND, cfg.dtype)
     block = TokenBlock(
@@ -158,7 +177,14 @@ def advance_manifest(manifest: StoreManifest, block: TokenBlock, stats: LayerSum
     })
 
 
+def resolved(cfg: ExtractConfig) -> ExtractConfig:
+    """`auto` device and model dtype made concrete: the identity records the dtype the model really ran in."""
+    device = resolve_device(cfg.device)
+    return cfg.model_copy(update={"device": device, "model_dtype": resolve_model_dtype(cfg.model_dtype, device)})
+
+
 def run_extract(cfg: ExtractConfig, show_progress: bool = True) -> StoreManifest:
+    cfg = resolved(cfg)
     lm = load_model(cfg.model, cfg.model_dtype, cfg.device)
     check_layers(cfg.layers, lm)
     dataset = DatasetReader(cfg.dataset, cfg.split)

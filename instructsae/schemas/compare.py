@@ -30,7 +30,8 @@ class CompareConfig(FrozenModel):
     train_tokens: int = Field(120_000, gt=0, description="training tokens per SAE (epochs over its store)")
     block_len: int = Field(2048, gt=1, description="BT block length")
     lm_tokens: int = Field(10_000, ge=0, description="held-out tokens for the spliced LM loss of each SAE (0: skip)")
-    device: str = Field("cpu", description="torch device, a runtime knob")
+    device: str = Field(
+        "auto", description="torch device, a runtime knob (auto: this rank's GPU when CUDA is present, else the CPU)")
     grid: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_GRID),
                                  description="sweep grid trained on each store (see instructsae sweep)")
     train: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_TRAIN),

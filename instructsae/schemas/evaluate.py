@@ -15,4 +15,5 @@ class LMViewConfig(FrozenModel):
         20_000, ge=0, description="stored tokens of the store's first sequences to run the LM view on (0: skip it)")
     batch_tokens: int | None = Field(
         None, gt=0, description="padded tokens per forward pass, a runtime knob (default: 1024 on CPU, 16384 on GPU)")
-    device: str = Field("cpu", description="torch device for the LM and the SAE in the LM view")
+    device: str = Field(
+        "auto", description="torch device for the LM and the SAE in the LM view (auto: CUDA when present, else CPU)")

@@ -31,9 +31,10 @@ class ExtractConfig(FrozenModel):
     max_len: int = Field(8192, gt=1, description="FAST: truncate each dialogue to this many tokens")
     block_len: int = Field(2048, gt=1, description="BT: length of each fixed block")
     dtype: StoreDtype = Field("bfloat16", description="dtype of the stored activations")
-    model_dtype: Literal["bfloat16", "float32"] = Field(
-        "float32",
-        description="dtype the LM computes in (bf16 suits GPUs; on CPUs without bf16 units it is ~5x slower)",
+    model_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="dtype the LM computes in: auto is bf16 on a GPU and float32 on a CPU (where bf16 is ~5x "
+        "slower without bf16 units); the store records the dtype used",
     )
     keep_first_token: bool = Field(
         False, description="store each sequence's first token (the attention sink, norm ~100x the rest)"
@@ -45,7 +46,9 @@ class ExtractConfig(FrozenModel):
         description="padded tokens per forward pass, a runtime knob (default: 1024 on CPU, where bigger "
         "batches measured slower, and 16384 on GPU)",
     )
-    device: str = Field("cpu", description="torch device for the LM, a runtime knob")
+    device: str = Field(
+        "auto", description="torch device for the LM, a runtime knob (auto: this rank's GPU when CUDA is present, "
+        "else the CPU)")
     overwrite: bool = Field(False, description="replace an existing store made with another config")
 
     @field_validator("layers")

@@ -79,7 +79,8 @@ class TrainConfig(FrozenModel):
     checkpoint_every: int = Field(10_000_000, gt=0, description="tokens between checkpoints (for --resume)")
     wandb: bool = Field(False, description="also log to Weights & Biases (needs `pip install wandb`)")
     wandb_project: str = Field("instructsae", description="Weights & Biases project for --wandb")
-    device: str = Field("cpu", description="torch device, a runtime knob")
+    device: str = Field(
+        "auto", description="torch device, a runtime knob (auto: this rank's GPU when CUDA is present, else the CPU)")
 
 
 # Presets override defaults and are overridden by YAML and CLI flags: {"train", "optim", "sae": {arch: ...}}.

@@ -14,7 +14,7 @@ import torch
 
 from instructsae import __version__
 from instructsae.charts import plot_training_curves
-from instructsae.devices import checked_device
+from instructsae.devices import resolve_device
 from instructsae.errors import UserError
 from instructsae.evaluate.metrics import ReconstructionSums
 from instructsae.extract.store import StoreReader, open_complete_store
@@ -140,7 +140,9 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
         differing = [name for name in STREAM_FIELDS if getattr(cfg, name) != getattr(first, name)]
         if differing:
             raise UserError(f"SAEs trained together must share {', '.join(differing)} ({cfg.out} differs)")
-    checked_device(first.device)
+    device = resolve_device(first.device)
+    configs = [cfg.model_copy(update={"device": device}) for cfg in configs]
+    first = configs[0]
     reader = open_complete_store(first.store)
     if reader.n_tokens == 0:
         raise UserError(f"store {first.store} holds no tokens")
