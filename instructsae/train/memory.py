@@ -3,6 +3,7 @@
 import psutil
 import torch
 
+from instructsae import distributed
 from instructsae.errors import UserError
 from instructsae.schemas.train import TrainConfig
 
@@ -34,7 +35,8 @@ def check_fits(configs: list[TrainConfig], d_model: int, n_layers: int) -> None:
     batch = max(first.batch_size * cfg.sae.expansion * d_model for cfg in configs) * FLOAT_BYTES * BATCH_COPIES
     buffer = first.buffer_tokens * n_layers * d_model * FLOAT_BYTES * BUFFER_COPIES
     on_device = first.device != "cpu"
-    free = free_bytes(first.device)
+    # Under torchrun the ranks of one machine share its host memory; each has its own GPU.
+    free = free_bytes(first.device) // (1 if on_device else distributed.ranks().local_world)
     need = sum(per_sae) + batch + (0 if on_device else buffer)
     if need <= free:
         return
@@ -42,5 +44,7 @@ def check_fits(configs: list[TrainConfig], d_model: int, n_layers: int) -> None:
     while fit < len(per_sae) and sum(per_sae[: fit + 1]) + batch + (0 if on_device else buffer) <= free:
         fit += 1
     where = first.device if on_device else "host"
+    if distributed.ranks().distributed:
+        where = f"rank {distributed.ranks().rank}'s {where}"
     raise UserError(f"{len(configs)} SAE(s) need ~{need / GIB:.1f} GiB of {where} memory but {free / GIB:.1f} GiB "
                     f"is free: at most {fit} fit at once; split the grid or lower expansion / batch_size")

@@ -3,11 +3,17 @@
 Each grid point becomes a full TrainConfig; all of them are checked against the store before any training.
 SAEs already finished in the sweep folder (same full config, same store) are skipped, so a rerun trains only
 new grid points.
+
+Under torchrun the SAEs left to train are spread over the ranks, balanced by estimated memory and FLOPs; every
+rank streams the same shuffled batches (each reads the store itself: same seed, same order) and trains its
+SAEs, so each SAE ends as it would in one process; rank 0 writes the report once every rank is done.
 """
 
 import itertools
 from pathlib import Path
 
+from instructsae import distributed
+from instructsae.devices import resolve_device
 from instructsae.errors import UserError
 from instructsae.extract.store import open_complete_store
 from instructsae.schemas.sweep import SweepConfig
@@ -16,6 +22,7 @@ from instructsae.train.config import resolve_train_config
 from instructsae.train.run import (
     CHECKPOINT_FILE, choose_layer, config_key, is_finished, refuse_a_file_as_out, train_saes,
 )
+from instructsae.train.memory import sae_bytes
 from instructsae.train.sae import check_sae_config
 from instructsae.train.sweep_report import write_sweep_report
 
@@ -92,15 +99,47 @@ def _describe(sae: dict, optim: dict, top: dict) -> str:
     return ", ".join(f"{name}={value}" for name, value in settings.items())
 
 
+def sae_flops_per_token(cfg: TrainConfig, d_model: int) -> float:
+    """Forward and backward of one token: the encoder is dense; TopK's decoder touches only k rows."""
+    d_sae = cfg.sae.expansion * d_model
+    decoder_rows = min(cfg.sae.k, d_sae) if hasattr(cfg.sae, "k") else d_sae
+    return 6.0 * d_model * (d_sae + decoder_rows)
+
+
+def rank_share(todo: list[TrainConfig], d_model: int, place: distributed.Ranks) -> list[TrainConfig]:
+    """The SAEs this rank trains: the grid balanced over the ranks by estimated memory and FLOPs."""
+    costs = [(float(sae_bytes(cfg, d_model)), sae_flops_per_token(cfg, d_model)) for cfg in todo]
+    owners = distributed.balanced_assignment(costs, place.world)
+    return [cfg for cfg, owner in zip(todo, owners) if owner == place.rank]
+
+
+def checkpoint_path(sweep_out: Path, place: distributed.Ranks) -> Path:
+    """One checkpoint per rank: each rank resumes its own SAEs (a rerun on another number of ranks starts
+    the unfinished ones afresh)."""
+    if not place.distributed:
+        return sweep_out / CHECKPOINT_FILE
+    return sweep_out / f"{Path(CHECKPOINT_FILE).stem}.rank{place.rank}-of-{place.world}.pt"
+
+
 def run_sweep(sweep: SweepConfig, resume: bool = False) -> list[dict]:
-    """Train the grid points not finished yet; then report on every finished SAE of this store in the folder."""
+    """Train the grid points not finished yet; then report on every finished SAE of this store in the folder.
+
+    Under torchrun, each rank trains its share; rank 0 returns the report's rows, the other ranks none."""
     refuse_a_file_as_out(Path(sweep.out))
     configs = expand_sweep(sweep)
-    fingerprint = open_complete_store(sweep.store).manifest.fingerprint
+    reader = open_complete_store(sweep.store)
+    fingerprint = reader.manifest.fingerprint
     todo = [cfg for cfg in configs if not is_finished(Path(cfg.out), config_key(cfg, fingerprint))]
-    print(f"sweep {sweep.out}: {len(configs)} SAEs in the grid, {len(configs) - len(todo)} already finished, "
-          f"training {len(todo)} in one pass over {sweep.store}")
+    place = distributed.start(resolve_device(todo[0].device)) if todo else distributed.ranks()
+    mine = rank_share(todo, reader.d_model, place)
+    if place.is_main:
+        spread = f" over {place.world} ranks" if place.distributed else ""
+        print(f"sweep {sweep.out}: {len(configs)} SAEs in the grid, {len(configs) - len(todo)} already finished, "
+              f"training {len(todo)} in one pass over {sweep.store}{spread}")
     Path(sweep.out).mkdir(parents=True, exist_ok=True)
-    if todo:
-        train_saes(todo, Path(sweep.out) / CHECKPOINT_FILE, resume)
-    return write_sweep_report(Path(sweep.out), fingerprint)
+    if mine:
+        train_saes(mine, checkpoint_path(Path(sweep.out), place), resume)
+    # Every rank's SAEs are finished before the report reads their summaries. A rank that fails exits instead
+    # (no barrier): torchrun then ends the others.
+    distributed.finish()
+    return write_sweep_report(Path(sweep.out), fingerprint) if place.is_main else []

@@ -1,0 +1,80 @@
+"""torchrun on the CPU (gloo): 2 ranks launched from the test through `python -m torch.distributed.run`, compared
+with one process. Every command runs with one thread per process, so the sums are the same sums."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from instructsae.distributed import balanced_assignment
+from instructsae.extract.run import run_extract
+from instructsae.schemas import ExtractConfig
+
+TIMEOUT = 300
+SWEEP = {
+    "base": {"tokens": 2048, "batch_size": 64, "buffer_tokens": 512, "holdout_fraction": 0.1, "log_every": 4,
+             "geometric_median_tokens": 128, "optim": {"lr": 3e-3, "lr_warmup_steps": 2, "beta1": 0.9,
+                                                       "sparsity_warmup_steps": 4}},
+    "grid": {"sae": [{"arch": "jumprelu", "sparsity_coeff": [1e-3, 3e-3]}, {"arch": "topk", "k": 4},
+                     {"arch": "standard", "sparsity_coeff": 0.05}], "expansion": [2]},
+}
+
+
+def env() -> dict:
+    """One thread per process (torchrun's own default for several ranks), the worktree's code in every rank."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def instructsae(*args: str, ranks: int | None = None) -> subprocess.CompletedProcess:
+    """`python -m instructsae ARGS`, or the same under torchrun with `ranks` processes."""
+    launcher = [] if ranks is None else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                         str(ranks)]
+    command = [sys.executable, *launcher, "-m", "instructsae", *args]
+    result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "sae_weights.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def small_store(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "store"
+    run_extract(ExtractConfig(model=str(tiny_model_dir), dataset="chatterbot", layers=(1,), max_instances=300,
+                              dtype="float32", chunk_tokens=64, out=str(out)), show_progress=False)
+    return out
+
+
+def test_balanced_assignment_spreads_cost_not_count():
+    # one big SAE and four small ones: the big one alone on a rank
+    owners = balanced_assignment([(8.0, 8.0), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0)], 2)
+    assert owners[0] != owners[1] and len({owners[i] for i in range(1, 5)}) == 1
+    assert balanced_assignment([(1.0, 1.0)] * 4, 2).count(0) == 2
+    assert balanced_assignment([(1.0, 2.0)], 3) == [0]  # a rank may get nothing
+
+
+def test_a_sweep_over_two_ranks_equals_one_process_bit_for_bit(small_store, tmp_path):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(SWEEP))
+    instructsae("sweep", "--config", str(config), "--store", str(small_store), "--out", str(tmp_path / "one"))
+    instructsae("sweep", "--config", str(config), "--store", str(small_store), "--out", str(tmp_path / "two"),
+                ranks=2)
+
+    folders = sorted(path.parent.name for path in (tmp_path / "one").glob("*/summary.json"))
+    assert len(folders) == 4
+    assert sorted(path.parent.name for path in (tmp_path / "two").glob("*/summary.json")) == folders
+    for name in folders:
+        single, spread = weights(tmp_path / "one" / name), weights(tmp_path / "two" / name)
+        for tensor in single:
+            assert torch.equal(single[tensor], spread[tensor]), (name, tensor)
+    for report in ("results.csv", "results.md", "frontier.png"):
+        assert (tmp_path / "two" / report).stat().st_size > 0
+    assert len((tmp_path / "two" / "results.csv").read_text().strip().splitlines()) == 5
+    assert not list((tmp_path / "two").glob("checkpoint*"))
