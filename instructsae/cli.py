@@ -64,7 +64,8 @@ def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_
     optim_flags = {name: options.pop(name) for name in OptimConfig.model_fields}
     cfg = resolve_train_config(read_yaml(config_file), preset, options, sae_flags, optim_flags)
     summary = run_training(cfg, resume=resume)
-    click.echo(json.dumps(summary, indent=2))
+    if summary is not None:  # under torchrun, rank 0 prints it
+        click.echo(json.dumps(summary, indent=2))
 
 
 @cli.command()

@@ -78,3 +78,27 @@ def test_a_sweep_over_two_ranks_equals_one_process_bit_for_bit(small_store, tmp_
         assert (tmp_path / "two" / report).stat().st_size > 0
     assert len((tmp_path / "two" / "results.csv").read_text().strip().splitlines()) == 5
     assert not list((tmp_path / "two").glob("checkpoint*"))
+
+
+def test_data_parallel_train_on_two_ranks_matches_one_process(small_store, tmp_path):
+    args = ["train", "--store", str(small_store), "--sae", "jumprelu", "--expansion", "2", "--tokens", "2048",
+            "--batch-size", "64", "--buffer-tokens", "512", "--geometric-median-tokens", "128", "--lr", "3e-3",
+            "--lr-warmup-steps", "2", "--beta1", "0.9", "--sparsity-warmup-steps", "4", "--log-every", "4"]
+    instructsae(*args, "--out", str(tmp_path / "one"))
+    result = instructsae(*args, "--out", str(tmp_path / "two"), ranks=2)
+
+    assert result.stdout.count('"nmse"') == 1  # rank 0 alone prints the summary
+    single, parallel = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for name in single:
+        torch.testing.assert_close(parallel[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert (tmp_path / "two" / "metrics.jsonl").read_text().count("\n") == \
+        (tmp_path / "one" / "metrics.jsonl").read_text().count("\n")
+
+
+def test_batchtopk_is_refused_data_parallel():
+    from instructsae.errors import UserError
+    from instructsae.train.parallel import check_splittable
+
+    with pytest.raises(UserError, match="batchtopk cannot train data-parallel"):
+        check_splittable("batchtopk")
+    check_splittable("jumprelu")

@@ -18,13 +18,17 @@ class DeadFeatureTracker:
 
     @torch.no_grad()
     def update(self, latents_BF: torch.Tensor) -> None:
-        fired_BF = latents_BF > self.threshold
-        fired_F = fired_BF.any(dim=0).cpu()
-        self.firing_counts_F += fired_BF.sum(dim=0).cpu()
+        self.add((latents_BF > self.threshold).sum(dim=0), latents_BF.shape[0])
+
+    @torch.no_grad()
+    def add(self, fired_counts_F: torch.Tensor, n_tokens: int) -> None:
+        """One step: on how many of its n_tokens tokens each feature fired (data-parallel ranks add theirs up)."""
+        fired_counts_F = fired_counts_F.cpu()
+        self.firing_counts_F += fired_counts_F
         self.steps_since_fired_F += 1
-        self.steps_since_fired_F[fired_F] = 0
+        self.steps_since_fired_F[fired_counts_F > 0] = 0
         self.steps += 1
-        self.tokens += latents_BF.shape[0]
+        self.tokens += n_tokens
 
     def dead_mask(self) -> torch.Tensor:
         return self.steps_since_fired_F >= min(self.window, max(self.steps, 1))

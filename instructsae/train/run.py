@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from instructsae import __version__
+from instructsae import __version__, distributed
 from instructsae.charts import plot_training_curves
 from instructsae.devices import resolve_device
 from instructsae.errors import UserError
@@ -25,6 +25,7 @@ from instructsae.train.dead import DeadFeatureTracker
 from instructsae.train.export import load_sae, save_sae
 from instructsae.train.init import geometric_median
 from instructsae.train.metrics_log import MetricsLog
+from instructsae.train.parallel import DataParallel, check_splittable
 from instructsae.train.sae import build_sae
 from instructsae.train.stream import ShuffledStream, prefetch_depth
 from instructsae.train.trainer import Trainee, train
@@ -133,8 +134,13 @@ class StoreView:
         return sum(min(chunk, total - i * chunk) for i in self.train_chunks)
 
 
-def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool = False) -> list[dict]:
-    """Train every config on the same batches from one pass over their (common) store; their summaries."""
+def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool = False,
+               parallel: DataParallel | None = None) -> list[dict]:
+    """Train every config on the same batches from one pass over their (common) store; their summaries.
+
+    Data-parallel (`parallel`): every rank steps on its slice of each batch; rank 0 alone writes the run folder
+    (metrics, checkpoints, the SAE, its summary) and returns the summaries, the other ranks none."""
+    writes = parallel is None or parallel.rank == 0
     first = configs[0]
     for cfg in configs[1:]:
         differing = [name for name in STREAM_FIELDS if getattr(cfg, name) != getattr(first, name)]
@@ -160,7 +166,7 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     saved = checkpoint.load(checkpoint_path, reader.manifest.fingerprint, keys) if resume else None
     if saved is None:
         checkpoint.refuse_to_overwrite(checkpoint_path)
-        for cfg in configs:
+        for cfg in configs if writes else ():
             prepare_run_folder(Path(cfg.out))
 
     tokens = first.tokens or view.train_tokens()
@@ -175,10 +181,11 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
 
     first_step, tokens_done = (saved["step"], saved["tokens"]) if saved is not None else (0, 0)
     logs = [MetricsLog(Path(cfg.out) / "metrics.jsonl", cfg, Path(cfg.out).name,
-                       keep_before_step=first_step if saved is not None else None) for cfg in configs]
+                       keep_before_step=first_step if saved is not None else None) if writes else _NoLog()
+            for cfg in configs]
     trainees = [Trainee(sae.to(cfg.device), cfg.optim, sparsity_coeff(cfg),
                         DeadFeatureTracker(sae.d_sae, cfg.dead_threshold, cfg.dead_window), log.write,
-                        layers.index(layer))
+                        layers.index(layer), parallel)
                 for sae, cfg, log, layer in zip(saes, configs, logs, member_layers)]
     if saved is not None:
         for trainee, state in zip(trainees, saved["trainees"]):
@@ -189,7 +196,7 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     every_steps = max(1, first.checkpoint_every // first.batch_size)
 
     def after_step(step: int, tokens_so_far: int) -> None:
-        if (step + 1) % every_steps == 0 and step + 1 < n_steps:
+        if writes and (step + 1) % every_steps == 0 and step + 1 < n_steps:
             checkpoint.save(checkpoint_path, {
                 "store_fingerprint": reader.manifest.fingerprint, "member_keys": keys, "step": step + 1,
                 "tokens": tokens_so_far, "stream": stream.state_dict(),
@@ -203,6 +210,8 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
         for log in logs:
             log.close()
     stats["stream_seconds"] = stream.seconds
+    if not writes:
+        return []
 
     exported = [_export(cfg, key, trainee.sae, layer, view) for cfg, key, trainee, layer
                 in zip(configs, keys, trainees, member_layers)]
@@ -213,8 +222,26 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     return summaries
 
 
-def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
-    return train_saes([cfg], Path(cfg.out) / CHECKPOINT_FILE, resume)[0]
+def run_training(cfg: TrainConfig, resume: bool = False) -> dict | None:
+    """One SAE; under torchrun, data-parallel over the ranks. The summary (None on ranks other than 0)."""
+    place = distributed.ranks()
+    if not place.distributed:
+        return train_saes([cfg], Path(cfg.out) / CHECKPOINT_FILE, resume)[0]
+    check_splittable(cfg.sae.arch)
+    distributed.start(resolve_device(cfg.device))
+    summaries = train_saes([cfg], Path(cfg.out) / CHECKPOINT_FILE, resume, DataParallel(place))
+    distributed.finish()  # the other ranks wait for rank 0's export; a failing rank exits before this instead
+    return summaries[0] if summaries else None
+
+
+class _NoLog:
+    """The metrics log of a data-parallel rank other than 0: rank 0 writes the one metrics.jsonl."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _initialise_decoder_bias(saes, member_layers: list[int], view: StoreView, cfg: TrainConfig) -> None:

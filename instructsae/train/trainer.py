@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from instructsae.schemas.train import OptimConfig
 from instructsae.train.dead import DeadFeatureTracker
+from instructsae.train.parallel import DataParallel
 from instructsae.train.sae import SparseAutoencoder
 
 
@@ -33,14 +34,19 @@ class Trainee:
     """One SAE under training: its optimiser, dead-feature counts and metrics log."""
 
     def __init__(self, sae: SparseAutoencoder, cfg: OptimConfig, final_sparsity_coeff: float,
-                 dead: DeadFeatureTracker, log: Callable[[dict], None], layer_index: int = 0):
+                 dead: DeadFeatureTracker, log: Callable[[dict], None], layer_index: int = 0,
+                 parallel: DataParallel | None = None):
         self.sae, self.cfg, self.final_sparsity_coeff = sae, cfg, final_sparsity_coeff
         self.dead, self.log, self.layer_index = dead, log, layer_index  # layer_index: which layer of a batch
+        self.parallel = parallel  # data-parallel: this rank steps on its slice of every batch
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         self.seconds = 0.0
 
     def step(self, x_BD: torch.Tensor, step: int, n_steps: int, log_this_step: bool, tokens: int) -> dict:
         started = time.perf_counter()
+        weight = 1.0
+        if self.parallel is not None:
+            x_BD, weight = self.parallel.slice(x_BD)
         lr = learning_rate(step, n_steps, self.cfg)
         coeff = sparsity_coefficient(step, self.final_sparsity_coeff, self.cfg.sparsity_warmup_steps)
         for group in self.optimizer.param_groups:
@@ -49,20 +55,23 @@ class Trainee:
         out = self.sae.training_loss(x_BD, coeff, self.dead.dead_mask().to(x_BD.device))
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        if self.parallel is not None:
+            self.parallel.reduce_gradients(self.sae.parameters(), weight)
         self.sae.before_optimizer_step()
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.sae.after_optimizer_step()
-        self.dead.update(out.latents_BF)
+        if self.parallel is None:
+            self.dead.update(out.latents_BF)
+        else:
+            self.dead.add(*self.parallel.fired_counts(out.latents_BF, self.dead.threshold, weight))
 
         record = {}
         if log_this_step:
-            with torch.no_grad():
-                nmse = float(out.mse * len(x_BD) / x_BD.pow(2).sum().clamp_min(1e-12))
-                l0 = float((out.latents_BF > 0).float().sum(dim=-1).mean())
-            record = {"step": step, "tokens": tokens, "loss": out.loss.item(), "mse": out.mse.item(),
-                      "sparsity": out.sparsity.item(), "nmse": nmse, "l0": l0,
+            loss, mse, sparsity, nmse, l0 = self._batch_metrics(x_BD, out, weight)
+            record = {"step": step, "tokens": tokens, "loss": loss, "mse": mse,
+                      "sparsity": sparsity, "nmse": nmse, "l0": l0,
                       "dead_fraction": self.dead.dead_fraction(), "lr": lr, "sparsity_coeff": coeff,
                       "firing_histogram": self.dead.firing_histogram()}
         self.seconds += time.perf_counter() - started
@@ -70,6 +79,21 @@ class Trainee:
             record["elapsed_s"] = round(self.seconds, 3)
             self.log(record)
         return record
+
+    @torch.no_grad()
+    def _batch_metrics(self, x_BD: torch.Tensor, out, weight: float) -> tuple[float, ...]:
+        """loss, mse, sparsity, NMSE and L0 of the batch (data-parallel: of the whole batch, the slices added)."""
+        if self.parallel is None:
+            nmse = float(out.mse * len(x_BD) / x_BD.pow(2).sum().clamp_min(1e-12))
+            l0 = float((out.latents_BF > 0).float().sum(dim=-1).mean())
+            return out.loss.item(), out.mse.item(), out.sparsity.item(), nmse, l0
+        l0_sum = float((out.latents_BF > 0).float().sum())
+        # slice means weighted by the slice's share add up to batch means; sums add up as they are
+        loss, mse, sparsity, sq_sum, l0_sum, n = self.parallel.batch_means(
+            [weight * out.loss.item(), weight * out.mse.item(), weight * out.sparsity.item(),
+             float(x_BD.pow(2).sum()) if weight else 0.0, l0_sum if weight else 0.0, len(x_BD) if weight else 0],
+            x_BD.device)
+        return loss, mse, sparsity, mse * n / max(sq_sum, 1e-12), l0_sum / max(n, 1)
 
     def state_dict(self) -> dict:
         return {"sae": self.sae.state_dict(), "sae_training_state": self.sae.training_state(),
