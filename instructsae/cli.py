@@ -33,13 +33,15 @@ def cli():
 @options_from(ExtractConfig)
 def extract(config_file, **options):
     """Run a causal LM over a dataset (FAST or BT) and store per-token activations in a zarr store."""
+    from instructsae import distributed
     from instructsae.extract.run import run_extract
 
     options["layers"] = split_list(options["layers"])
     cfg = build(ExtractConfig, read_yaml(config_file), options)
     manifest = run_extract(cfg)
-    click.echo(f"store {cfg.out}: {manifest.n_tokens:,} tokens, {manifest.n_instances:,} instances, "
-               f"layers {list(manifest.identity.layers)}, complete={manifest.complete}")
+    if distributed.ranks().is_main:  # under torchrun, rank 0 speaks for the store
+        click.echo(f"store {cfg.out}: {manifest.n_tokens:,} tokens, {manifest.n_instances:,} instances, "
+                   f"layers {list(manifest.identity.layers)}, complete={manifest.complete}")
 
 
 @cli.command()

@@ -42,6 +42,9 @@ class FakeReader:
         self.reads: list[tuple[int, int]] = []
         self.fail_after: int | None = None
 
+    def chunk_bounds(self, chunk_index: int) -> tuple[int, int]:
+        return chunk_index * CHUNK, min((chunk_index + 1) * CHUNK, self.n_tokens)
+
     def read_acts_chunk(self, layer: int, chunk_index: int) -> torch.Tensor:
         if self.fail_after is not None and len(self.reads) >= self.fail_after:
             raise OSError("disk gone")

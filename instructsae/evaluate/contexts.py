@@ -30,7 +30,7 @@ def gather_column(reader: StoreReader, name: str, rows: np.ndarray,
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]
     blocks, firsts = np.unique(sorted_rows // block_tokens, return_index=True)
-    out = np.empty(len(rows), dtype=reader.group[name].dtype)
+    out = np.empty(len(rows), dtype=reader.read_column(name, 0, 0).dtype)
     for block, first, last in zip(blocks, firsts, [*firsts[1:], len(rows)]):
         start = int(block) * block_tokens
         values = reader.read_column(name, start, start + block_tokens)

@@ -33,6 +33,24 @@ def within_budget(
             return
 
 
+def work_units(instances: Iterable[TokenizedInstance], part_tokens: int,
+               keep_first_token: bool) -> Iterator[tuple[int, list[TokenizedInstance]]]:
+    """(index, instances) of consecutive runs of whole instances holding at least part_tokens stored tokens
+    (the last may hold fewer): the units a multi-rank extraction shares out. They depend only on the planned
+    instances and part_tokens, never on the number of ranks, so a rerun on any number of ranks finds the same
+    units."""
+    unit: list[TokenizedInstance] = []
+    size, index = 0, 0
+    for instance in instances:
+        unit.append(instance)
+        size += stored_length(instance, keep_first_token)
+        if size >= part_tokens:
+            yield index, unit
+            unit, size, index = [], 0, index + 1
+    if unit:
+        yield index, unit
+
+
 def grouped(instances: Iterable[TokenizedInstance], group_tokens: int) -> Iterator[list[TokenizedInstance]]:
     """Consecutive instances gathered until group_tokens: the unit that is computed, written and committed."""
     group: list[TokenizedInstance] = []

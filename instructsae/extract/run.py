@@ -2,20 +2,21 @@
 
 import hashlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from instructsae import __version__
+from instructsae import __version__, distributed
 from instructsae.devices import resolve_device, resolve_model_dtype
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader, dataset_sha256
 from instructsae.extract.hooks import residuals_at_layers
 from instructsae.extract.instances import TokenizedInstance, bt_blocks, fast_instances
 from instructsae.extract.models import LoadedModel, load_model
+from instructsae.extract.parts import run_parts
 from instructsae.extract.plan import grouped, length_batches, within_budget
 from instructsae.extract.store import (
     StoreWriter, TokenBlock, acts_to_storage, default_chunk_tokens, is_store, location_is_occupied, read_manifest,
@@ -183,12 +184,22 @@ def resolved(cfg: ExtractConfig) -> ExtractConfig:
     return cfg.model_copy(update={"device": device, "model_dtype": resolve_model_dtype(cfg.model_dtype, device)})
 
 
+def multi_rank(cfg: ExtractConfig) -> bool:
+    """Under torchrun, or continuing a store that ranks started: one sub-store per work unit (parts.py)."""
+    if distributed.under_torchrun():
+        return True
+    return not cfg.overwrite and is_store(cfg.out) and read_manifest(cfg.out).part_tokens is not None
+
+
 def run_extract(cfg: ExtractConfig, show_progress: bool = True) -> StoreManifest:
     cfg = resolved(cfg)
     lm = load_model(cfg.model, cfg.model_dtype, cfg.device)
     check_layers(cfg.layers, lm)
     dataset = DatasetReader(cfg.dataset, cfg.split)
     identity = build_identity(cfg, lm, dataset_sha256(cfg.dataset, cfg.split))
+    if multi_rank(cfg):
+        return run_parts(cfg, lm, dataset, identity, getattr(lm.tokenizer, "chat_template", None),
+                         planned_instances(cfg, lm, dataset), show_progress)
     writer = open_writer(cfg, identity, getattr(lm.tokenizer, "chat_template", None))
     if writer is None:
         manifest = read_manifest(cfg.out)
@@ -203,6 +214,24 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = True) -> StoreManifest
         raise
 
 
+def write_instances(writer: StoreWriter, instances: Iterable[TokenizedInstance], cfg: ExtractConfig,
+                    lm: LoadedModel, dataset: DatasetReader, bar: tqdm) -> StoreManifest:
+    """Compute the instances group by group and append them after the writer's last commit (on a background
+    thread); the manifest of the last commit."""
+    manifest = writer.manifest
+    background = BackgroundWriter(writer)
+    try:
+        for group in grouped(instances, group_tokens(cfg, manifest.identity.chunk_tokens)):
+            acts = forward_group(lm, group, cfg)
+            block, stats = build_block(group, acts, manifest.n_instances, manifest.n_tokens, cfg)
+            manifest = advance_manifest(manifest, block, stats, dataset)
+            background.submit(block, manifest)
+            bar.update(block.n_tokens)
+    finally:
+        background.close()
+    return manifest
+
+
 def _extract_into(writer: StoreWriter, cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader,
                   show_progress: bool) -> StoreManifest:
     manifest = writer.manifest
@@ -213,19 +242,12 @@ def _extract_into(writer: StoreWriter, cfg: ExtractConfig, lm: LoadedModel, data
         raise UserError(f"dataset '{cfg.dataset}' gave no usable instances "
                         f"({dataset.rows_skipped} rows skipped as unusable)")
     instances = itertools.chain([first], instances) if first is not None else iter(())
-    background = BackgroundWriter(writer)
     bar = tqdm(total=cfg.max_tokens, initial=manifest.n_tokens, unit="tok", unit_scale=True,
                desc="extract", disable=not show_progress, dynamic_ncols=True)
     try:
-        for group in grouped(instances, group_tokens(cfg, manifest.identity.chunk_tokens)):
-            acts = forward_group(lm, group, cfg)
-            block, stats = build_block(group, acts, manifest.n_instances, manifest.n_tokens, cfg)
-            manifest = advance_manifest(manifest, block, stats, dataset)
-            background.submit(block, manifest)
-            bar.update(block.n_tokens)
+        manifest = write_instances(writer, instances, cfg, lm, dataset, bar)
     finally:
         bar.close()
-        background.close()
     manifest = manifest.model_copy(update={"complete": True, "rows_used": dataset.rows_used,
                                            "rows_skipped": dataset.rows_skipped})
     writer.commit(manifest)

@@ -229,6 +229,13 @@ def open_store(path: str | Path) -> StoreReader:
     if not is_store(path):
         raise UserError(f"not an instructsae store (no zarr group with a manifest): {path}")
     try:
+        manifest = read_manifest(path)
+        if manifest.part_tokens is not None:  # written by several ranks: its parts read as one store
+            from instructsae.extract.store_parts import PartsReader
+
+            return PartsReader(path, manifest)
         return StoreReader(path)
+    except UserError:
+        raise
     except Exception as error:
         raise UserError(f"store {path} has an unreadable manifest: {str(error).splitlines()[0]}") from None

@@ -46,6 +46,11 @@ class ExtractConfig(FrozenModel):
         description="padded tokens per forward pass, a runtime knob (default: 1024 on CPU, where bigger "
         "batches measured slower, and 16384 on GPU)",
     )
+    part_tokens: int | None = Field(
+        None, gt=0,
+        description="under torchrun: stored tokens per work unit shared out to the ranks (default: 64 chunks); a "
+        "store keeps the value it was started with",
+    )
     device: str = Field(
         "auto", description="torch device for the LM, a runtime knob (auto: this rank's GPU when CUDA is present, "
         "else the CPU)")

@@ -62,6 +62,14 @@ class StoreIdentity(FrozenModel):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class StorePart(FrozenModel):
+    """One work unit of a multi-rank store: a sub-store under `parts/`, whole instances in the store's order."""
+
+    name: str
+    n_tokens: int
+    n_instances: int
+
+
 class StoreManifest(FrozenModel):
     format_version: int = FORMAT_VERSION
     tool_version: str
@@ -74,3 +82,8 @@ class StoreManifest(FrozenModel):
     rows_skipped: int = Field(0, description="dataset rows skipped as unusable (empty, unknown speaker, cut off)")
     layer_stats: dict[str, LayerStats] = Field(default_factory=dict)
     complete: bool = False
+    part_tokens: int | None = Field(
+        None, description="a store written under torchrun: the stored tokens of each work unit, one sub-store per "
+        "unit under parts/ (None: one store, written by one process)")
+    parts: list[StorePart] = Field(
+        default_factory=list, description="a multi-rank store, once complete: its work units in the store's order")

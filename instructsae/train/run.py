@@ -130,8 +130,7 @@ class StoreView:
         return parts[0] if len(parts) == 1 else torch.stack(parts, dim=1)
 
     def train_tokens(self) -> int:
-        chunk, total = self.reader.chunk_tokens, self.reader.n_tokens
-        return sum(min(chunk, total - i * chunk) for i in self.train_chunks)
+        return sum(stop - start for start, stop in map(self.reader.chunk_bounds, self.train_chunks))
 
 
 def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool = False,

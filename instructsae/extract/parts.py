@@ -1,0 +1,146 @@
+"""`instructsae extract` under torchrun: N ranks write one store, one sub-store per work unit (store_parts.py).
+
+Every rank plans the same instances (the whole store's --max-tokens / --max-instances) and cuts them into the same
+work units (plan.work_units: they depend on the dataset and config only). Before anyone writes, every rank notes
+which units are already complete; the others are dealt out in turn, the j-th unfinished unit to rank j mod N.
+Units hold equal token counts, so dealing them out balances tokens. Each rank extracts its units into their own
+parts, each resumable like any store. When all ranks are done, rank 0 checks every part, sums their counts and
+statistics into the top-level manifest and marks the store complete.
+
+A killed rank (torchrun then ends the others) leaves complete parts, at most one partial part per rank and an
+incomplete store; the same command on any number of ranks keeps the complete parts, resumes the partial ones from
+their last commit, and ends with exactly the instances of a single-process run.
+"""
+
+from collections.abc import Iterable
+
+from tqdm import tqdm
+
+from instructsae import __version__, distributed
+from instructsae.errors import UserError
+from instructsae.extract.data import DatasetReader
+from instructsae.extract.instances import TokenizedInstance
+from instructsae.extract.models import LoadedModel
+from instructsae.extract.plan import work_units
+from instructsae.extract.store import (
+    StoreWriter, is_store, location_is_occupied, read_manifest, remove_store, zarr_location,
+)
+from instructsae.extract.store_parts import existing_parts, part_location, part_name
+from instructsae.schemas.extract import ExtractConfig
+from instructsae.schemas.manifest import MANIFEST_KEY, LayerStats, StoreIdentity, StoreManifest, StorePart
+
+CHUNKS_PER_PART = 64
+
+
+def default_part_tokens(chunk_tokens: int) -> int:
+    return CHUNKS_PER_PART * chunk_tokens
+
+
+def commit_top(out: str, manifest: StoreManifest, create: bool = False) -> None:
+    """The top-level group holds only the manifest, the whole store's commit record."""
+    import zarr
+
+    group = zarr.open_group(zarr_location(out), mode="w" if create else "r+", zarr_format=3)
+    group.attrs[MANIFEST_KEY] = manifest.model_dump(mode="json")
+
+
+def check_top(cfg: ExtractConfig, identity: StoreIdentity) -> StoreManifest | None:
+    """The existing multi-rank store at --out to continue, or None when a new one is to be made (refusals as for
+    one process; every rank checks, only rank 0 then creates)."""
+    out = cfg.out
+    if is_store(out) and not cfg.overwrite:
+        existing = read_manifest(out)
+        if existing.fingerprint != identity.fingerprint():
+            raise UserError(f"store {out} was made with another config (fingerprint {existing.fingerprint}, "
+                            f"this config {identity.fingerprint()}): use --overwrite or another --out")
+        if existing.part_tokens is None and not existing.complete:
+            raise UserError(f"store {out} was started by one process: finish it without torchrun, or --overwrite")
+        if cfg.part_tokens is not None and existing.part_tokens not in (None, cfg.part_tokens):
+            raise UserError(f"store {out} was started with --part-tokens {existing.part_tokens}, "
+                            f"not {cfg.part_tokens}: rerun without it or with that value")
+        return existing
+    if location_is_occupied(out) and not cfg.overwrite:
+        raise UserError(f"output path exists and is not a store: {out} (use --overwrite to replace it)")
+    return None
+
+
+def run_parts(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader, identity: StoreIdentity,
+              chat_template: str | None, planned: Iterable[TokenizedInstance], show_progress: bool) -> StoreManifest:
+    """This rank's share of a multi-rank extraction; `planned`: the whole store's instances, in order."""
+    place = distributed.start(cfg.device)
+    top = check_top(cfg, identity)
+    if place.is_main and top is None:
+        remove_store(cfg.out)
+        top = StoreManifest(tool_version=__version__, identity=identity, fingerprint=identity.fingerprint(),
+                            chat_template=chat_template,
+                            part_tokens=cfg.part_tokens or default_part_tokens(identity.chunk_tokens))
+        commit_top(cfg.out, top, create=True)
+    distributed.barrier()  # the top-level store exists before any rank reads it
+    top = read_manifest(cfg.out)
+    if top.complete:
+        if place.is_main:
+            tqdm.write(f"store {cfg.out} is already complete ({top.n_tokens:,} tokens); nothing to do")
+        distributed.finish()
+        return top
+    done = {index for index, manifest in existing_parts(cfg.out).items() if manifest.complete}
+    distributed.barrier()  # every rank has seen the same finished units before any rank writes
+
+    bar = tqdm(desc=f"extract (rank {place.rank}/{place.world})", unit="tok", unit_scale=True, dynamic_ncols=True,
+               disable=not show_progress or not place.is_main)
+    n_units, pending = 0, 0
+    try:
+        for index, unit in work_units(planned, top.part_tokens, cfg.keep_first_token):
+            n_units = index + 1
+            if index in done:
+                continue
+            if pending % place.world == place.rank:
+                extract_unit(cfg, lm, dataset, part_location(cfg.out, index), top, unit, bar)
+            pending += 1
+    finally:
+        bar.close()
+    if n_units == 0:
+        raise UserError(f"dataset '{cfg.dataset}' gave no usable instances "
+                        f"({dataset.rows_skipped} rows skipped as unusable)")
+    distributed.barrier()  # every unit is written
+    if place.is_main:
+        top = finish_top(cfg.out, top, n_units, dataset)
+    distributed.finish()  # rank 0 has committed the whole store before any rank returns
+    return read_manifest(cfg.out)
+
+
+def extract_unit(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader, location: str, top: StoreManifest,
+                 unit: list[TokenizedInstance], bar) -> None:
+    """One work unit into its own part: created, or resumed from its last commit."""
+    from instructsae.extract.run import write_instances
+
+    if is_store(location):
+        writer = StoreWriter.resume(location)
+    else:
+        fresh = StoreManifest(tool_version=__version__, identity=top.identity, fingerprint=top.fingerprint,
+                              chat_template=top.chat_template)
+        writer = StoreWriter.create(location, fresh)
+    manifest = write_instances(writer, unit[writer.manifest.n_instances:], cfg, lm, dataset, bar)
+    writer.commit(manifest.model_copy(update={"complete": True}))
+
+
+def finish_top(out: str, top: StoreManifest, n_units: int, dataset: DatasetReader) -> StoreManifest:
+    """Every part checked complete; their counts and norm sums become the whole store's; complete."""
+    parts = existing_parts(out)
+    missing = [index for index in range(n_units) if index not in parts or not parts[index].complete]
+    if missing:
+        raise UserError(f"store {out}: work unit {part_name(missing[0])} is not complete after every rank finished")
+    layer_stats: dict[str, LayerStats] = {}
+    for index in range(n_units):
+        for layer, stats in parts[index].layer_stats.items():
+            layer_stats[layer] = layer_stats.get(layer, LayerStats()).add(stats.count, stats.sum_sq_norm,
+                                                                          stats.sum_norm)
+    manifest = top.model_copy(update={
+        "n_tokens": sum(parts[i].n_tokens for i in range(n_units)),
+        "n_instances": sum(parts[i].n_instances for i in range(n_units)),
+        "rows_used": dataset.rows_used, "rows_skipped": dataset.rows_skipped, "layer_stats": layer_stats,
+        "parts": [StorePart(name=part_name(i), n_tokens=parts[i].n_tokens, n_instances=parts[i].n_instances)
+                  for i in range(n_units)],
+        "complete": True,
+    })
+    commit_top(out, manifest)
+    return manifest
