@@ -69,6 +69,7 @@ def run_parts(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader, ident
     """This rank's share of a multi-rank extraction; `planned`: the whole store's instances, in order."""
     place = distributed.start(cfg.device)
     top = check_top(cfg, identity)
+    distributed.barrier()  # every rank has looked at --out before rank 0 creates anything there
     if place.is_main and top is None:
         remove_store(cfg.out)
         top = StoreManifest(tool_version=__version__, identity=identity, fingerprint=identity.fingerprint(),

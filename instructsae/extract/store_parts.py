@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from instructsae.errors import UserError
-from instructsae.extract.store import INSTANCE_COLUMNS, StoreReader, _filesystem, is_store, read_manifest
+from instructsae.extract.store import INSTANCE_COLUMNS, TOKEN_COLUMNS, StoreReader, _filesystem, is_store, read_manifest
 from instructsae.schemas.manifest import StoreManifest
 
 PARTS_FOLDER = "parts"
@@ -96,7 +96,7 @@ class PartsReader:
             pieces.append(values)
         if pieces:
             return np.concatenate(pieces)
-        return self.parts[0].read_column(name, 0, 0) if self.parts else np.empty(0)
+        return np.empty(0, dtype={**TOKEN_COLUMNS, **INSTANCE_COLUMNS}[name])
 
     @staticmethod
     def _spans(offsets: np.ndarray, start: int, stop: int) -> list[tuple[int, int, int]]:
