@@ -65,7 +65,7 @@ def bare_forward(lm, cfg, instances) -> int:
     from instructsae.extract import run as extract_run
     from instructsae.extract.models import decoder_layers
     from instructsae.extract.plan import grouped, length_batches
-    from instructsae.extract.store import default_chunk_tokens
+    from instructsae.store.layout import default_chunk_tokens
 
     layers = decoder_layers(lm.model)
     base = lm.model.base_model
@@ -145,7 +145,7 @@ def sae_training(d_model: int, clock: Clock, steps: int = 50) -> None:
 
 def stream(store: str, clock: Clock, tokens: int = 4_000_000) -> None:
     """Section 4: the shuffled stream as `train` runs it on an accelerator, batches moved to the GPU."""
-    from instructsae.extract.store import open_store
+    from instructsae.store.reader import open_store
     from instructsae.train.stream import ShuffledStream, prefetch_depth
 
     if not clock.allows(60, "stream"):
@@ -180,7 +180,7 @@ def main() -> int:
     folder = tempfile.mkdtemp(prefix="gpu-bench-")
     try:
         store = extraction(model, args.dialogues, folder, clock)
-        from instructsae.extract.store import read_manifest
+        from instructsae.store.reader import read_manifest
 
         d_model = read_manifest(store).identity.d_model if store else 2048
         sae_training(d_model, clock)

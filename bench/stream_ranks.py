@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from instructsae.extract.store import StoreWriter, TokenBlock, open_store
+from instructsae.store.layout import TokenBlock
+from instructsae.store.reader import open_store
+from instructsae.store.writer import StoreWriter
 from instructsae.schemas import LayerStats, StoreIdentity, StoreManifest
 from instructsae.train.stream import ShuffledStream
 

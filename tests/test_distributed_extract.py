@@ -15,8 +15,9 @@ from test_distributed import env, instructsae
 
 from instructsae.extract.plan import work_units
 from instructsae.extract.run import run_extract
-from instructsae.extract.store import TOKEN_COLUMNS, is_store, open_store, read_manifest
-from instructsae.extract.store_parts import existing_parts
+from instructsae.store.layout import TOKEN_COLUMNS
+from instructsae.store.parts import existing_parts
+from instructsae.store.reader import is_store, open_store, read_manifest
 from instructsae.schemas import ExtractConfig
 
 SETTINGS = dict(dataset="chatterbot", layers=(0, 1), max_instances=160, dtype="float32", chunk_tokens=32,

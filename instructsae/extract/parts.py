@@ -1,4 +1,4 @@
-"""`instructsae extract` under torchrun: N ranks write one store, one sub-store per work unit (store_parts.py).
+"""`instructsae extract` under torchrun: N ranks write one store, one sub-store per work unit (store/parts.py).
 
 Every rank plans the same instances (the whole store's --max-tokens / --max-instances) and cuts them into the same
 work units (plan.work_units: they depend on the dataset and config only). Before anyone writes, every rank notes
@@ -22,10 +22,10 @@ from instructsae.extract.data import DatasetReader
 from instructsae.extract.instances import TokenizedInstance
 from instructsae.extract.models import LoadedModel
 from instructsae.extract.plan import work_units
-from instructsae.extract.store import (
-    StoreWriter, is_store, location_is_occupied, read_manifest, remove_store, zarr_location,
-)
-from instructsae.extract.store_parts import existing_parts, part_location, part_name
+from instructsae.store.location import location_is_occupied, remove_store, zarr_location
+from instructsae.store.parts import existing_parts, part_location, part_name
+from instructsae.store.reader import is_store, read_manifest
+from instructsae.store.writer import StoreWriter
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.manifest import MANIFEST_KEY, LayerStats, StoreIdentity, StoreManifest, StorePart
 

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 from instructsae.errors import UserError
-from instructsae.extract.store import INSTANCE_COLUMNS, TOKEN_COLUMNS, StoreReader, _filesystem, is_store, read_manifest
+from instructsae.store.layout import INSTANCE_COLUMNS, TOKEN_COLUMNS
+from instructsae.store.location import _filesystem
+from instructsae.store.reader import StoreReader, is_store, read_manifest
 from instructsae.schemas.manifest import StoreManifest
 
 PARTS_FOLDER = "parts"
