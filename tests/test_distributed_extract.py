@@ -13,12 +13,14 @@ import pytest
 import torch
 from test_distributed import env, instructsae
 
+from instructsae.extract.inspect import describe_store
 from instructsae.extract.plan import work_units
 from instructsae.extract.run import run_extract
 from instructsae.store.layout import TOKEN_COLUMNS
 from instructsae.store.parts import existing_parts
 from instructsae.store.reader import is_store, open_store, read_manifest
-from instructsae.schemas import ExtractConfig
+from instructsae.schemas import ExtractConfig, JumpReLUConfig, OptimConfig, TrainConfig
+from instructsae.train.run import run_training, split_chunks
 
 SETTINGS = dict(dataset="chatterbot", layers=(0, 1), max_instances=160, dtype="float32", chunk_tokens=32,
                 batch_tokens=64)
@@ -70,6 +72,18 @@ def test_two_ranks_write_one_store_equal_to_one_process(tiny_model_dir, single, 
     assert_same_instances(single, tmp_path / "two")
     # the same command again: complete, nothing to do
     instructsae(*args(tiny_model_dir, tmp_path / "two"), ranks=2)
+
+    # readers see one store: its chunks are its parts' chunks, and training reads them like any store's
+    reader = open_store(tmp_path / "two")
+    assert f"{len(reader.parts)} work units" in describe_store(str(tmp_path / "two"), as_json=False)
+    assert reader.n_chunks == sum(part.n_chunks for part in reader.parts)
+    assert sum(stop - start for start, stop in map(reader.chunk_bounds, range(reader.n_chunks))) == reader.n_tokens
+    summary = run_training(TrainConfig(store=str(tmp_path / "two"), out=str(tmp_path / "sae"), layer=1,
+                                       sae=JumpReLUConfig(expansion=2), batch_size=64, buffer_tokens=256,
+                                       geometric_median_tokens=64, optim=OptimConfig(lr_warmup_steps=2)))
+    train_chunks, _ = split_chunks(reader.n_chunks, 0.05)
+    train_tokens = sum(stop - start for start, stop in map(reader.chunk_bounds, train_chunks))
+    assert summary["tokens_seen"] == train_tokens // 64 * 64  # one epoch of the training chunks, whole batches
 
 
 def kill_a_rank_midway(model_dir, out) -> None:

@@ -49,4 +49,7 @@ def describe_store(store: str, as_json: bool) -> str:
         "mean |x|^2  " + ", ".join(f"layer {k}: {v:.1f}" for k, v in summary["mean_sq_norm"].items()),
         f"fingerprint {manifest['fingerprint']}  (instructsae {manifest['tool_version']})",
     ]
+    if manifest.get("part_tokens") is not None:  # written under torchrun
+        lines.append(f"parts       {len(manifest['parts'])} work units of ~{manifest['part_tokens']:,} tokens under "
+                     f"parts/, written by torchrun ranks" + ("" if manifest["complete"] else " (so far: see parts/)"))
     return "\n".join(lines)
