@@ -15,7 +15,7 @@ HELDOUT ?= runs/demo/stores/fast-heldout
 EXTRA   ?=
 # OUT is the store for `extract` and the SAE folder for `train`.
 
-.PHONY: install demo test extract train sweep evaluate features inspect compare bench clean
+.PHONY: install demo test extract train sweep evaluate features inspect compare compare-large bench clean
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ evaluate: $(STAMP)
 # BT(P) vs BT(F) vs FAST on the embedded model: stores, SAE sweeps, held-out evaluation, runs/compare/report.md.
 compare: $(STAMP)
 	$(CLI) pipeline compare $(EXTRA)
+
+# The same at 300k tokens per store, 3 seeds, two held-out sets: runs/compare-large/report.md (< 90 min on 2 cores).
+compare-large: $(STAMP)
+	$(CLI) pipeline compare --config instructsae/configs/compare-large.yaml $(EXTRA)
 
 # SAE: an SAE folder, or the name of one of the demo's (runs/demo/saes/NAME); OUT: the dashboard's folder.
 features: $(STAMP)

@@ -160,13 +160,16 @@ def pipeline():
 
 
 @pipeline.command()
-@options_from(CompareConfig, skip=("grid", "train"))
+@options_from(CompareConfig, skip=("grid", "train", "heldout"))
+@click.option("--heldout", "heldout", multiple=True,
+              help=CompareConfig.model_fields["heldout"].description + " [default: chatterbot]")
 @click.option("--config", "config_file", type=click.Path(), help="YAML with any of these options, and grid/train")
-def compare(config_file, **options):
-    """BT(P) vs BT(F) vs FAST: same budget, same SAEs, one held-out FAST store; writes report.md and charts."""
+def compare(config_file, heldout, **options):
+    """BT(P) vs BT(F) vs FAST at matched L0 over seeds, with confidence intervals, on held-out dialogue sets;
+    writes report.md and frontier.png."""
     from instructsae.pipelines.compare import run_compare
 
-    run_compare(build(CompareConfig, read_yaml(config_file), options))
+    run_compare(build(CompareConfig, read_yaml(config_file), {**options, "heldout": tuple(heldout) or None}))
 
 
 def main() -> None:

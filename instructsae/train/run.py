@@ -45,6 +45,8 @@ STREAM_FIELDS = ("store", "tokens", "batch_size", "buffer_tokens", "holdout_frac
 def config_key(cfg: TrainConfig, store_fingerprint: str) -> str:
     """Names what an SAE is: its full config (runtime knobs aside) on this exact store."""
     settings = cfg.model_dump(mode="json", exclude=RUNTIME_FIELDS)
+    if settings["sae_seed"] in (None, cfg.seed):  # the same weights as no sae_seed: the same SAE (and old keys hold)
+        del settings["sae_seed"]
     text = json.dumps({"config": settings, "store": store_fingerprint}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -152,7 +154,8 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     memory.check_fits(configs, reader.d_model, len(layers))
     saes = []
     for cfg in configs:
-        torch.manual_seed(cfg.seed)  # each SAE starts as it would alone, whatever else trains beside it
+        # each SAE starts as it would alone, whatever else trains beside it; its own seed, not the stream's
+        torch.manual_seed(cfg.seed if cfg.sae_seed is None else cfg.sae_seed)
         saes.append(build_sae(cfg.sae, reader.d_model))
 
     saved = checkpoint.load(checkpoint_path, reader.manifest.fingerprint, keys) if resume else None

@@ -1,6 +1,9 @@
 """`instructsae sweep`: every SAE of a grid trained in one pass over one store.
 
 Each grid point becomes a full TrainConfig; all of them are checked against the store before any training.
+A seed axis (grid.seed / grid.seeds) sets each SAE's sae_seed: its initial weights follow its own seed, while
+the stream (chunk order, buffer shuffles, the b_dec sample) follows the base's `seed`, shared by every SAE of
+the one pass; so each SAE still equals its standalone run with the same seed and sae_seed.
 SAEs already finished in the sweep folder (same full config, same store) are skipped, so a rerun trains only
 new grid points.
 """
@@ -40,8 +43,9 @@ def grid_points(sweep: SweepConfig) -> list[tuple[dict, dict, dict]]:
         names = list(axes)
         for values in itertools.product(*axes.values()):
             sae = dict(zip(names, values))
-            for lr, layer in itertools.product(grid.lr or [None], grid.layer or [None]):
-                points.append((sae, {"lr": lr}, {"layer": layer}))
+            for lr, layer, seed in itertools.product(grid.lr or [None], grid.layer or [None],
+                                                     grid.seed_values() or [None]):
+                points.append((sae, {"lr": lr}, {"layer": layer, "sae_seed": seed}))
     return points
 
 
@@ -49,7 +53,8 @@ def point_name(cfg: TrainConfig, key: str) -> str:
     """A folder name a person can read, made unique by the config key."""
     sparsity = f"k{cfg.sae.k}" if hasattr(cfg.sae, "k") else f"c{cfg.sae.sparsity_coeff:g}"
     layer = "" if cfg.layer is None else f"-l{cfg.layer}"
-    return f"{cfg.sae.arch}-x{cfg.sae.expansion}-{sparsity}-lr{cfg.optim.lr:g}{layer}-{key[:6]}"
+    seed = "" if cfg.sae_seed is None else f"-s{cfg.sae_seed}"
+    return f"{cfg.sae.arch}-x{cfg.sae.expansion}-{sparsity}-lr{cfg.optim.lr:g}{layer}{seed}-{key[:6]}"
 
 
 def resolve_grid(sweep: SweepConfig) -> list[tuple[str, TrainConfig]]:
