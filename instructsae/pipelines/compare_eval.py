@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from instructsae.evaluate.run import evaluate_saes_on_store, store_batches
-from instructsae.extract.store import open_complete_store
+from instructsae.store.reader import open_complete_store
 from instructsae.fileio import write_atomically
 from instructsae.schemas.evaluate import LMViewConfig
 
