@@ -11,6 +11,11 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
+# fast enough to sparsify in 20 steps, so the three settings spread over L0 and the methods' ranges overlap
+TRAIN = {"batch_size": 32, "buffer_tokens": 128,
+         "optim": {"lr": 0.01, "lr_warmup_steps": 2, "beta1": 0.9, "sparsity_warmup_steps": 5}}
+
+
 def test_compare_writes_a_report_for_three_methods(tiny_model_dir, tmp_path, monkeypatch, capsys):
     dialogues = write_jsonl(tmp_path / "dialogues.jsonl", [{"messages": [
         {"role": "user", "content": f"Tell me story {i} about a robot."},
@@ -23,9 +28,8 @@ def test_compare_writes_a_report_for_three_methods(tiny_model_dir, tmp_path, mon
         for i in range(30)])
     config = tmp_path / "compare.yaml"
     config.write_text(json.dumps({
-        "grid": {"sae": [{"arch": "standard", "sparsity_coeff": [0.05, 0.2]},
-                         {"arch": "jumprelu", "sparsity_coeff": 0.001}], "expansion": [2]},
-        "train": {"batch_size": 32, "buffer_tokens": 128},
+        "grid": {"sae": [{"arch": "standard", "sparsity_coeff": [0.01, 0.1, 1.0]}], "expansion": [2]},
+        "train": TRAIN,
     }))
     args = ["--model", str(tiny_model_dir), "--dialogues", dialogues, "--pretraining-text", text, "--layer", "1",
             "--tokens", "400", "--heldout-tokens", "300", "--train-tokens", "640", "--block-len", "64",
@@ -50,15 +54,19 @@ def test_compare_writes_a_report_for_three_methods(tiny_model_dir, tmp_path, mon
         assert {row["metric"] for row in rows} >= {"nmse", "log2_eq7", "ce_recovered"}
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
     assert "| standard | NMSE |" in out
+    nmse = next(row for row in verdicts["later " + dialogues]["rows"] if row["metric"] == "nmse"
+                and row["other"] == "bt-f")
+    assert "refused" not in nmse, nmse  # the frontiers overlap: a verdict with its interval
+    assert nmse["l0_low"] <= nmse["l0_high"] and nmse["interval"][0] <= nmse["interval"][1]
 
     # a rerun with a smaller grid trains and evaluates nothing again, and reports its own SAEs only
-    config.write_text(json.dumps({"grid": {"sae": [{"arch": "jumprelu", "sparsity_coeff": 0.001}], "expansion": [2]},
-                                  "train": {"batch_size": 32, "buffer_tokens": 128}}))
+    config.write_text(json.dumps({"grid": {"sae": [{"arch": "standard", "sparsity_coeff": 0.1}], "expansion": [2]},
+                                  "train": TRAIN}))
     code, out, err = run_cli(monkeypatch, capsys, "pipeline", "compare", "--config", str(config), *args)
     assert code == 0, err
     assert "evaluating" not in out and "training 0 in one pass" in out
     rerun = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert len(rerun) == 3 * 3 * 2 and {r["architecture"] for r in rerun} == {"jumprelu"}
+    assert len(rerun) == 3 * 3 * 2 and {r["setting"] for r in rerun} == {"standard-x2-c0.1-lr0.01-l1"}
     kept = {(r["sae"], r["heldout"]): r["nmse"] for r in results}
     assert all(kept[(r["sae"], r["heldout"])] == r["nmse"] for r in rerun)
 

@@ -117,7 +117,7 @@ def run_compare(cfg: CompareConfig) -> str:
         sum_x_ID, d_model = instance_sums(extract_cfg.out, cfg.layer)
         analyses[name] = compare_methods(
             [{**sae, "sequences": sequences_of(result)} for sae, result in zip(saes, evaluated)], sum_x_ID, d_model,
-            "fast", ["bt-f", "bt-p"], cfg.bootstrap, cfg.confidence)
+            "fast", ["bt-f", "bt-p"], cfg.bootstrap, cfg.confidence, labels=LABELS)
     write_text_atomically(root / "results.json", json.dumps(results, indent=2))
     write_text_atomically(root / "verdicts.json", json.dumps(
         {name: {"rows": a["rows"], "n_sequences": a["n_sequences"], "seeds": a["seeds"]}

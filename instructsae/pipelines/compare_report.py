@@ -11,13 +11,12 @@ LABELS = {"bt-p": "BT(P)", "bt-f": "BT(F)", "fast": "FAST"}
 DIGITS = {"nmse": 4, "explained_variance": 4, "log2_eq7": 3, "log2_mse_st": 3, "ce_recovered": 3}
 
 WHY_THEY_DIFFER = (
-    "Per-token NMSE pools the squared error of every held-out token and divides by their pooled squared norm, so "
-    "long dialogues and their many content tokens dominate it; the FAST paper's Eq. 7 first averages the error "
-    "within each sequence and then over sequences, so every dialogue weighs the same and the short ones, where the "
-    "chat template and special tokens are a large share of the tokens, count far more. A method that mainly "
-    "reconstructs the template tokens better (which is what FAST changes: block training cuts and mixes them) "
-    "therefore moves Eq. 7 and MSE_st much more than NMSE, and Eq. 7 is an unnormalised MSE on a log2 scale, "
-    "not a fraction of the signal.")
+    "Per-token NMSE pools the squared error of every held-out token over their pooled squared norm, so long "
+    "dialogues and their many content tokens dominate it, while the FAST paper's Eq. 7 averages the error within "
+    "each sequence first and then over sequences, so every dialogue weighs the same and short ones, where chat "
+    "template and special tokens are a large share, count far more. A method that mostly mends the template "
+    "tokens (what FAST changes: block training cuts and mixes them) therefore moves Eq. 7 and MSE_st much more "
+    "than NMSE, and Eq. 7 is an unnormalised MSE on a log2 scale, not a fraction of the signal.")
 
 BOOTSTRAP = (
     "Each interval is a percentile bootstrap over two sources at once: the training seeds (each grid point's "

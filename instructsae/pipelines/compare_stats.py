@@ -116,7 +116,8 @@ def frontier_replicates(l0_BP: np.ndarray, value_BP: np.ndarray, at_l0_M: np.nda
 
 
 def compare_methods(saes: list[dict], sum_x_ID: np.ndarray, d_model: int, first: str, others: list[str],
-                    n_replicates: int = 1000, level: float = 0.95, seed: int = 0, points: int = 5) -> dict:
+                    n_replicates: int = 1000, level: float = 0.95, seed: int = 0, points: int = 5,
+                    labels: dict[str, str] | None = None) -> dict:
     """first − each of `others` per architecture and metric, at matched L0, with intervals and verdicts.
 
     `saes`: one dict per SAE with method, arch, setting, seed and `sequences` (as for sae_figures). Returns
@@ -150,24 +151,26 @@ def compare_methods(saes: list[dict], sum_x_ID: np.ndarray, d_model: int, first:
                                   for method, (l0_BP, value_BP) in curves.items()})
             for other in others:
                 if first in curves and other in curves:
-                    rows.append(_difference(curves[first], curves[other], first, other, arch, metric, level, points))
+                    rows.append(_difference(curves[first], curves[other], first, other, arch, metric, level, points,
+                                            labels or {}))
     return {"rows": rows, "frontiers": frontiers, "n_sequences": n_sequences, "n_replicates": n_replicates,
             "level": level, "seeds": {f"{m} {a}": [len(s) for s in settings.values()]
                                       for (m, a), settings in grouped.items()}}
 
 
 def _difference(first_curve, other_curve, first: str, other: str, arch: str, metric: Metric, level: float,
-                points: int) -> dict:
+                points: int, labels: dict[str, str]) -> dict:
     row = {"arch": arch, "metric": metric.key, "label": metric.label, "first": first, "other": other,
            "higher_is_better": metric.higher_is_better}
     (first_l0, first_value), (other_l0, other_value) = first_curve, other_curve
     if not (np.isfinite(first_value[0]).all() and np.isfinite(other_value[0]).all()):
         return {**row, "refused": "the figure is missing for some SAE (no such tokens, or no LM view)"}
     try:
-        low, high = common_l0_range({first: l0_range(first_l0[0]), other: l0_range(other_l0[0])})
+        first_name, other_name = labels.get(first, first), labels.get(other, other)
+        low, high = common_l0_range({first_name: l0_range(first_l0[0]), other_name: l0_range(other_l0[0])})
         at_l0_M = matched_l0_points(low, high, points)
-        delta_BM = (frontier_replicates(first_l0, first_value, at_l0_M, first)
-                    - frontier_replicates(other_l0, other_value, at_l0_M, other))
+        delta_BM = (frontier_replicates(first_l0, first_value, at_l0_M, first_name)
+                    - frontier_replicates(other_l0, other_value, at_l0_M, other_name))
     except OutsideFrontier as error:
         return {**row, "refused": str(error)}
     mean_B = delta_BM.mean(axis=1)  # averaged over the common range, evenly in log L0
