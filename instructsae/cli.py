@@ -1,4 +1,5 @@
-"""`instructsae extract | train | sweep | evaluate | features | steer | autointerp | inspect | demo | pipeline compare`.
+"""`instructsae extract | train | sweep | evaluate | features | steer | autointerp | inspect | verify | demo |
+pipeline compare`.
 
 Bad input: one line on stderr, exit 2."""
 
@@ -119,6 +120,20 @@ def inspect(store, as_json):
 
 
 @cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print the findings as JSON")
+def verify(store, as_json):
+    """Read a whole store back and name every bad chunk (missing, truncated, checksum, rows beyond the commit,
+    NaN/inf) and every disagreement between manifest and arrays. Exit 1 on any problem."""
+    from instructsae.store.verify import format_report, verify_report
+
+    report = verify_report(store, show_progress=not as_json)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@cli.command()
 @click.option("--out", default="runs/demo", show_default=True, help="folder for stores, SAEs and the table")
 @click.option("--train-tokens", type=int, default=None, help="tokens in the training store")
 def demo(out, train_tokens):
@@ -169,10 +184,20 @@ def compare(config_file, **options):
     run_compare(build(CompareConfig, read_yaml(config_file), options))
 
 
+def _end_progress_bars() -> None:
+    """A bar still drawn when an error stops a command (a bad chunk met mid-training) ends its line first,
+    so the error is a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except UserError as error:
+        _end_progress_bars()
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:

@@ -15,7 +15,9 @@ from instructsae.extract.hooks import residuals_at_layers
 from instructsae.extract.instances import TokenizedInstance, bt_blocks, fast_instances
 from instructsae.extract.models import LoadedModel, load_model
 from instructsae.extract.plan import grouped, length_batches, within_budget
-from instructsae.store.layout import TokenBlock, acts_to_storage, default_chunk_tokens
+from instructsae.store.layout import (
+    TokenBlock, acts_to_storage, count_nonfinite, default_chunk_tokens, default_shard_tokens,
+)
 from instructsae.store.location import location_is_occupied, remove_store
 from instructsae.store.reader import is_store, read_manifest
 from instructsae.store.writer import StoreWriter
@@ -26,6 +28,7 @@ from instructsae.schemas.manifest import LayerStats, StoreIdentity, StoreManifes
 
 def build_identity(cfg: ExtractConfig, lm: LoadedModel, dataset_hash: str) -> StoreIdentity:
     template = getattr(lm.tokenizer, "chat_template", None)
+    chunk_tokens = cfg.chunk_tokens or default_chunk_tokens(lm.d_model, cfg.dtype)
     return StoreIdentity(
         model=cfg.model, tokenizer=cfg.model,
         chat_template_sha256=hashlib.sha256(template.encode()).hexdigest() if template else None,
@@ -33,7 +36,7 @@ def build_identity(cfg: ExtractConfig, lm: LoadedModel, dataset_hash: str) -> St
         max_len=cfg.max_len, block_len=cfg.block_len, max_instances=cfg.max_instances,
         skip_instances=cfg.skip_instances, max_tokens=cfg.max_tokens, keep_first_token=cfg.keep_first_token,
         layers=cfg.layers, d_model=lm.d_model, dtype=cfg.dtype, model_dtype=cfg.model_dtype,
-        chunk_tokens=cfg.chunk_tokens or default_chunk_tokens(lm.d_model, cfg.dtype),
+        chunk_tokens=chunk_tokens, shard_tokens=default_shard_tokens(lm.d_model, cfg.dtype, chunk_tokens, cfg.shard_mb),
     )
 
 
@@ -111,7 +114,7 @@ def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractC
     return per_instance
 
 
-LayerSums = dict[int, tuple[int, float, float]]  # layer -> (count, sum ||x||^2, sum ||x||)
+LayerSums = dict[int, tuple[int, float, float, int]]  # layer -> (count, sum ||x||^2, sum ||x||, NaN/inf values)
 
 
 def build_block(group: list[TokenizedInstance], acts: dict[int, list[torch.Tensor]], first_instance: int,
@@ -134,8 +137,10 @@ def build_block(group: list[TokenizedInstance], acts: dict[int, list[torch.Tenso
     for layer, tensors in acts.items():
         stacked_ND = torch.cat([tensor[drop:] for tensor in tensors])
         squared_N = stacked_ND.pow(2).sum(-1, dtype=torch.float64)
-        stats[layer] = (len(stacked_ND), float(squared_N.sum()), float(squared_N.sqrt().sum()))
         layer_acts[layer] = acts_to_storage(stacked_ND, cfg.dtype)
+        # counted as stored: a finite float32 may still overflow float16
+        nonfinite = count_nonfinite(layer_acts[layer], cfg.dtype)
+        stats[layer] = (len(stacked_ND), float(squared_N.sum()), float(squared_N.sqrt().sum()), nonfinite)
     block = TokenBlock(
         acts=layer_acts, token_id=np.concatenate(token_id).astype(np.int32), instance=np.concatenate(instance),
         position=np.concatenate(position), role=np.concatenate(role).astype(np.uint8),
@@ -148,14 +153,26 @@ def build_block(group: list[TokenizedInstance], acts: dict[int, list[torch.Tenso
 def advance_manifest(manifest: StoreManifest, block: TokenBlock, stats: LayerSums,
                      dataset: DatasetReader) -> StoreManifest:
     layer_stats = dict(manifest.layer_stats)
-    for layer, (count, sum_sq, sum_norm) in stats.items():
-        layer_stats[str(layer)] = layer_stats.get(str(layer), LayerStats()).add(count, sum_sq, sum_norm)
+    for layer, (count, sum_sq, sum_norm, nonfinite) in stats.items():
+        layer_stats[str(layer)] = layer_stats.get(str(layer), LayerStats()).add(count, sum_sq, sum_norm, nonfinite)
     return manifest.model_copy(update={
         "n_tokens": manifest.n_tokens + block.n_tokens,
         "n_instances": manifest.n_instances + len(block.instance_start),
         "rows_used": dataset.rows_used, "rows_skipped": dataset.rows_skipped,
         "layer_stats": layer_stats,
     })
+
+
+def refuse_nonfinite(stats: LayerSums, group: list[TokenizedInstance], cfg: ExtractConfig) -> None:
+    """Stop at the first NaN/inf activation (before it is written) unless told to keep them: an SAE trained
+    on one has NaN weights. What came before stays committed; the store stays incomplete."""
+    bad = {layer: counts[3] for layer, counts in stats.items() if counts[3]}
+    if bad and not cfg.keep_nonfinite:
+        layer, count = next(iter(bad.items()))
+        rows = f"dataset rows {group[0].source_row}-{group[-1].source_row}"
+        raise UserError(f"{count:,} activations at layer {layer} are NaN or inf ({rows}; model dtype "
+                        f"{cfg.model_dtype}, store dtype {cfg.dtype}): stopped before storing them; "
+                        f"--keep-nonfinite stores and counts them")
 
 
 def run_extract(cfg: ExtractConfig, show_progress: bool = True) -> StoreManifest:
@@ -194,6 +211,7 @@ def _extract_into(writer: StoreWriter, cfg: ExtractConfig, lm: LoadedModel, data
         for group in grouped(instances, group_tokens(cfg, manifest.identity.chunk_tokens)):
             acts = forward_group(lm, group, cfg)
             block, stats = build_block(group, acts, manifest.n_instances, manifest.n_tokens, cfg)
+            refuse_nonfinite(stats, group, cfg)
             manifest = advance_manifest(manifest, block, stats, dataset)
             background.submit(block, manifest)
             bar.update(block.n_tokens)
@@ -202,7 +220,7 @@ def _extract_into(writer: StoreWriter, cfg: ExtractConfig, lm: LoadedModel, data
         background.close()
     manifest = manifest.model_copy(update={"complete": True, "rows_used": dataset.rows_used,
                                            "rows_skipped": dataset.rows_skipped})
-    writer.commit(manifest)
+    writer.finish(manifest)
     if dataset.rows_skipped:
         tqdm.write(f"note: {dataset.rows_skipped} dataset rows were unusable and skipped")
     return manifest

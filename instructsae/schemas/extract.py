@@ -39,6 +39,10 @@ class ExtractConfig(FrozenModel):
         False, description="store each sequence's first token (the attention sink, norm ~100x the rest)"
     )
     chunk_tokens: int | None = Field(None, gt=0, description="tokens per zarr chunk (default: ~4 MB chunks)")
+    shard_mb: float = Field(
+        512.0, gt=0,
+        description="MB of activations per shard file (whole chunks; a shard is written, and committed, at once)",
+    )
     # Runtime knobs below do not change the stored bytes, so they are not in the store fingerprint.
     batch_tokens: int | None = Field(
         None, gt=0,
@@ -47,6 +51,9 @@ class ExtractConfig(FrozenModel):
     )
     device: str = Field("cpu", description="torch device for the LM, a runtime knob")
     overwrite: bool = Field(False, description="replace an existing store made with another config")
+    keep_nonfinite: bool = Field(
+        False, description="store NaN/inf activations (counted in the manifest) instead of stopping at the first"
+    )
 
     @field_validator("layers")
     @classmethod

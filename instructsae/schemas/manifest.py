@@ -10,7 +10,8 @@ from instructsae.schemas.base import FrozenModel
 from instructsae.schemas.extract import StoreDtype
 
 MANIFEST_KEY = "instructsae"
-FORMAT_VERSION = 1
+# 2: sharded arrays with a crc32c on every inner chunk (1: one file per chunk, no checksums)
+FORMAT_VERSION = 2
 
 # Role codes stored per token.
 ROLES = ("template", "system", "user", "assistant", "text")
@@ -23,14 +24,16 @@ class LayerStats(FrozenModel):
     count: int = 0
     sum_sq_norm: float = 0.0
     sum_norm: float = 0.0
+    nonfinite: int = Field(0, description="NaN or inf activations among them (kept only by --keep-nonfinite)")
 
     @property
     def mean_sq_norm(self) -> float:
         return self.sum_sq_norm / max(self.count, 1)
 
-    def add(self, count: int, sum_sq_norm: float, sum_norm: float) -> "LayerStats":
+    def add(self, count: int, sum_sq_norm: float, sum_norm: float, nonfinite: int = 0) -> "LayerStats":
         return LayerStats(
-            count=self.count + count, sum_sq_norm=self.sum_sq_norm + sum_sq_norm, sum_norm=self.sum_norm + sum_norm
+            count=self.count + count, sum_sq_norm=self.sum_sq_norm + sum_sq_norm, sum_norm=self.sum_norm + sum_norm,
+            nonfinite=self.nonfinite + nonfinite,
         )
 
 
@@ -56,6 +59,7 @@ class StoreIdentity(FrozenModel):
     dtype: StoreDtype
     model_dtype: str
     chunk_tokens: int
+    shard_tokens: int = Field(description="rows of each shard file of every token-row array (whole chunks)")
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
