@@ -11,24 +11,22 @@ rest, and the extraction redoes the work after the commit. The last partial shar
 
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from instructsae.schemas.manifest import MANIFEST_KEY, StoreManifest
-from instructsae.store.chunks import ShardedArray
+from instructsae.store.chunks import ShardedArray, shard_path
 from instructsae.store.layout import ArraySpec, TokenBlock, array_attributes, array_specs
 from instructsae.store.location import filesystem, zarr_location
-
-
-# Every chunk is written, even an all-zero one (zarr skips those by default), so a chunk absent is an error.
-# A runtime setting, not stored with the array: every handle the writer writes through carries it.
-WRITE_ALL = {"write_empty_chunks": True}
+from instructsae.store.shards import encode_shard, put_shard
 
 
 def create_array(group: zarr.Group, spec: ArraySpec, attributes: dict) -> None:
     # crc32c inside the inner chain: every inner chunk carries its own checksum (zarr's default puts one only
-    # on the shard index).
+    # on the shard index). shards.py writes the files this metadata describes, every chunk of them, even an
+    # all-zero one (zarr would skip it), so a chunk absent is an error.
     compressors = [ZstdCodec(level=3), Crc32cCodec()] if spec.compressed else [Crc32cCodec()]
     group.create_array(
         spec.name, shape=(0, *spec.row_shape), dtype=spec.dtype, chunks=(spec.chunk_rows, *spec.row_shape),
@@ -58,14 +56,18 @@ class PendingRows:
         self.data[self.n: self.n + len(values)] = values
         self.n += len(values)
 
-    def write(self, array: zarr.Array, upto: int) -> None:
-        """Write rows [base, upto) to `array`, each shard as one whole write, and keep only the rows of the
+    def write(self, array: zarr.Array, fs: fsspec.AbstractFileSystem, root: str, upto: int) -> None:
+        """Write rows [base, upto) of `array`, each shard one whole file, and keep only the rows of the
         shard that `upto` leaves unfinished (they are written again, with more, next time)."""
         if upto <= self.base:
             return
-        if array.shape[0] != upto:
+        rows = self.spec.shard_rows
+        for shard in range(self.base // rows, -(-upto // rows)):
+            first = shard * rows - self.base
+            put_shard(fs, shard_path(root, self.spec, shard),
+                      encode_shard(self.spec, self.data[first: min(first + rows, upto - self.base)]))
+        if array.shape[0] != upto:  # after the data, so the array never claims rows that are not there
             array.resize((upto, *self.spec.row_shape))
-        array[self.base: upto] = self.data[: upto - self.base]
         kept_from = upto - upto % self.spec.shard_rows
         drop = kept_from - self.base
         if drop:
@@ -77,9 +79,11 @@ class PendingRows:
 class StoreWriter:
     """`create` or `resume`, then `append` blocks of whole instances, then `finish`."""
 
-    def __init__(self, group: zarr.Group, manifest: StoreManifest, pending: dict[str, PendingRows]):
+    def __init__(self, path: str | Path, group: zarr.Group, manifest: StoreManifest,
+                 pending: dict[str, PendingRows]):
         self.group = group
-        self.arrays = {name: group[name].with_config(WRITE_ALL) for name in pending}
+        self.fs, self.root = filesystem(path)
+        self.arrays = {name: group[name] for name in pending}
         self.manifest = manifest  # the last one committed
         self.pending = pending
         self.uncommitted: list[StoreManifest] = []  # one per appended block, counting the rows through it
@@ -93,7 +97,7 @@ class StoreWriter:
         for spec in array_specs(manifest.identity):
             create_array(group, spec, array_attributes(spec, manifest.identity))
             pending[spec.name] = PendingRows(spec, 0, np.empty((0, *spec.row_shape), dtype=spec.dtype))
-        writer = cls(group, manifest, pending)
+        writer = cls(path, group, manifest, pending)
         writer.commit(manifest)
         return writer
 
@@ -111,7 +115,7 @@ class StoreWriter:
             rows = ShardedArray(fs, root, spec, committed, str(path)).read_rows(base, committed)
             group[spec.name].resize((base, *spec.row_shape))
             pending[spec.name] = PendingRows(spec, base, rows)
-        return cls(group, manifest, pending)
+        return cls(path, group, manifest, pending)
 
     def append(self, block: TokenBlock, manifest: StoreManifest) -> None:
         """Buffer the block's rows (`manifest` counts them); write and commit whatever shards they fill."""
@@ -123,7 +127,7 @@ class StoreWriter:
         if filled <= token_rows[0].base:
             return
         for rows in token_rows:
-            rows.write(self.arrays[rows.spec.name], filled)
+            rows.write(self.arrays[rows.spec.name], self.fs, self.root, filled)
         done = [m for m in self.uncommitted if m.n_tokens <= filled]
         if done:  # else one block spans the whole shard: its commit comes with a later shard
             self._commit_through(done[-1])
@@ -131,7 +135,7 @@ class StoreWriter:
     def _commit_through(self, manifest: StoreManifest) -> None:
         for spec in self.specs:
             if spec.per == "instance":
-                self.pending[spec.name].write(self.arrays[spec.name], manifest.n_instances)
+                self.pending[spec.name].write(self.arrays[spec.name], self.fs, self.root, manifest.n_instances)
         self.commit(manifest)
         self.uncommitted = [m for m in self.uncommitted if m.n_tokens > manifest.n_tokens]
 
@@ -139,7 +143,7 @@ class StoreWriter:
         """Write every row still held (the last, partial shards) and commit `manifest`, the final record."""
         for spec in self.specs:
             count = manifest.n_tokens if spec.per == "token" else manifest.n_instances
-            self.pending[spec.name].write(self.arrays[spec.name], count)
+            self.pending[spec.name].write(self.arrays[spec.name], self.fs, self.root, count)
         self.commit(manifest)
         self.uncommitted = []
 
