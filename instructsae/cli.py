@@ -1,5 +1,5 @@
-"""`instructsae extract | train | sweep | evaluate | features | steer | autointerp | inspect | verify | demo |
-pipeline compare`.
+"""`instructsae extract | train | sweep | evaluate | features | steer | autointerp | inspect | verify | convert |
+demo | pipeline compare`.
 
 Bad input: one line on stderr, exit 2."""
 
@@ -131,6 +131,18 @@ def verify(store, as_json):
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["ok"]:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--out", required=True, help="where to write the converted store (a new location)")
+@click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=512.0, show_default=True,
+              help=_describe(ExtractConfig, "shard_mb"))
+def convert(store, out, shard_mb):
+    """Rewrite a finished store of an older format (1: no checksums, a file per chunk) in the current one."""
+    from instructsae.store.convert import convert_store, describe
+
+    click.echo(describe(convert_store(store, out, shard_mb), out))
 
 
 @cli.command()

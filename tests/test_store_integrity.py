@@ -212,3 +212,34 @@ def test_an_sae_with_nan_weights_is_refused_with_one_line(pristine, tmp_path, mo
     save_file(tensors, str(sae / "sae_weights.safetensors"))
     code, _, err = run_cli(monkeypatch, capsys, "evaluate", "--sae", str(sae), "--store", str(pristine[0]))
     assert_one_line_error(code, err, str(sae), "NaN/inf", "W_dec")
+
+
+def write_format_1(store, old) -> None:
+    """The same rows as a store of format 1 wrote them: a plain chunked array each, no checksums."""
+    reader = open_store(store)
+    group = zarr.open_group(str(old), mode="w", zarr_format=3)
+    for name, spec in reader.specs.items():
+        values = reader.read_raw(name)
+        chunks = spec.chunk_rows if spec.per == "token" else 65536
+        group.create_array(name, data=values, chunks=(chunks, *spec.row_shape), fill_value=0)
+    manifest = reader.manifest.model_dump(mode="json")
+    del manifest["identity"]["shard_tokens"]
+    for stats in manifest["layer_stats"].values():
+        del stats["nonfinite"]
+    group.attrs["instructsae"] = {**manifest, "format_version": 1}
+
+
+def test_convert_rewrites_a_format_1_store(store, tmp_path, monkeypatch, capsys):
+    old, new = tmp_path / "old", tmp_path / "new"
+    write_format_1(store, old)
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--store", str(old), "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, "store format 1", f"instructsae convert {old}")
+    code, out, err = run_cli(monkeypatch, capsys, "convert", str(old), "--out", str(new), "--shard-mb", "0.008")
+    assert code == 0, err
+    assert verify_report(str(new), show_progress=False)["ok"]
+    a, b = open_store(store), open_store(new)
+    assert a.manifest.fingerprint == b.manifest.fingerprint and b.manifest.complete
+    for name in a.specs:
+        np.testing.assert_array_equal(a.read_raw(name), b.read_raw(name))
+    code, _, err = run_cli(monkeypatch, capsys, "convert", str(old), "--out", str(new))
+    assert_one_line_error(code, err, "exists")
