@@ -1,5 +1,6 @@
-"""The reader: every token exactly once per epoch, seeded orders, mixing, budgets."""
+"""The reader: every token exactly once per epoch, seeded orders, mixing, budgets, reads on a thread pool."""
 
+import random
 import threading
 import time
 
@@ -10,7 +11,7 @@ import torch
 from instructsae.extract.run import run_extract
 from instructsae.extract.store import open_store
 from instructsae.schemas import ExtractConfig
-from instructsae.train.stream import MixingBuffer, ShuffledStream, chunk_order, prefetch
+from instructsae.train.stream import MixingBuffer, ShuffledStream, chunk_order, read_ahead
 
 CHUNK = 50
 
@@ -81,7 +82,7 @@ def test_mixing_buffer_hands_out_half_when_full():
 def test_a_restored_stream_hands_out_the_same_batches(prefetch_chunks):
     read_chunk, n_tokens = labelled_chunks(7)
     settings = dict(batch_size=16, buffer_tokens=64, seed=5, max_tokens=3 * n_tokens + 40,
-                    prefetch_chunks=prefetch_chunks)
+                    prefetch_chunks=prefetch_chunks, read_threads=3)
     whole = list(iter_batches(read_chunk, range(7), **settings))
     for stop_after in (1, 5, len(whole) // 3, len(whole) // 2 + 3, len(whole) - 1):  # across epoch ends too
         first = iter_batches(read_chunk, range(7), **settings)
@@ -97,46 +98,94 @@ def test_a_restored_stream_hands_out_the_same_batches(prefetch_chunks):
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def test_prefetch_passes_errors_through():
-    def broken():
-        yield 1
-        raise RuntimeError("disk gone")
+def slow_in_random_order(read_chunk, seed: int = 0):
+    """read_chunk whose reads take random times, so a pool's reads finish out of order."""
+    delays = random.Random(seed)
 
+    def read(index: int) -> torch.Tensor:
+        time.sleep(delays.random() * 0.003)
+        return read_chunk(index)
+    return read
+
+
+@pytest.mark.parametrize("threads, depth", [(1, 1), (3, 4), (4, 64)])
+def test_reads_on_a_pool_give_the_batches_of_reads_on_the_training_thread(threads, depth):
+    read_chunk, n_tokens = labelled_chunks(23)
+    settings = dict(batch_size=16, buffer_tokens=96, seed=2, max_tokens=2 * n_tokens + 8)
+    alone = list(iter_batches(read_chunk, range(23), **settings, prefetch_chunks=0))
+    pooled = list(iter_batches(slow_in_random_order(read_chunk), range(23), **settings, prefetch_chunks=depth,
+                               read_threads=threads))
+    assert len(pooled) == len(alone)
+    for expected, got in zip(alone, pooled):
+        assert torch.equal(got, expected)
+
+
+def test_read_ahead_keeps_the_order_and_passes_errors_through():
+    def read(item: int) -> int:
+        time.sleep(random.random() * 0.002)
+        if item == 7:
+            raise RuntimeError("disk gone")
+        return item * 10
+
+    assert list(read_ahead(read, range(7), threads=3, depth=4)) == [item * 10 for item in range(7)]
     got = []
-    try:
-        for item in prefetch(broken()):
-            got.append(item)
-    except RuntimeError as error:
-        assert "disk gone" in str(error)
-    else:
-        raise AssertionError("the error was swallowed")
-    assert got == [1]
+    with pytest.raises(RuntimeError, match="disk gone"):
+        for value in read_ahead(read, range(12), threads=3, depth=4):
+            got.append(value)
+    assert got == [item * 10 for item in range(7)]
 
 
-def test_real_store_rows_come_out_once(tiny_model_dir, dialogues_jsonl, tmp_path):
+def test_storage_dtype_travels_through_the_stream_unchanged():
+    values = torch.randn(7 * CHUNK, 3).to(torch.bfloat16)
+    stream = ShuffledStream(lambda i: values[i * CHUNK:(i + 1) * CHUNK], range(7), CHUNK, 32, 128, seed=0)
+    streamed = torch.cat(list(stream))
+    assert streamed.dtype == torch.bfloat16
+    order = lambda rows: rows[torch.argsort(rows.float()[:, 0] * 1e3 + rows.float()[:, 1])]  # noqa: E731
+    assert torch.equal(order(streamed), order(values))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_pinned_batches_equal_unpinned_ones():
+    read_chunk, n_tokens = labelled_chunks(9)
+    settings = dict(batch_size=16, buffer_tokens=64, seed=1, max_tokens=n_tokens + 20)
+    plain = list(iter_batches(read_chunk, range(9), **settings))
+    pinned = list(iter_batches(read_chunk, range(9), **settings, pin_memory=True))
+    assert all(batch.is_pinned() for batch in pinned)
+    for expected, got in zip(plain, pinned):
+        assert torch.equal(got, expected)
+
+
+def sorted_rows(rows_ND: torch.Tensor) -> np.ndarray:
+    values = rows_ND.float().numpy()
+    return values[np.lexsort(values.T[::-1])]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_real_store_rows_come_out_once_in_the_store_dtype(dtype, tiny_model_dir, dialogues_jsonl, tmp_path):
     cfg = ExtractConfig(model=str(tiny_model_dir), dataset=str(dialogues_jsonl), out=str(tmp_path / "s"),
-                        layers=(1,), dtype="float32", chunk_tokens=40)
+                        layers=(1,), dtype=dtype, chunk_tokens=40)
     run_extract(cfg, show_progress=False)
     reader = open_store(cfg.out)
-    stream = ShuffledStream(lambda i: reader.read_acts_chunk(1, i), range(reader.n_chunks), reader.chunk_tokens,
-                            32, 128, seed=0)
+    stream = ShuffledStream(lambda i: reader.read_acts_chunk_as_stored(1, i), range(reader.n_chunks),
+                            reader.chunk_tokens, 32, 128, seed=0, read_threads=2)
     streamed = torch.cat(list(stream))
-    stored = reader.read_acts(1, 0, reader.n_tokens)
+    stored = reader.read_acts_as_stored(1, 0, reader.n_tokens)
+    assert streamed.dtype == stored.dtype == getattr(torch, dtype)
     assert streamed.shape == stored.shape
-    key = lambda rows: rows[torch.argsort(rows[:, 0] * 1e3 + rows[:, 1])]  # noqa: E731
-    torch.testing.assert_close(key(streamed), key(stored))
+    np.testing.assert_array_equal(sorted_rows(streamed), sorted_rows(stored))
+    assert torch.equal(stored.float(), reader.read_acts(1, 0, reader.n_tokens))
 
 
-def test_prefetch_thread_ends_when_the_consumer_stops_early():
-    def prefetch_threads() -> int:
-        return sum(thread.name == "prefetch" for thread in threading.enumerate())
+def test_reader_threads_end_when_the_consumer_stops_early():
+    def reader_threads() -> int:
+        return sum(thread.name.startswith("stream-read") for thread in threading.enumerate())
 
-    before = prefetch_threads()
-    stream = prefetch(iter(range(1000)), depth=1)
-    assert next(stream) == 0
-    time.sleep(0.05)  # let the producer fill the queue and wait on it
-    stream.close()  # what ShuffledStream.close does when a run stops early
-    deadline = time.monotonic() + 2.0
-    while prefetch_threads() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert prefetch_threads() == before, "the producer is stuck on a full queue"
+    before = reader_threads()
+    read_chunk, _ = labelled_chunks(40)
+    stream = ShuffledStream(read_chunk, range(40), CHUNK, 16, 64, seed=0, max_tokens=10**6, prefetch_chunks=8,
+                            read_threads=3)
+    stream.next_batch()
+    assert reader_threads() > before
+    time.sleep(0.05)  # let the pool run ahead
+    stream.close()  # what a run does when it stops early
+    assert reader_threads() == before, "a reader thread outlived its stream"

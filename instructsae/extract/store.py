@@ -49,9 +49,14 @@ def acts_to_storage(acts_ND: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def acts_from_storage(raw: np.ndarray, dtype: str) -> torch.Tensor:
+    return acts_as_stored(raw, dtype).float()
+
+
+def acts_as_stored(raw: np.ndarray, dtype: str) -> torch.Tensor:
+    """The stored values as a tensor of the store's dtype, without a copy (bf16: the uint16 view reinterpreted)."""
     if dtype == "bfloat16":
-        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(raw).float()
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(raw)
 
 
 def layer_array_name(layer: int) -> str:
@@ -196,11 +201,18 @@ class StoreReader:
         self.n_chunks = math.ceil(self.n_tokens / self.chunk_tokens)
         self.d_model = self.manifest.identity.d_model
         self.layers = self.manifest.identity.layers
+        self._arrays: dict[int, zarr.Array] = {}
 
     def read_acts(self, layer: int, start: int, stop: int) -> torch.Tensor:
+        return self.read_acts_as_stored(layer, start, stop).float()
+
+    def read_acts_as_stored(self, layer: int, start: int, stop: int) -> torch.Tensor:
+        """Rows in the store's dtype (bf16 stays bf16: half the bytes of float32 to shuffle and to transfer)."""
         stop = min(stop, self.n_tokens)
-        raw = self.group[layer_array_name(layer)][start:stop]
-        return acts_from_storage(np.ascontiguousarray(raw), self.manifest.identity.dtype)
+        if layer not in self._arrays:  # opened once: opening reads and parses the array's metadata
+            self._arrays[layer] = self.group[layer_array_name(layer)]
+        raw = self._arrays[layer][start:stop]
+        return acts_as_stored(np.ascontiguousarray(raw), self.manifest.identity.dtype)
 
     def chunk_bounds(self, chunk_index: int) -> tuple[int, int]:
         start = chunk_index * self.chunk_tokens
@@ -208,6 +220,9 @@ class StoreReader:
 
     def read_acts_chunk(self, layer: int, chunk_index: int) -> torch.Tensor:
         return self.read_acts(layer, *self.chunk_bounds(chunk_index))
+
+    def read_acts_chunk_as_stored(self, layer: int, chunk_index: int) -> torch.Tensor:
+        return self.read_acts_as_stored(layer, *self.chunk_bounds(chunk_index))
 
     def read_column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         limit = self.n_instances if name in INSTANCE_COLUMNS else self.n_tokens
