@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from instructsae import __version__
-from instructsae.extract.store import StoreReader, StoreWriter, TokenBlock, is_store, open_store, read_manifest
+from instructsae.store.layout import TokenBlock
+from instructsae.store.reader import StoreReader, is_store, open_store, read_manifest
+from instructsae.store.writer import StoreWriter
 from instructsae.schemas.manifest import LayerStats, StoreIdentity, StoreManifest
 from instructsae.train.stream import ShuffledStream, prefetch_depth, read_ahead
 
@@ -208,6 +210,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=4, help="reader threads (the train default on an accelerator)")
     parser.add_argument("--keep", action="store_true", help="keep the store for the next run")
+    parser.add_argument("--build-only", action="store_true", help="build (or find) the store, keep it, measure nothing")
     args = parser.parse_args()
 
     store = Path(args.dir) / f"store-{args.gb:g}gb"
@@ -220,6 +223,8 @@ def main() -> None:
         rates = build_store(store, args.gb, args.d_model, mean_sq_norm)
         print(f"store writer {rates['writer_MBps']:.0f} MB/s, raw sequential write {rates['raw_write_MBps']:.0f} "
               f"MB/s: {rates['writer_MBps'] / rates['raw_write_MBps']:.2f} of raw (goal >= 0.5)")
+    if args.build_only:
+        return
     try:
         reader = open_store(store)
         n_files = sum(1 for path in store.rglob("*") if path.is_file())

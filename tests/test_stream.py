@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from instructsae.extract.run import run_extract
-from instructsae.extract.store import open_store
+from instructsae.store.reader import open_store
 from instructsae.schemas import ExtractConfig
 from instructsae.train.stream import MixingBuffer, ShuffledStream, chunk_order, read_ahead
 
@@ -78,6 +78,60 @@ def test_mixing_buffer_hands_out_half_when_full():
         torch.testing.assert_close(rows[:, 0], (ids >= 60).float())
 
 
+class ConcatenatingBuffer:
+    """The mixing buffer as first written (concatenate all rows, permute, keep half as a new tensor): the
+    reference the slot-based buffer must hand out the same batches as."""
+
+    def __init__(self, capacity: int, batch_size: int, generator: torch.Generator):
+        self.capacity, self.batch_size, self.generator = capacity, batch_size, generator
+        self.rows, self.ids, self.pending = None, None, []
+
+    def is_full(self) -> bool:
+        return self.rows is not None and len(self.rows) >= self.capacity
+
+    def add(self, rows, ids):
+        self.rows = rows if self.rows is None else torch.cat([self.rows, rows])
+        self.ids = ids if self.ids is None else torch.cat([self.ids, ids])
+
+    def shuffle_out(self, everything=False):
+        order = torch.randperm(len(self.rows), generator=self.generator)
+        n_out = len(order) if everything else len(order) // 2 // self.batch_size * self.batch_size
+        out = order[:n_out]
+        self.pending = [(self.rows[out[i:i + self.batch_size]], self.ids[out[i:i + self.batch_size]])
+                        for i in range(0, n_out, self.batch_size)]
+        self.rows, self.ids = self.rows[order[n_out:]], self.ids[order[n_out:]]
+
+    def take(self):
+        return self.pending.pop(0) if self.pending else None
+
+
+@pytest.mark.parametrize("batch_size, capacity, sizes", [(16, 100, [50] * 9 + [17]), (8, 64, [30, 7, 50, 1, 64] * 4),
+                                                        (32, 64, [40] * 6)])
+def test_the_slot_buffer_hands_out_the_batches_of_the_concatenating_one(batch_size, capacity, sizes):
+    values = torch.randn(sum(sizes), 2, 3).to(torch.bfloat16)  # several layers, bf16
+    buffers = [MixingBuffer(capacity, batch_size, torch.Generator().manual_seed(4)),
+               ConcatenatingBuffer(max(capacity, 2 * batch_size), batch_size, torch.Generator().manual_seed(4))]
+    handed = [[], []]
+    for buffer, out in zip(buffers, handed):
+        start = 0
+        for size in sizes:
+            while (taken := buffer.take()) is not None:
+                out.append(taken)
+            if buffer.is_full():
+                buffer.shuffle_out()
+                while (taken := buffer.take()) is not None:
+                    out.append(taken)
+            buffer.add(values[start:start + size], torch.arange(start, start + size))
+            start += size
+        buffer.shuffle_out(everything=True)
+        while (taken := buffer.take()) is not None:
+            out.append(taken)
+    assert len(handed[0]) == len(handed[1])
+    for (rows, ids), (expected_rows, expected_ids) in zip(*handed):
+        assert torch.equal(ids, expected_ids) and torch.equal(rows, expected_rows)
+    assert sorted(torch.cat([ids for _, ids in handed[0]]).tolist()) == list(range(sum(sizes)))
+
+
 @pytest.mark.parametrize("prefetch_chunks", [0, 2])
 def test_a_restored_stream_hands_out_the_same_batches(prefetch_chunks):
     read_chunk, n_tokens = labelled_chunks(7)
@@ -140,8 +194,7 @@ def test_storage_dtype_travels_through_the_stream_unchanged():
     stream = ShuffledStream(lambda i: values[i * CHUNK:(i + 1) * CHUNK], range(7), CHUNK, 32, 128, seed=0)
     streamed = torch.cat(list(stream))
     assert streamed.dtype == torch.bfloat16
-    order = lambda rows: rows[torch.argsort(rows.float()[:, 0] * 1e3 + rows.float()[:, 1])]  # noqa: E731
-    assert torch.equal(order(streamed), order(values))
+    np.testing.assert_array_equal(sorted_rows(streamed), sorted_rows(values))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")

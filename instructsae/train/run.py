@@ -18,7 +18,7 @@ from instructsae.charts import plot_training_curves
 from instructsae.devices import checked_device
 from instructsae.errors import UserError
 from instructsae.evaluate.metrics import ReconstructionSums
-from instructsae.extract.store import StoreReader, open_complete_store
+from instructsae.store.reader import StoreReader, open_complete_store
 from instructsae.fileio import write_text_atomically
 from instructsae.schemas.train import TrainConfig
 from instructsae.train import checkpoint, memory
@@ -129,7 +129,7 @@ class StoreView:
         parts = [self.reader.read_acts_chunk_as_stored(layer, index) for layer in self.layers]
         return parts[0] if len(parts) == 1 else torch.stack(parts, dim=1)
 
-    def on_device(self, batches: Iterator[torch.Tensor], device: str) -> Iterator[torch.Tensor]:
+    def on_device(self, batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
         """Each batch copied to the device as stored (bf16: half the bytes), then made float32 and scaled there.
 
         The same float32 values, bit for bit, as converting and scaling on the CPU before the copy."""
@@ -150,7 +150,7 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
         differing = [name for name in STREAM_FIELDS if getattr(cfg, name) != getattr(first, name)]
         if differing:
             raise UserError(f"SAEs trained together must share {', '.join(differing)} ({cfg.out} differs)")
-    checked_device(first.device)
+    device = checked_device(first.device)
     reader = open_complete_store(first.store)
     if reader.n_tokens == 0:
         raise UserError(f"store {first.store} holds no tokens")
@@ -178,7 +178,7 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     depth = 0 if first.device == "cpu" else prefetch_depth(first.buffer_tokens, reader.chunk_tokens)
     stream = ShuffledStream(view.read_chunk, view.train_chunks, reader.chunk_tokens, first.batch_size,
                             first.buffer_tokens, first.seed, tokens, depth,
-                            pin_memory=torch.device(first.device).type == "cuda")
+                            pin_memory=device.type == "cuda")
     if saved is None and first.geometric_median_tokens:
         _initialise_decoder_bias(saes, member_layers, view, first)
 
@@ -205,8 +205,8 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
                 "trainees": [trainee.state_dict() for trainee in trainees], "torch_rng": torch.get_rng_state()})
 
     try:
-        stats = train(trainees, view.on_device(stream, first.device), n_steps, first.log_every, first.device, first_step, tokens_done,
-                      after_step)
+        stats = train(trainees, view.on_device(stream, device), n_steps, first.log_every, first.device, first_step,
+                      tokens_done, after_step)
     finally:
         stream.close()
         for log in logs:
