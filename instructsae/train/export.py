@@ -8,10 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from instructsae.errors import UserError, first_line
 from instructsae.fileio import write_atomically, write_text_atomically
+from instructsae.run_folder import CFG_FILE, WEIGHTS_FILE
 from instructsae.train.sae import SAE_CLASSES, SparseAutoencoder
-
-WEIGHTS_FILE = "sae_weights.safetensors"
-CFG_FILE = "cfg.json"
 
 
 def sae_cfg(sae: SparseAutoencoder, metadata: dict) -> dict:
