@@ -36,7 +36,6 @@ def extract(config_file, **options):
     """Run a causal LM over a dataset (FAST or BT) and store per-token activations in a zarr store."""
     from instructsae.extract.run import run_extract
 
-    options["layers"] = split_list(options["layers"])
     cfg = build(ExtractConfig, read_yaml(config_file), options)
     manifest = run_extract(cfg)
     click.echo(f"store {cfg.out}: {manifest.n_tokens:,} tokens, {manifest.n_instances:,} instances, "
@@ -55,7 +54,10 @@ def extract(config_file, **options):
 @click.option("--k", type=int, help=_describe(TopKConfig, "k") + " (topk, batchtopk)")
 @options_from(OptimConfig)
 @click.option("--resume", is_flag=True, help="continue a killed run from its checkpoint (same config and store)")
-def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, k, resume, **options):
+@click.option("--overwrite", is_flag=True,
+              help="replace the finished SAE in --out (another config, or the same one trained again)")
+def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, k, resume, overwrite,
+          **options):
     """Train one SAE on a store, streaming shuffled chunks through a mixing buffer."""
     from instructsae.train.config import resolve_train_config
     from instructsae.train.run import run_training
@@ -64,7 +66,7 @@ def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_
                  "bandwidth": bandwidth, "init_threshold": init_threshold, "k": k}
     optim_flags = {name: options.pop(name) for name in OptimConfig.model_fields}
     cfg = resolve_train_config(read_yaml(config_file), preset, options, sae_flags, optim_flags)
-    summary = run_training(cfg, resume=resume)
+    summary = run_training(cfg, resume=resume, overwrite=overwrite)
     click.echo(json.dumps(summary, indent=2))
 
 

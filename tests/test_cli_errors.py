@@ -86,3 +86,43 @@ def test_a_device_this_machine_lacks_is_one_line(device, monkeypatch, capsys, ti
     code, _, err = run_cli(monkeypatch, capsys, "train", "--store", str(tmp_path / "store"), "--out",
                            str(tmp_path / "run"), "--device", device)
     assert_one_line_error(code, err, device)
+
+
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("sae: jumprelu\n", "invalid sae: must be a mapping"),
+    ("optim: 0.001\n", "invalid optim: must be a mapping"),
+])
+def test_a_train_yaml_section_of_the_wrong_shape_is_one_line(yaml_text, expected, monkeypatch, capsys, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml_text)
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--config", str(config), "--store", "x", "--out", "y")
+    assert_one_line_error(code, err, expected, yaml_text.split(":")[1].strip())
+
+
+def test_a_sweep_base_sae_of_the_wrong_shape_is_one_line(monkeypatch, capsys, tmp_path):
+    config = tmp_path / "sweep.yaml"
+    config.write_text("base: {sae: jumprelu}\ngrid: {sae: [{arch: topk}]}\n")
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", "--config", str(config), "--store", "x", "--out", "y")
+    assert_one_line_error(code, err, "base.sae")
+
+
+def test_yaml_layers_may_be_one_number(tmp_path):
+    from instructsae.cli_options import build, read_yaml
+    from instructsae.schemas import ExtractConfig
+
+    config = tmp_path / "extract.yaml"
+    config.write_text("layers: 15\nout: s\n")
+    assert build(ExtractConfig, read_yaml(str(config))).layers == (15,)
+    config.write_text("layers: '20, 15'\nout: s\n")
+    assert build(ExtractConfig, read_yaml(str(config))).layers == (15, 20)
+
+
+def test_read_only_out_is_one_line_before_the_model_loads(monkeypatch, capsys, read_only_dir, dialogues_jsonl,
+                                                          tmp_path):
+    # the model does not exist: a refusal naming the out location shows the check ran before any loading
+    code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tmp_path / "no-model"), "--dataset",
+                           str(dialogues_jsonl), "--layers", "1", "--out", str(read_only_dir / "store"))
+    assert_one_line_error(code, err, "not writable", str(read_only_dir))
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--store", str(tmp_path / "no-store"), "--out",
+                           str(read_only_dir / "run"))
+    assert_one_line_error(code, err, "not writable", str(read_only_dir))

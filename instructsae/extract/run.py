@@ -22,22 +22,46 @@ from instructsae.store.location import location_is_occupied, remove_store
 from instructsae.store.reader import is_store, read_manifest
 from instructsae.store.writer import StoreWriter
 from instructsae.extract.writer_thread import BackgroundWriter
+from instructsae.locks import local_path, writer_lock
+from instructsae.run_folder import refuse_enclosing_cwd
+from instructsae.schemas.base import differing_fields
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.manifest import LayerStats, StoreIdentity, StoreManifest
+
+
+def identity_from_arguments(cfg: ExtractConfig) -> dict:
+    """The store identity fields the arguments alone decide (the rest needs the model or the dataset's bytes)."""
+    fields = dict(model=cfg.model, tokenizer=cfg.model, dataset=cfg.dataset, split=cfg.split, mode=cfg.mode,
+                  max_len=cfg.max_len, block_len=cfg.block_len, max_instances=cfg.max_instances,
+                  skip_instances=cfg.skip_instances, max_tokens=cfg.max_tokens, keep_first_token=cfg.keep_first_token,
+                  layers=list(cfg.layers), dtype=cfg.dtype, model_dtype=cfg.model_dtype)
+    if cfg.chunk_tokens is not None:
+        fields["chunk_tokens"] = cfg.chunk_tokens
+    return fields
 
 
 def build_identity(cfg: ExtractConfig, lm: LoadedModel, dataset_hash: str) -> StoreIdentity:
     template = getattr(lm.tokenizer, "chat_template", None)
     chunk_tokens = cfg.chunk_tokens or default_chunk_tokens(lm.d_model, cfg.dtype)
-    return StoreIdentity(
-        model=cfg.model, tokenizer=cfg.model,
-        chat_template_sha256=hashlib.sha256(template.encode()).hexdigest() if template else None,
-        dataset=cfg.dataset, dataset_sha256=dataset_hash, split=cfg.split, mode=cfg.mode,
-        max_len=cfg.max_len, block_len=cfg.block_len, max_instances=cfg.max_instances,
-        skip_instances=cfg.skip_instances, max_tokens=cfg.max_tokens, keep_first_token=cfg.keep_first_token,
-        layers=cfg.layers, d_model=lm.d_model, dtype=cfg.dtype, model_dtype=cfg.model_dtype,
-        chunk_tokens=chunk_tokens, shard_tokens=default_shard_tokens(lm.d_model, cfg.dtype, chunk_tokens, cfg.shard_mb),
-    )
+    return StoreIdentity(**{
+        **identity_from_arguments(cfg), "layers": cfg.layers,
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
+        "dataset_sha256": dataset_hash, "d_model": lm.d_model, "chunk_tokens": chunk_tokens,
+        "shard_tokens": default_shard_tokens(lm.d_model, cfg.dtype, chunk_tokens, cfg.shard_mb),
+    })
+
+
+def refuse_another_config(cfg: ExtractConfig, existing: StoreManifest, identity: dict) -> None:
+    """An existing store of another config is replaced only with --overwrite; the refusal names what differs."""
+    if cfg.overwrite:
+        return
+    old = existing.identity.model_dump(mode="json")
+    changes = differing_fields({name: old.get(name) for name in identity}, identity)
+    if changes:
+        shown = ", ".join(f"{name}: {before} -> {after}" for name, before, after in changes[:4])
+        more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+        raise UserError(f"store {cfg.out} was made with another config ({shown}{more}): use --overwrite or "
+                        "another --out")
 
 
 def check_layers(layers: tuple[int, ...], lm: LoadedModel) -> None:
@@ -63,15 +87,15 @@ def open_writer(cfg: ExtractConfig, identity: StoreIdentity, chat_template: str 
     out = cfg.out
     if is_store(out) and not cfg.overwrite:
         existing = read_manifest(out)
-        if existing.fingerprint != identity.fingerprint():
-            raise UserError(f"store {out} was made with another config (fingerprint {existing.fingerprint}, "
-                            f"this config {identity.fingerprint()}): use --overwrite or another --out")
+        refuse_another_config(cfg, existing, identity.model_dump(mode="json"))
         if existing.complete:
             return None
         return StoreWriter.resume(out)
-    if location_is_occupied(out) and not cfg.overwrite:
-        raise UserError(f"output path exists and is not a store: {out} (use --overwrite to replace it)")
-    remove_store(out)
+    if is_store(out):
+        remove_store(out)  # --overwrite: a store with our manifest, provably ours
+    elif location_is_occupied(out):
+        raise UserError(f"output path exists and is not a store: {out} (--overwrite replaces only instructsae "
+                        "stores: move it away or choose another --out)")
     manifest = StoreManifest(tool_version=__version__, identity=identity, fingerprint=identity.fingerprint(),
                              chat_template=chat_template)
     return StoreWriter.create(out, manifest)
@@ -176,6 +200,19 @@ def refuse_nonfinite(stats: LayerSums, group: list[TokenizedInstance], cfg: Extr
 
 
 def run_extract(cfg: ExtractConfig, show_progress: bool = True) -> StoreManifest:
+    """Extract into cfg.out, holding its writer lock; what the arguments alone show is checked before the model
+    loads (the location: its file system package, writable, not the working directory; an existing store's
+    config)."""
+    local = local_path(cfg.out)
+    if local is not None:
+        refuse_enclosing_cwd(local)
+    with writer_lock(cfg.out, "store"):
+        if is_store(cfg.out):
+            refuse_another_config(cfg, read_manifest(cfg.out), identity_from_arguments(cfg))
+        return _run_extract(cfg, show_progress)
+
+
+def _run_extract(cfg: ExtractConfig, show_progress: bool) -> StoreManifest:
     lm = load_model(cfg.model, cfg.model_dtype, cfg.device)
     check_layers(cfg.layers, lm)
     dataset = DatasetReader(cfg.dataset, cfg.split)

@@ -55,6 +55,16 @@ class ExtractConfig(FrozenModel):
         False, description="store NaN/inf activations (counted in the manifest) instead of stopping at the first"
     )
 
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _one_layer_or_several(cls, layers):
+        """`layers: 15` in YAML reads like `--layers 15`; "15,20" (a flag's text) is a list."""
+        if isinstance(layers, int):
+            return (layers,)
+        if isinstance(layers, str):
+            return [item.strip() for item in layers.split(",") if item.strip()]
+        return layers
+
     @field_validator("layers")
     @classmethod
     def _layers_valid(cls, layers: tuple[int, ...]) -> tuple[int, ...]:
