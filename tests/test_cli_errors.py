@@ -21,14 +21,14 @@ def test_layer_out_of_range(monkeypatch, capsys, tiny_model_dir, dialogues_jsonl
     assert not (tmp_path / "s").exists()
 
 
-def test_row_without_messages(monkeypatch, capsys, tiny_model_dir, tmp_path):
-    data = tmp_path / "bad.jsonl"
+def test_rows_without_the_column_are_skipped_and_reported_once(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "mixed.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
                     + json.dumps({"prompt": "no messages here"}) + "\n")
-    code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset", str(data),
-                           "--layers", "1", "--out", str(tmp_path / "s"))
-    assert_one_line_error(code, err, "row 1")
-    assert not (tmp_path / "s").exists()
+    code, out, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset", str(data),
+                             "--layers", "1", "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    assert (out + err).count("1 of 2 dataset rows skipped: 1 empty") == 1
 
 
 def test_empty_dataset(monkeypatch, capsys, tiny_model_dir, tmp_path):
