@@ -20,17 +20,18 @@ def essay(rng: random.Random, n_words: int = 120) -> str:
 
 
 def planted_rows(seed: int = 0):
-    """40 distinct dialogues, then 5 exact copies and 5 near copies (3 words of 120 changed) of earlier ones."""
+    """40 distinct dialogues, then 5 exact copies and 5 near copies of earlier ones (one word of 400 changed, three
+    appended: a 20-gram Jaccard similarity of about 0.89)."""
     rng = random.Random(seed)
-    originals = [essay(rng) for _ in range(40)]
+    originals = [essay(rng, 400) for _ in range(40)]
     rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": text}]}
             for i, text in enumerate(originals)]
     for i in (3, 7, 11, 20, 33):
         rows.append(json.loads(json.dumps(rows[i])))
     for i in (1, 5, 9, 25, 38):
         words = originals[i].split()
-        for position in (10, 60, 110):
-            words[position] = "CHANGED"
+        words[200] = "CHANGED"
+        words += ["and", "that", "is"]
         rows.append({"messages": [{"role": "user", "content": f"Question {i}?"},
                                   {"role": "assistant", "content": " ".join(words)}]})
     return rows

@@ -102,7 +102,10 @@ class DuplicateFilter:
         from datasketch import MinHash, MinHashLSH
 
         self.settings = settings
-        self.lsh = MinHashLSH(threshold=settings.threshold, num_perm=settings.num_perm)
+        try:
+            self.lsh = MinHashLSH(threshold=settings.threshold, num_perm=settings.num_perm)
+        except ValueError:  # a threshold near 1 gets a single band, which datasketch refuses: take two
+            self.lsh = MinHashLSH(num_perm=settings.num_perm, params=(2, settings.num_perm // 2))
         self._template = MinHash(num_perm=settings.num_perm, seed=settings.seed, hashfunc=int)
         rng = np.random.default_rng(settings.seed)
         self._coefficients = rng.integers(1, 2**63, size=settings.ngram, dtype=np.uint64) * 2 + 1  # odd
