@@ -104,7 +104,7 @@ def test_dedup_command_writes_messages_parquet_that_extract_reads(monkeypatch, c
 
 
 def test_extract_dedup_matches_extract_of_the_deduplicated_file(monkeypatch, capsys, tmp_path, tiny_model_dir):
-    from instructsae.extract.store import StoreReader
+    from instructsae.store.reader import StoreReader
 
     data = write_jsonl(tmp_path / "d.jsonl", planted_rows())
     common = ["--model", str(tiny_model_dir), "--layers", "1", "--max-tokens", "3000"]

@@ -17,10 +17,10 @@ from instructsae.extract.instances import TokenizedInstance
 from instructsae.extract.models import LoadedModel, load_model, load_tokenizer, model_sha256
 from instructsae.extract.plan import grouped, instances_for, length_batches
 from instructsae.extract.preflight import check_rows_used
-from instructsae.extract.store import (
-    StoreWriter, TokenBlock, acts_to_storage, default_chunk_tokens, is_store, location_is_occupied, read_manifest,
-    remove_store,
-)
+from instructsae.store.layout import TokenBlock, acts_to_storage, default_chunk_tokens
+from instructsae.store.location import location_is_occupied, remove_store
+from instructsae.store.reader import is_store, read_manifest
+from instructsae.store.writer import StoreWriter
 from instructsae.extract.writer_thread import BackgroundWriter
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.manifest import LayerStats, StoreIdentity, StoreManifest
