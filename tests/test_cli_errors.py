@@ -86,3 +86,26 @@ def test_a_device_this_machine_lacks_is_one_line(device, monkeypatch, capsys, ti
     code, _, err = run_cli(monkeypatch, capsys, "train", "--store", str(tmp_path / "store"), "--out",
                            str(tmp_path / "run"), "--device", device)
     assert_one_line_error(code, err, device)
+
+
+def _dialogue_lines(n: int) -> list[str]:
+    return [json.dumps({"messages": [{"role": "user", "content": f"Tell me a story number {i}."},
+                                     {"role": "assistant", "content": "Once upon a time there was a robot."}]})
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("latin.jsonl", "\n".join(_dialogue_lines(3)).encode() + "\n{\"text\": \"caf\xe9\"}\n".encode("latin-1"),
+     ("latin.jsonl: line 4 is not UTF-8 text",)),
+    ("garbage.parquet", b"this is no parquet file" * 20, ("garbage.parquet is not a parquet file",)),
+    ("late.jsonl", ("\n".join(_dialogue_lines(40) + ['{"messages": [oops']) + "\n").encode(),
+     ("late.jsonl: line 41 is not valid JSON",)),
+])
+def test_dataset_errors_are_one_line_before_anything_is_written(monkeypatch, capsys, tiny_model_dir, tmp_path,
+                                                                name, content, expected):
+    data = tmp_path / name
+    data.write_bytes(content)
+    code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset", str(data),
+                           "--layers", "1", "--out", str(tmp_path / "s"))
+    assert_one_line_error(code, err, *expected)
+    assert not (tmp_path / "s").exists()  # the bad row is found before the first activation is written

@@ -205,10 +205,14 @@ def _embedded_rows(name: str) -> Iterator[dict | TruncatedTail]:
 
 
 def quiet_datasets():
+    """datasets, with its progress bars off and its logging silenced: it logs a file error before raising it, and
+    our own one line says it better (data_checks)."""
+    import logging
+
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)
     return datasets
 
 
