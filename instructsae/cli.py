@@ -1,5 +1,5 @@
-"""`instructsae extract | train | sweep | evaluate | features | steer | autointerp | inspect | verify | convert |
-demo | pipeline compare`.
+"""`instructsae extract | dedup | train | sweep | evaluate | features | steer | autointerp | inspect | verify |
+convert | demo | pipeline compare`.
 
 Bad input: one line on stderr, exit 2."""
 
@@ -12,6 +12,7 @@ from instructsae.cli_options import build, options_from, read_yaml, split_list
 from instructsae.errors import UserError
 from instructsae.schemas.autointerp import AutointerpConfig
 from instructsae.schemas.compare import CompareConfig
+from instructsae.schemas.dataset import DedupConfig
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.features import FeaturesConfig
@@ -40,6 +41,16 @@ def extract(config_file, **options):
     manifest = run_extract(cfg)
     click.echo(f"store {cfg.out}: {manifest.n_tokens:,} tokens, {manifest.n_instances:,} instances, "
                f"layers {list(manifest.identity.layers)}, complete={manifest.complete}")
+
+
+@cli.command()
+@options_from(DedupConfig)
+def dedup(**options):
+    """Drop exact and near-duplicate rows (word n-gram MinHash LSH, as the FAST paper's 20-gram dedup) and write
+    the rest as parquet in the `messages` format."""
+    from instructsae.extract.dedup_run import format_report, run_dedup
+
+    click.echo(format_report(run_dedup(build(DedupConfig, options))))
 
 
 @cli.command()
