@@ -11,7 +11,7 @@ from instructsae.evaluate.matched import (
     sequence_weights, verdict,
 )
 from instructsae.pipelines.compare_stats import compare_methods
-from instructsae.schemas.manifest import ROLE_CODE
+from instructsae.schemas.manifest import ROLE_CODE, ROLES
 
 
 def test_interpolation_is_linear_in_log_l0():
@@ -71,7 +71,7 @@ ASSISTANT, TEMPLATE = ROLE_CODE["assistant"], ROLE_CODE["template"]
 
 def synthetic_sae(method: str, setting: int, seed: int, l0: float, nmse: float, difficulty_I, rng) -> dict:
     """An SAE whose per-sequence sums give NMSE ≈ nmse (times each sequence's difficulty) at L0 = l0."""
-    count_IR = np.zeros((N_SEQUENCES, 5), dtype=np.int64)
+    count_IR = np.zeros((N_SEQUENCES, len(ROLES)), dtype=np.int64)
     count_IR[:, ASSISTANT] = 40 + np.arange(N_SEQUENCES) % 7
     count_IR[:, TEMPLATE] = 5
     sq_IR = count_IR * float(D_MODEL)

@@ -25,11 +25,11 @@ from instructsae.fileio import write_text_atomically
 from instructsae.pipelines.compare_eval import evaluate_cached, instance_sums
 from instructsae.pipelines.compare_report import LABELS, METHODS, render_report
 from instructsae.pipelines.compare_stats import compare_methods
+from instructsae.run_folder import RunPaths
 from instructsae.schemas import ExtractConfig
 from instructsae.schemas.compare import CompareConfig
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.schemas.sweep import SweepConfig
-from instructsae.train.run import CHECKPOINT_FILE
 from instructsae.train.sweep import expand_sweep, resolve_grid, run_sweep
 from instructsae.train.sweep_report import setting_name
 
@@ -102,7 +102,7 @@ def run_compare(cfg: CompareConfig) -> str:
     saes = []
     for method, sweep in sweeps.items():
         # a sweep killed midway continues from its last checkpoint, if it wrote one
-        run_sweep(sweep, resume=(Path(sweep.out) / CHECKPOINT_FILE).exists())
+        run_sweep(sweep, resume=RunPaths(sweep.out).checkpoint.exists())
         # this grid's SAEs only: the folder may also hold those of an earlier run with other settings
         saes += [{"method": method, "dir": point.out, "arch": point.sae.arch, "seed": point.sae_seed,
                   "setting": setting_name(point.model_dump(mode="json"))} for point in expand_sweep(sweep)]
