@@ -1,5 +1,5 @@
-"""`instructsae extract | train | sweep | evaluate | features | steer | autointerp | inspect | verify | convert |
-demo | pipeline compare`.
+"""`instructsae extract | dedup | train | sweep | evaluate | features | steer | autointerp | inspect | verify |
+convert | demo | pipeline compare`.
 
 Bad input: one line on stderr, exit 2."""
 
@@ -12,6 +12,7 @@ from instructsae.cli_options import build, options_from, read_yaml, split_list
 from instructsae.errors import UserError
 from instructsae.schemas.autointerp import AutointerpConfig
 from instructsae.schemas.compare import CompareConfig
+from instructsae.schemas.dataset import DedupConfig
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.features import FeaturesConfig
@@ -36,11 +37,20 @@ def extract(config_file, **options):
     """Run a causal LM over a dataset (FAST or BT) and store per-token activations in a zarr store."""
     from instructsae.extract.run import run_extract
 
-    options["layers"] = split_list(options["layers"])
     cfg = build(ExtractConfig, read_yaml(config_file), options)
     manifest = run_extract(cfg)
     click.echo(f"store {cfg.out}: {manifest.n_tokens:,} tokens, {manifest.n_instances:,} instances, "
                f"layers {list(manifest.identity.layers)}, complete={manifest.complete}")
+
+
+@cli.command()
+@options_from(DedupConfig)
+def dedup(**options):
+    """Drop exact and near-duplicate rows (word n-gram MinHash LSH, as the FAST paper's 20-gram dedup) and write
+    the rest as parquet in the `messages` format."""
+    from instructsae.extract.dedup_run import format_report, run_dedup
+
+    click.echo(format_report(run_dedup(build(DedupConfig, options))))
 
 
 @cli.command()
@@ -55,7 +65,10 @@ def extract(config_file, **options):
 @click.option("--k", type=int, help=_describe(TopKConfig, "k") + " (topk, batchtopk)")
 @options_from(OptimConfig)
 @click.option("--resume", is_flag=True, help="continue a killed run from its checkpoint (same config and store)")
-def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, k, resume, **options):
+@click.option("--overwrite", is_flag=True,
+              help="replace the finished SAE in --out (another config, or the same one trained again)")
+def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, k, resume, overwrite,
+          **options):
     """Train one SAE on a store, streaming shuffled chunks through a mixing buffer."""
     from instructsae.train.config import resolve_train_config
     from instructsae.train.run import run_training
@@ -64,7 +77,7 @@ def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_
                  "bandwidth": bandwidth, "init_threshold": init_threshold, "k": k}
     optim_flags = {name: options.pop(name) for name in OptimConfig.model_fields}
     cfg = resolve_train_config(read_yaml(config_file), preset, options, sae_flags, optim_flags)
-    summary = run_training(cfg, resume=resume)
+    summary = run_training(cfg, resume=resume, overwrite=overwrite)
     click.echo(json.dumps(summary, indent=2))
 
 

@@ -19,6 +19,7 @@ from instructsae.extract.models import load_model
 from instructsae.extract.run import batch_budget
 from instructsae.store.reader import StoreReader, open_complete_store
 from instructsae.fileio import write_text_atomically
+from instructsae.run_folder import RunPaths
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.train.export import load_sae
 from instructsae.train.sae import SparseAutoencoder
@@ -106,7 +107,7 @@ def evaluate_saes_on_store(sae_dirs: list[str], store: str, max_tokens: int | No
             for i, view in zip(members, lm_metrics(saes, reader, layer, lm)):
                 results[i]["lm"] = view
     for sae_dir, result in zip(sae_dirs, results):
-        out = Path(sae_dir) / "eval" / f"{result['store_fingerprint']}.json"
+        out = RunPaths(sae_dir).eval_result(result["store_fingerprint"])
         out.parent.mkdir(exist_ok=True)
         write_text_atomically(out, json.dumps(result, indent=2))
     return results

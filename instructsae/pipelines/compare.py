@@ -16,6 +16,7 @@ from instructsae.evaluate.run import evaluate_saes_on_store, format_optional
 from instructsae.extract.heldout import heldout_skip
 from instructsae.extract.run import run_extract
 from instructsae.fileio import write_text_atomically
+from instructsae.run_folder import RunPaths
 from instructsae.schemas import ExtractConfig
 from instructsae.schemas.compare import CompareConfig
 from instructsae.schemas.evaluate import LMViewConfig
@@ -83,7 +84,7 @@ def run_compare(cfg: CompareConfig) -> str:
 
 
 def _sparsity(result: dict) -> str:
-    cfg = json.loads((Path(result["sae"]) / "cfg.json").read_text())["metadata"]["train_config"]["sae"]
+    cfg = json.loads(RunPaths(result["sae"]).cfg.read_text())["metadata"]["train_config"]["sae"]
     return f"k={cfg['k']}" if "k" in cfg else f"{cfg['sparsity_coeff']:g}"
 
 

@@ -37,6 +37,15 @@ def acts_from_storage(raw: np.ndarray, dtype: str) -> torch.Tensor:
 ACTS_PREFIX = "acts/layer_"
 
 
+def acts_as_stored(raw: np.ndarray, dtype: str) -> torch.Tensor:
+    """The stored values as a tensor of the store's dtype (bf16: the uint16 view reinterpreted, no widening)."""
+    if not raw.flags.writeable:  # torch wants writable memory; chunks read may be views of the bytes read
+        raw = raw.copy()
+    if dtype == "bfloat16":
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(raw)
+
+
 def layer_array_name(layer: int) -> str:
     return f"{ACTS_PREFIX}{layer}"
 

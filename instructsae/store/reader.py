@@ -16,7 +16,7 @@ from instructsae.errors import UserError
 from instructsae.schemas.manifest import FORMAT_VERSION, MANIFEST_KEY, StoreManifest
 from instructsae.store.checks import length_problems, shard_file_problems
 from instructsae.store.chunks import ShardedArray
-from instructsae.store.layout import acts_from_storage, array_specs, layer_array_name
+from instructsae.store.layout import acts_as_stored, acts_from_storage, array_specs, layer_array_name
 from instructsae.store.location import filesystem, location_exists, zarr_location
 
 
@@ -78,6 +78,10 @@ class StoreReader:
     def read_acts(self, layer: int, start: int, stop: int) -> torch.Tensor:
         return acts_from_storage(self.read_raw(layer_array_name(layer), start, stop), self.manifest.identity.dtype)
 
+    def read_acts_as_stored(self, layer: int, start: int, stop: int) -> torch.Tensor:
+        """Rows in the store's dtype (bf16 stays bf16: half the bytes of float32 to shuffle and to transfer)."""
+        return acts_as_stored(self.read_raw(layer_array_name(layer), start, stop), self.manifest.identity.dtype)
+
     def chunk_bounds(self, chunk_index: int) -> tuple[int, int]:
         start = chunk_index * self.chunk_tokens
         return start, min(start + self.chunk_tokens, self.n_tokens)
@@ -88,6 +92,9 @@ class StoreReader:
 
     def read_acts_chunk(self, layer: int, chunk_index: int) -> torch.Tensor:
         return acts_from_storage(self.read_acts_chunk_raw(layer, chunk_index), self.manifest.identity.dtype)
+
+    def read_acts_chunk_as_stored(self, layer: int, chunk_index: int) -> torch.Tensor:
+        return acts_as_stored(self.read_acts_chunk_raw(layer, chunk_index), self.manifest.identity.dtype)
 
     def read_column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self.read_raw(name, start, stop)

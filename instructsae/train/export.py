@@ -6,12 +6,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from instructsae.errors import UserError
+from instructsae.errors import UserError, first_line
 from instructsae.fileio import write_atomically, write_text_atomically
+from instructsae.run_folder import CFG_FILE, WEIGHTS_FILE
 from instructsae.train.sae import SAE_CLASSES, SparseAutoencoder
-
-WEIGHTS_FILE = "sae_weights.safetensors"
-CFG_FILE = "cfg.json"
 
 
 def sae_cfg(sae: SparseAutoencoder, metadata: dict) -> dict:
@@ -50,7 +48,7 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
         cfg = json.loads((folder / CFG_FILE).read_text())
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except Exception as error:
-        raise UserError(f"SAE folder {folder} is unreadable: {str(error).splitlines()[0]}") from None
+        raise UserError(f"SAE folder {folder} is unreadable: {first_line(error)}") from None
     architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
     if architecture not in SAE_CLASSES:
         raise UserError(f"SAE folder {folder} has unknown architecture {architecture!r} "
@@ -73,7 +71,7 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
         sae.load_state_dict(tensors)
     except RuntimeError as error:
         raise UserError(f"SAE folder {folder} has weights that do not fit its architecture: "
-                        f"{str(error).splitlines()[0]}") from None
+                        f"{first_line(error)}") from None
     if (cfg.get("d_in"), cfg.get("d_sae")) != (sae.d_in, sae.d_sae):
         raise UserError(f"SAE folder {folder}: cfg.json says d_in {cfg.get('d_in')}, d_sae {cfg.get('d_sae')} "
                         f"but the weights are {sae.d_in} x {sae.d_sae}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from instructsae.charts import plot_frontier
 from instructsae.fileio import write_text_atomically
+from instructsae.run_folder import SUMMARY_FILE, RunPaths, is_building_folder
 
 COLUMNS = ("name", "arch", "layer", "expansion", "d_sae", "sparsity", "lr", "nmse", "explained_variance", "l0",
            "dead_fraction", "tokens")
@@ -15,10 +16,12 @@ COLUMNS = ("name", "arch", "layer", "expansion", "d_sae", "sparsity", "lr", "nms
 def collect_rows(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
     """One row per finished SAE folder trained on this store (grid points of earlier runs included)."""
     rows = []
-    for summary_file in sorted(sweep_dir.glob("*/summary.json")):
+    for summary_file in sorted(sweep_dir.glob(f"*/{SUMMARY_FILE}")):
         folder = summary_file.parent
+        if is_building_folder(folder):
+            continue  # an SAE still being built (or a killed build)
         try:
-            cfg = json.loads((folder / "cfg.json").read_text())
+            cfg = json.loads(RunPaths(folder).cfg.read_text())
             summary = json.loads(summary_file.read_text())
         except (OSError, ValueError):
             continue  # not a finished SAE of ours (a folder the user put there, or one a kill cut short)
