@@ -23,7 +23,7 @@ from instructsae.extract import run as extract_run
 from instructsae.extract.data import DatasetReader
 from instructsae.extract.models import load_model
 from instructsae.extract.plan import grouped, length_batches
-from instructsae.extract.store import default_chunk_tokens
+from instructsae.store.layout import default_chunk_tokens
 from instructsae.schemas import ExtractConfig
 
 

@@ -90,6 +90,7 @@ def _read_only_mount(path: Path) -> bool:
 
 
 def _filesystem(target: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    # (instructsae.store.location has the same for stores; this one serves run and sweep folders too)
     try:
         return fsspec.core.url_to_fs(str(target))
     except (ImportError, ValueError) as error:  # an unknown protocol, or one whose package is missing

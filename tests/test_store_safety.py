@@ -15,7 +15,7 @@ from test_extract import config
 from test_store_locations import assert_same_store
 
 from instructsae.extract.run import run_extract
-from instructsae.extract.store import open_store
+from instructsae.store.reader import open_store
 from instructsae.locks import lock_location
 
 

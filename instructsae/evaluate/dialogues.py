@@ -15,7 +15,7 @@ from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader
 from instructsae.extract.models import LoadedModel
 from instructsae.extract.run import planned_instances
-from instructsae.extract.store import StoreReader
+from instructsae.store.reader import StoreReader
 from instructsae.schemas.extract import ExtractConfig
 
 

@@ -20,7 +20,7 @@ from instructsae.evaluate.dashboard import render_dashboard
 from instructsae.evaluate.feature_stats import FeatureStats
 from instructsae.evaluate.run import open_sae_and_store
 from instructsae.extract.models import load_tokenizer
-from instructsae.extract.store import StoreReader
+from instructsae.store.reader import StoreReader
 from instructsae.fileio import write_atomically, write_text_atomically
 from instructsae.schemas.features import FeaturesConfig
 from instructsae.schemas.manifest import ROLE_CODE, ROLES

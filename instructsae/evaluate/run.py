@@ -17,7 +17,7 @@ from instructsae.evaluate.metrics import ReconstructionSums
 from instructsae.evaluate.splice import lm_view
 from instructsae.extract.models import load_model
 from instructsae.extract.run import batch_budget
-from instructsae.extract.store import StoreReader, open_complete_store
+from instructsae.store.reader import StoreReader, open_complete_store
 from instructsae.fileio import write_text_atomically
 from instructsae.run_folder import RunPaths
 from instructsae.schemas.evaluate import LMViewConfig

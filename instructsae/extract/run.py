@@ -15,10 +15,10 @@ from instructsae.extract.hooks import residuals_at_layers
 from instructsae.extract.instances import TokenizedInstance, bt_blocks, fast_instances
 from instructsae.extract.models import LoadedModel, load_model
 from instructsae.extract.plan import grouped, length_batches, within_budget
-from instructsae.extract.store import (
-    StoreWriter, TokenBlock, acts_to_storage, default_chunk_tokens, is_store, location_is_occupied, read_manifest,
-    remove_store,
-)
+from instructsae.store.layout import TokenBlock, acts_to_storage, default_chunk_tokens
+from instructsae.store.location import location_is_occupied, remove_store
+from instructsae.store.reader import is_store, read_manifest
+from instructsae.store.writer import StoreWriter
 from instructsae.extract.writer_thread import BackgroundWriter
 from instructsae.locks import local_path, writer_lock
 from instructsae.run_folder import refuse_enclosing_cwd
