@@ -43,6 +43,9 @@ class FakeReader:
         self.fail_after: int | None = None
 
     def read_acts_chunk(self, layer: int, chunk_index: int) -> torch.Tensor:
+        return self.read_acts_chunk_as_stored(layer, chunk_index)  # a float32 store
+
+    def read_acts_chunk_as_stored(self, layer: int, chunk_index: int) -> torch.Tensor:
         if self.fail_after is not None and len(self.reads) >= self.fail_after:
             raise OSError("disk gone")
         self.reads.append((layer, chunk_index))

@@ -26,9 +26,14 @@ def acts_to_storage(acts_ND: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def acts_from_storage(raw: np.ndarray, dtype: str) -> torch.Tensor:
+    return acts_as_stored(raw, dtype).float()
+
+
+def acts_as_stored(raw: np.ndarray, dtype: str) -> torch.Tensor:
+    """The stored values as a tensor of the store's dtype, without a copy (bf16: the uint16 view reinterpreted)."""
     if dtype == "bfloat16":
-        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(raw).float()
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(raw)
 
 
 def layer_array_name(layer: int) -> str:

@@ -9,7 +9,7 @@ import zarr
 
 from instructsae.errors import UserError
 from instructsae.schemas.manifest import MANIFEST_KEY, StoreManifest
-from instructsae.store.layout import INSTANCE_COLUMNS, acts_from_storage, layer_array_name
+from instructsae.store.layout import INSTANCE_COLUMNS, acts_as_stored, layer_array_name
 from instructsae.store.location import location_exists, zarr_location
 
 
@@ -39,11 +39,18 @@ class StoreReader:
         self.n_chunks = math.ceil(self.n_tokens / self.chunk_tokens)
         self.d_model = self.manifest.identity.d_model
         self.layers = self.manifest.identity.layers
+        self._arrays: dict[int, zarr.Array] = {}
 
     def read_acts(self, layer: int, start: int, stop: int) -> torch.Tensor:
+        return self.read_acts_as_stored(layer, start, stop).float()
+
+    def read_acts_as_stored(self, layer: int, start: int, stop: int) -> torch.Tensor:
+        """Rows in the store's dtype (bf16 stays bf16: half the bytes of float32 to shuffle and to transfer)."""
         stop = min(stop, self.n_tokens)
-        raw = self.group[layer_array_name(layer)][start:stop]
-        return acts_from_storage(np.ascontiguousarray(raw), self.manifest.identity.dtype)
+        if layer not in self._arrays:  # opened once: opening reads and parses the array's metadata
+            self._arrays[layer] = self.group[layer_array_name(layer)]
+        raw = self._arrays[layer][start:stop]
+        return acts_as_stored(np.ascontiguousarray(raw), self.manifest.identity.dtype)
 
     def chunk_bounds(self, chunk_index: int) -> tuple[int, int]:
         start = chunk_index * self.chunk_tokens
@@ -51,6 +58,9 @@ class StoreReader:
 
     def read_acts_chunk(self, layer: int, chunk_index: int) -> torch.Tensor:
         return self.read_acts(layer, *self.chunk_bounds(chunk_index))
+
+    def read_acts_chunk_as_stored(self, layer: int, chunk_index: int) -> torch.Tensor:
+        return self.read_acts_as_stored(layer, *self.chunk_bounds(chunk_index))
 
     def read_column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         limit = self.n_instances if name in INSTANCE_COLUMNS else self.n_tokens

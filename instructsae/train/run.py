@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +93,18 @@ class StoreView:
     holdout_chunks: list[int]
 
     def read_chunk(self, index: int) -> torch.Tensor:
-        """[rows, d_model] with one layer, [rows, layers, d_model] with several."""
-        parts = [self.reader.read_acts_chunk(layer, index) * self.scales[layer] for layer in self.layers]
+        """[rows, d_model] with one layer, [rows, layers, d_model] with several, in the store's dtype, unscaled."""
+        parts = [self.reader.read_acts_chunk_as_stored(layer, index) for layer in self.layers]
         return parts[0] if len(parts) == 1 else torch.stack(parts, dim=1)
+
+    def on_device(self, batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+        """Each batch copied to the device as stored (bf16: half the bytes), then made float32 and scaled there.
+
+        The same float32 values, bit for bit, as converting and scaling on the CPU before the copy."""
+        scale = self.scales[self.layers[0]] if len(self.layers) == 1 else \
+            torch.tensor([self.scales[layer] for layer in self.layers], device=device)[:, None]
+        for batch in batches:
+            yield batch.to(device, non_blocking=True).float() * scale
 
     def train_tokens(self) -> int:
         chunk, total = self.reader.chunk_tokens, self.reader.n_tokens
@@ -110,7 +120,7 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
         differing = [name for name in STREAM_FIELDS if getattr(cfg, name) != getattr(first, name)]
         if differing:
             raise UserError(f"SAEs trained together must share {', '.join(differing)} ({cfg.out} differs)")
-    checked_device(first.device)
+    device = checked_device(first.device)
     reader = open_complete_store(first.store)
     if reader.n_tokens == 0:
         raise UserError(f"store {first.store} holds no tokens")
@@ -139,7 +149,8 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     # (bench/train_stream.py); with an accelerator the thread reads while the device computes.
     depth = 0 if first.device == "cpu" else prefetch_depth(first.buffer_tokens, reader.chunk_tokens)
     stream = ShuffledStream(view.read_chunk, view.train_chunks, reader.chunk_tokens, first.batch_size,
-                            first.buffer_tokens, first.seed, tokens, depth)
+                            first.buffer_tokens, first.seed, tokens, depth,
+                            pin_memory=device.type == "cuda")
     if saved is None and first.geometric_median_tokens:
         _initialise_decoder_bias(saes, member_layers, view, first)
 
@@ -166,8 +177,8 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
                 "trainees": [trainee.state_dict() for trainee in trainees], "torch_rng": torch.get_rng_state()})
 
     try:
-        stats = train(trainees, iter(stream), n_steps, first.log_every, first.device, first_step, tokens_done,
-                      after_step)
+        stats = train(trainees, view.on_device(stream, device), n_steps, first.log_every, first.device, first_step,
+                      tokens_done, after_step)
     finally:
         stream.close()
         for log in logs:
