@@ -1,4 +1,5 @@
-"""`instructsae extract | train | sweep | evaluate | features | steer | autointerp | inspect | demo | pipeline compare`.
+"""`instructsae extract | dedup | train | sweep | evaluate | features | steer | autointerp | inspect | verify |
+convert | demo | pipeline compare`.
 
 Bad input: one line on stderr, exit 2."""
 
@@ -11,6 +12,7 @@ from instructsae.cli_options import build, options_from, read_yaml, split_list
 from instructsae.errors import UserError
 from instructsae.schemas.autointerp import AutointerpConfig
 from instructsae.schemas.compare import CompareConfig
+from instructsae.schemas.dataset import DedupConfig
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.features import FeaturesConfig
@@ -39,6 +41,16 @@ def extract(config_file, **options):
     manifest = run_extract(cfg)
     click.echo(f"store {cfg.out}: {manifest.n_tokens:,} tokens, {manifest.n_instances:,} instances, "
                f"layers {list(manifest.identity.layers)}, complete={manifest.complete}")
+
+
+@cli.command()
+@options_from(DedupConfig)
+def dedup(**options):
+    """Drop exact and near-duplicate rows (word n-gram MinHash LSH, as the FAST paper's 20-gram dedup) and write
+    the rest as parquet in the `messages` format."""
+    from instructsae.extract.dedup_run import format_report, run_dedup
+
+    click.echo(format_report(run_dedup(build(DedupConfig, options))))
 
 
 @cli.command()
@@ -121,6 +133,32 @@ def inspect(store, as_json):
 
 
 @cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print the findings as JSON")
+def verify(store, as_json):
+    """Read a whole store back and name every bad chunk (missing, truncated, checksum, rows beyond the commit,
+    NaN/inf) and every disagreement between manifest and arrays. Exit 1 on any problem."""
+    from instructsae.store.verify import format_report, verify_report
+
+    report = verify_report(store, show_progress=not as_json)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--out", required=True, help="where to write the converted store (a new location)")
+@click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=512.0, show_default=True,
+              help=_describe(ExtractConfig, "shard_mb"))
+def convert(store, out, shard_mb):
+    """Rewrite a finished store of an older format (1: no checksums, a file per chunk) in the current one."""
+    from instructsae.store.convert import convert_store, describe
+
+    click.echo(describe(convert_store(store, out, shard_mb), out))
+
+
+@cli.command()
 @click.option("--out", default="runs/demo", show_default=True, help="folder for stores, SAEs and the table")
 @click.option("--train-tokens", type=int, default=None, help="tokens in the training store")
 def demo(out, train_tokens):
@@ -171,10 +209,20 @@ def compare(config_file, **options):
     run_compare(build(CompareConfig, read_yaml(config_file), options))
 
 
+def _end_progress_bars() -> None:
+    """A bar still drawn when an error stops a command (a bad chunk met mid-training) ends its line first,
+    so the error is a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except UserError as error:
+        _end_progress_bars()
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:

@@ -21,14 +21,14 @@ def test_layer_out_of_range(monkeypatch, capsys, tiny_model_dir, dialogues_jsonl
     assert not (tmp_path / "s").exists()
 
 
-def test_row_without_messages(monkeypatch, capsys, tiny_model_dir, tmp_path):
-    data = tmp_path / "bad.jsonl"
+def test_rows_without_the_column_are_skipped_and_reported_once(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "mixed.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
                     + json.dumps({"prompt": "no messages here"}) + "\n")
-    code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset", str(data),
-                           "--layers", "1", "--out", str(tmp_path / "s"))
-    assert_one_line_error(code, err, "row 1")
-    assert not (tmp_path / "s").exists()
+    code, out, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset", str(data),
+                             "--layers", "1", "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    assert (out + err).count("1 of 2 dataset rows skipped: 1 empty") == 1
 
 
 def test_empty_dataset(monkeypatch, capsys, tiny_model_dir, tmp_path):
@@ -126,3 +126,26 @@ def test_read_only_out_is_one_line_before_the_model_loads(monkeypatch, capsys, r
     code, _, err = run_cli(monkeypatch, capsys, "train", "--store", str(tmp_path / "no-store"), "--out",
                            str(read_only_dir / "run"))
     assert_one_line_error(code, err, "not writable", str(read_only_dir))
+
+
+def _dialogue_lines(n: int) -> list[str]:
+    return [json.dumps({"messages": [{"role": "user", "content": f"Tell me a story number {i}."},
+                                     {"role": "assistant", "content": "Once upon a time there was a robot."}]})
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("latin.jsonl", "\n".join(_dialogue_lines(3)).encode() + "\n{\"text\": \"caf\xe9\"}\n".encode("latin-1"),
+     ("latin.jsonl: line 4 is not UTF-8 text",)),
+    ("garbage.parquet", b"this is no parquet file" * 20, ("garbage.parquet is not a parquet file",)),
+    ("late.jsonl", ("\n".join(_dialogue_lines(40) + ['{"messages": [oops']) + "\n").encode(),
+     ("late.jsonl: line 41 is not valid JSON",)),
+])
+def test_dataset_errors_are_one_line_before_anything_is_written(monkeypatch, capsys, tiny_model_dir, tmp_path,
+                                                                name, content, expected):
+    data = tmp_path / name
+    data.write_bytes(content)
+    code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset", str(data),
+                           "--layers", "1", "--out", str(tmp_path / "s"))
+    assert_one_line_error(code, err, *expected)
+    assert not (tmp_path / "s").exists()  # the bad row is found before the first activation is written

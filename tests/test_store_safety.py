@@ -11,7 +11,7 @@ import time
 
 import pytest
 from helpers import assert_one_line_error, run_cli
-from test_extract import config
+from test_extract import SHARD_MB, config
 from test_store_locations import assert_same_store
 
 from instructsae.extract.run import run_extract
@@ -21,7 +21,8 @@ from instructsae.locks import lock_location
 
 def extract_flags(model_dir, dataset, out, *extra) -> list[str]:
     return ["extract", "--model", str(model_dir), "--dataset", str(dataset), "--out", str(out), "--layers", "0,1",
-            "--dtype", "float32", "--chunk-tokens", "32", "--batch-tokens", "256", *extra]
+            "--dtype", "float32", "--chunk-tokens", "32", "--batch-tokens", "256", "--shard-mb", str(SHARD_MB),
+            *extra]
 
 
 def test_a_second_extraction_into_the_same_out_is_refused(tiny_model_dir, dialogues_jsonl, tmp_path):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from instructsae.errors import UserError, first_line
-from instructsae.extract.data import Message, Record
+from instructsae.extract.rows import Message, Record
 from instructsae.schemas.manifest import ROLE_CODE
 
 TEMPLATE = ROLE_CODE["template"]

@@ -148,3 +148,25 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         n_layers=len(decoder_layers(model)),
         d_model=int(model.config.hidden_size),
     )
+
+
+# What defines a local model folder's computation: config, weights and tokenizer (not READMEs or caches).
+DIGESTED_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.bin", "*.safetensors.index.json",
+                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.*",
+                  "merges.txt")
+
+
+def model_sha256(spec: str) -> str | None:
+    """sha256 over a local model folder's config, weight and tokenizer files (name and bytes, in name order), so
+    a store records which weights it came from, not only a path. None for the embedded model, a .gguf or a hub id."""
+    kind, folder, _ = resolve_model(spec)
+    if kind != "folder":
+        return None
+    files = sorted({path for pattern in DIGESTED_FILES for path in folder.glob(pattern) if path.is_file()})
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()

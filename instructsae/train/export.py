@@ -55,6 +55,11 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
                         f"(known: {', '.join(SAE_CLASSES)})")
     if tensors.get("W_enc") is None or tensors["W_enc"].dim() != 2:
         raise UserError(f"SAE folder {folder} has no 2-D W_enc in {WEIGHTS_FILE}")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f"SAE folder {folder} has {bad:,} NaN/inf values in {name} ({WEIGHTS_FILE}): "
+                            f"its training diverged or the file is damaged")
     sae_class = SAE_CLASSES[architecture]
     # settings with a default may be absent (SAELens's own jumprelu folders carry no bandwidth); TopK's k may not
     settings = {name: cfg[name] for name in sae_class.exported_settings if name in cfg}
