@@ -3,6 +3,7 @@ bad grids are refused before any training."""
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def test_each_sae_of_a_sweep_equals_its_standalone_run(tmp_path, monkeypatch):
     sweep = sweep_cfg(tmp_path / "sweep", geometric_median_tokens=64)
     run_sweep(sweep)
     for cfg in expand_sweep(sweep):
-        alone = tmp_path / "alone"
+        alone = tmp_path / "alone" / Path(cfg.out).name
         run_training(cfg.model_copy(update={"out": str(alone)}))
         swept, single = weights(tmp_path / "sweep" / cfg.out.split("/")[-1]), weights(alone)
         for name in single:
