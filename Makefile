@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(PY) bench/train_stream.py --store $(STORE)
 	$(PY) bench/sweep_vs_sequential.py --store $(STORE)
 	$(PY) bench/extract_batching.py
+	$(PY) bench/store_write.py
 
 clean:
 	rm -rf stores runs

@@ -76,7 +76,7 @@ def check_writable(target: str | Path, what: str) -> None:
     path = Path(os.path.abspath(root))
     existing = next(folder for folder in (path, *path.parents) if folder.exists())
     if existing == path and not path.is_dir():
-        raise UserError(f"{what} {target} is a file, not a folder")
+        raise UserError(f"output path exists and is not a {what}: {target} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         reason = "the file system is read-only" if _read_only_mount(existing) else "no write permission"
         raise UserError(f"cannot write {what} {target}: {existing} is not writable ({reason})")
@@ -90,6 +90,7 @@ def _read_only_mount(path: Path) -> bool:
 
 
 def _filesystem(target: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    # (instructsae.store.location has the same for stores; this one serves run and sweep folders too)
     try:
         return fsspec.core.url_to_fs(str(target))
     except (ImportError, ValueError) as error:  # an unknown protocol, or one whose package is missing

@@ -12,6 +12,7 @@ commit, and holds committed rows); elsewhere one `pipe_file` is one object put.
 """
 
 import os
+from collections.abc import Iterable
 
 import crc32c
 import fsspec
@@ -29,14 +30,14 @@ def _crc(data) -> bytes:
     return crc32c.crc32c(data).to_bytes(4, "little")
 
 
-def encode_shard(spec: ArraySpec, rows: np.ndarray) -> list:
-    """The pieces of a shard file holding `rows`, counted from the shard's first row (at most shard_rows)."""
+def encode_shard(spec: ArraySpec, chunks: Iterable[np.ndarray]) -> list:
+    """The pieces of a shard file holding `chunks`, the rows of its inner chunks from the first on (each
+    chunk_rows long but the array's last)."""
     chunks_per_shard = spec.shard_rows // spec.chunk_rows
     index = np.full((chunks_per_shard, 2), EMPTY, dtype="<u8")
     pieces, offset = [], 0
     little = np.dtype(spec.dtype).newbyteorder("<")
-    for chunk in range(-(-len(rows) // spec.chunk_rows)):
-        values = rows[chunk * spec.chunk_rows: (chunk + 1) * spec.chunk_rows]
+    for chunk, values in enumerate(chunks):
         if len(values) < spec.chunk_rows:  # the array's last chunk: padded with the fill value, as zarr does
             padded = np.zeros((spec.chunk_rows, *spec.row_shape), dtype=little)
             padded[: len(values)] = values

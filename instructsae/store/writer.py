@@ -35,12 +35,12 @@ def create_array(group: zarr.Group, spec: ArraySpec, attributes: dict) -> None:
 
 
 class PendingRows:
-    """The rows of one array from the start of its unfinished shard on, held until written whole."""
+    """The rows of one array from the start of its unfinished shard on, held until written whole: the
+    appended blocks themselves, not copies (a copy into a shard buffer cost more than the write)."""
 
     def __init__(self, spec: ArraySpec, base: int, rows: np.ndarray):
         self.spec, self.base = spec, base
-        self.data = np.empty((max(len(rows), spec.shard_rows), *spec.row_shape), dtype=spec.dtype)
-        self.data[: len(rows)] = rows
+        self.pieces: list[np.ndarray] = [rows] if len(rows) else []
         self.n = len(rows)
 
     @property
@@ -48,32 +48,47 @@ class PendingRows:
         return self.base + self.n
 
     def append(self, values: np.ndarray) -> None:
-        if self.n + len(values) > len(self.data):
-            grown = np.empty((max(2 * len(self.data), self.n + len(values)), *self.spec.row_shape),
-                             dtype=self.spec.dtype)
-            grown[: self.n] = self.data[: self.n]
-            self.data = grown
-        self.data[self.n: self.n + len(values)] = values
-        self.n += len(values)
+        if len(values):
+            self.pieces.append(values)
+            self.n += len(values)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) counted from `base`: a view when one block holds them all, else a copy."""
+        out, offset = [], 0
+        for piece in self.pieces:
+            if offset >= stop:
+                break
+            if offset + len(piece) > start:
+                out.append(piece[max(start - offset, 0): stop - offset])
+            offset += len(piece)
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def drop_before(self, row: int) -> None:
+        """Forget the rows before `row` (counted from `base`), which is the new base."""
+        while self.pieces and len(self.pieces[0]) <= row:
+            row -= len(self.pieces[0])
+            self.n -= len(self.pieces[0])
+            self.base += len(self.pieces[0])
+            self.pieces.pop(0)
+        if row:
+            self.pieces[0] = self.pieces[0][row:]
+            self.n -= row
+            self.base += row
 
     def write(self, array: zarr.Array, fs: fsspec.AbstractFileSystem, root: str, upto: int) -> None:
         """Write rows [base, upto) of `array`, each shard one whole file, and keep only the rows of the
         shard that `upto` leaves unfinished (they are written again, with more, next time)."""
         if upto <= self.base:
             return
-        rows = self.spec.shard_rows
-        for shard in range(self.base // rows, -(-upto // rows)):
-            first = shard * rows - self.base
-            put_shard(fs, shard_path(root, self.spec, shard),
-                      encode_shard(self.spec, self.data[first: min(first + rows, upto - self.base)]))
+        shard_rows, chunk_rows = self.spec.shard_rows, self.spec.chunk_rows
+        for shard in range(self.base // shard_rows, -(-upto // shard_rows)):
+            first = shard * shard_rows - self.base
+            stop = min(first + shard_rows, upto - self.base)
+            chunks = (self.rows(start, min(start + chunk_rows, stop)) for start in range(first, stop, chunk_rows))
+            put_shard(fs, shard_path(root, self.spec, shard), encode_shard(self.spec, chunks))
         if array.shape[0] != upto:  # after the data, so the array never claims rows that are not there
             array.resize((upto, *self.spec.row_shape))
-        kept_from = upto - upto % self.spec.shard_rows
-        drop = kept_from - self.base
-        if drop:
-            self.data[: self.n - drop] = self.data[drop: self.n]
-            self.n -= drop
-            self.base = kept_from
+        self.drop_before(upto - upto % shard_rows - self.base)
 
 
 class StoreWriter:

@@ -6,7 +6,6 @@ One SAE or a sweep's many: every SAE trains on the same batches from one pass ov
 import hashlib
 import json
 import math
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,18 +18,18 @@ from instructsae.charts import plot_training_curves
 from instructsae.devices import checked_device
 from instructsae.errors import UserError
 from instructsae.evaluate.metrics import ReconstructionSums
-from instructsae.store.reader import StoreReader, open_complete_store
 from instructsae.fileio import move_folder_into_place, write_text_atomically
 from instructsae.locks import writer_lock
+from instructsae.run_folder import (
+    RunPaths, check_existing_run, prepare_building_folder, refuse_enclosing_cwd, refuse_unless_ours,
+)
 from instructsae.schemas.train import TrainConfig
+from instructsae.store.reader import StoreReader, open_complete_store
 from instructsae.train import checkpoint, memory
 from instructsae.train.dead import DeadFeatureTracker
 from instructsae.train.export import load_sae, save_sae
 from instructsae.train.init import geometric_median
 from instructsae.train.metrics_log import MetricsLog
-from instructsae.run_folder import (
-    RunPaths, check_existing_run, prepare_building_folder, refuse_enclosing_cwd, refuse_unless_ours,
-)
 from instructsae.train.sae import build_sae
 from instructsae.train.stream import ShuffledStream, prefetch_depth
 from instructsae.train.trainer import Trainee, train
