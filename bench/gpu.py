@@ -95,7 +95,7 @@ def extraction(model: str, dialogues: int, folder: str, clock: Clock) -> str | N
     lm = load_model(cfg.model, cfg.model_dtype, cfg.device)
     layer = lm.n_layers // 2
     fast = cfg.model_copy(update={"layers": (layer,), "max_instances": dialogues, "out": f"{folder}/fast"})
-    instances = list(extract_run.planned_instances(fast, lm, DatasetReader(fast.dataset, fast.split)))
+    instances = list(extract_run.planned_instances(fast, lm, DatasetReader.from_options(fast)))
     print(f"model {model}: {lm.n_layers} layers, d_model {lm.d_model}, layer {layer}, {cfg.model_dtype} on "
           f"{torch.cuda.get_device_name()}; {len(instances)} ShareGPT dialogues, batches of "
           f"{extract_run.batch_budget(fast)} padded tokens", flush=True)
@@ -153,10 +153,11 @@ def stream(store: str, clock: Clock, tokens: int = 4_000_000) -> None:
     reader = open_store(store)
     layer = reader.layers[0]
     buffer_tokens = 262_144
-    batches = ShuffledStream(lambda index: reader.read_acts_chunk(layer, index), range(reader.n_chunks),
+    # as `train` reads on an accelerator: chunks as stored, batches gathered into pinned memory, float32 on the GPU
+    batches = ShuffledStream(lambda index: reader.read_acts_chunk_as_stored(layer, index), range(reader.n_chunks),
                              reader.chunk_tokens, 4096, buffer_tokens, 0, tokens,
-                             prefetch_depth(buffer_tokens, reader.chunk_tokens))
-    seen, seconds = timed(lambda: sum(len(batch.to("cuda", non_blocking=True)) for batch in batches))
+                             prefetch_depth(buffer_tokens, reader.chunk_tokens), pin_memory=True)
+    seen, seconds = timed(lambda: sum(len(batch.to("cuda", non_blocking=True).float()) for batch in batches))
     print(f"stream to the GPU           {seen:>9} tok {seconds:7.1f} s {seen / seconds:9.0f} tok/s "
           f"({reader.n_tokens:,}-token store, several epochs)", flush=True)
 

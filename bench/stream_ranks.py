@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from instructsae.store.layout import TokenBlock
+from instructsae.store.layout import TokenBlock, default_shard_tokens
 from instructsae.store.reader import open_store
 from instructsae.store.writer import StoreWriter
 from instructsae.schemas import LayerStats, StoreIdentity, StoreManifest
@@ -36,7 +36,7 @@ def synthetic_store(n_tokens: int, d_model: int = 576) -> str:
                              dataset_sha256="0", split="train", mode="fast", max_len=8192, block_len=2048,
                              max_instances=None, skip_instances=0, max_tokens=n_tokens, keep_first_token=False,
                              layers=(15,), d_model=d_model, dtype="bfloat16", model_dtype="float32",
-                             chunk_tokens=4096)
+                             chunk_tokens=4096, shard_tokens=default_shard_tokens(d_model, "bfloat16", 4096))
     manifest = StoreManifest(tool_version="bench", identity=identity, fingerprint=identity.fingerprint())
     writer = StoreWriter.create(str(SYNTHETIC), manifest)
     generator = torch.Generator().manual_seed(0)
@@ -53,7 +53,7 @@ def synthetic_store(n_tokens: int, d_model: int = 576) -> str:
             "n_tokens": written, "n_instances": manifest.n_instances + 1,
             "layer_stats": {"15": LayerStats(count=written, sum_sq_norm=float(d_model * written))}})
         writer.append(block, manifest)
-    writer.commit(manifest.model_copy(update={"complete": True}))
+    writer.finish(manifest.model_copy(update={"complete": True}))
     return str(SYNTHETIC)
 
 

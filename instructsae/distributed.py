@@ -7,10 +7,19 @@ Backends: NCCL when this rank computes on a CUDA GPU, gloo on CPUs (and for the 
 
 import datetime
 import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from instructsae.errors import UserError
+from instructsae.locks import writer_lock
+
+T = TypeVar("T")
 
 # A barrier waits for the slowest rank: a sweep's rank with the largest SAEs, an extraction's with the longest
 # work unit. torchrun ends every rank when one fails, so a long timeout only guards against a silent hang.
@@ -68,6 +77,34 @@ def finish() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def decided_on_main(decide: Callable[[], T]) -> T:
+    """decide() run on rank 0 alone, its value (or its refusal, a UserError) handed to every rank: one decision
+    taken once, so no rank acts on a file system it read a moment later than another."""
+    if not dist.is_initialized():
+        return decide()
+    outcome: list = [None]
+    if ranks().is_main:
+        try:
+            outcome = [("value", decide())]
+        except UserError as error:
+            outcome = [("refused", str(error))]
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "refused":
+        raise UserError(value)
+    return value
+
+
+@contextmanager
+def lock_on_main(target: str | Path, what: str) -> Iterator[None]:
+    """TARGET's writer lock (locks.py) for a command every rank runs: rank 0 takes it for all of them, and a
+    refusal (another writer holds it) stops every rank with the same line. One lock per store or folder however
+    many ranks write into it: the ranks of one command share out its parts, and a second command is refused."""
+    with ExitStack() as held:
+        decided_on_main(lambda: held.enter_context(writer_lock(target, what)))
+        yield
 
 
 def balanced_assignment(costs: list[tuple[float, ...]], world: int) -> list[int]:

@@ -1,5 +1,6 @@
 """torchrun on the CPU (gloo): 2 ranks launched from the test through `python -m torch.distributed.run`, compared
-with one process. Every command runs with one thread per process, so the sums are the same sums."""
+with one process (run here, to spare a start of ~10-20 s). Every process computes on one thread, so the sums are the
+same sums."""
 
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import run_cli
 from safetensors.torch import load_file
 
 from instructsae.distributed import balanced_assignment
@@ -40,6 +42,15 @@ def instructsae(*args: str, ranks: int | None = None) -> subprocess.CompletedPro
     return result
 
 
+@pytest.fixture
+def one_thread():
+    """This process computes as a torchrun rank does (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "sae_weights.safetensors"))
 
@@ -47,7 +58,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def small_store(tiny_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist") / "store"
-    run_extract(ExtractConfig(model=str(tiny_model_dir), dataset="chatterbot", layers=(1,), max_instances=300,
+    run_extract(ExtractConfig(model=str(tiny_model_dir), dataset="chatterbot", layers=(1,), max_instances=120,
                               dtype="float32", chunk_tokens=64, out=str(out)), show_progress=False)
     return out
 
@@ -60,10 +71,13 @@ def test_balanced_assignment_spreads_cost_not_count():
     assert balanced_assignment([(1.0, 2.0)], 3) == [0]  # a rank may get nothing
 
 
-def test_a_sweep_over_two_ranks_equals_one_process_bit_for_bit(small_store, tmp_path):
+def test_a_sweep_over_two_ranks_equals_one_process_bit_for_bit(small_store, tmp_path, one_thread, monkeypatch,
+                                                               capsys):
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump(SWEEP))
-    instructsae("sweep", "--config", str(config), "--store", str(small_store), "--out", str(tmp_path / "one"))
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", "--config", str(config), "--store", str(small_store),
+                           "--out", str(tmp_path / "one"))
+    assert code == 0, err
     instructsae("sweep", "--config", str(config), "--store", str(small_store), "--out", str(tmp_path / "two"),
                 ranks=2)
 
@@ -77,14 +91,16 @@ def test_a_sweep_over_two_ranks_equals_one_process_bit_for_bit(small_store, tmp_
     for report in ("results.csv", "results.md", "frontier.png"):
         assert (tmp_path / "two" / report).stat().st_size > 0
     assert len((tmp_path / "two" / "results.csv").read_text().strip().splitlines()) == 5
-    assert not list((tmp_path / "two").glob("checkpoint*"))
+    assert not list((tmp_path / "two").glob("checkpoint*")) and not list(tmp_path.glob("*.lock"))
 
 
-def test_data_parallel_train_on_two_ranks_matches_one_process(small_store, tmp_path):
+def test_data_parallel_train_on_two_ranks_matches_one_process(small_store, tmp_path, one_thread, monkeypatch,
+                                                             capsys):
     args = ["train", "--store", str(small_store), "--sae", "jumprelu", "--expansion", "2", "--tokens", "2048",
             "--batch-size", "64", "--buffer-tokens", "512", "--geometric-median-tokens", "128", "--lr", "3e-3",
             "--lr-warmup-steps", "2", "--beta1", "0.9", "--sparsity-warmup-steps", "4", "--log-every", "4"]
-    instructsae(*args, "--out", str(tmp_path / "one"))
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--out", str(tmp_path / "one"))
+    assert code == 0, err
     result = instructsae(*args, "--out", str(tmp_path / "two"), ranks=2)
 
     assert result.stdout.count('"nmse"') == 1  # rank 0 alone prints the summary
@@ -93,6 +109,11 @@ def test_data_parallel_train_on_two_ranks_matches_one_process(small_store, tmp_p
         torch.testing.assert_close(parallel[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
     assert (tmp_path / "two" / "metrics.jsonl").read_text().count("\n") == \
         (tmp_path / "one" / "metrics.jsonl").read_text().count("\n")
+    # rank 0 built RUN.partial and moved it into place, and released the run folder's lock
+    assert not (tmp_path / "two.partial").exists() and not (tmp_path / "two.lock").exists()
+    # the same command again: rank 0 finds it trained, and every rank stops
+    again = instructsae(*args, "--out", str(tmp_path / "two"), ranks=2)
+    assert "already trained" in again.stderr and weights(tmp_path / "two")["W_dec"].equal(parallel["W_dec"])
 
 
 def test_batchtopk_is_refused_data_parallel():

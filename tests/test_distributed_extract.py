@@ -1,7 +1,10 @@
 """`extract` under torchrun (gloo, 2 ranks): one store from its ranks' parts, equal per instance to a single-process
-extraction, also after a rank is SIGKILLed and the command rerun on 1 or 2 ranks."""
+extraction, also after a rank is SIGKILLed and the command rerun on 1 or 2 ranks; its writer lock; `verify` of
+every part. Each torchrun start costs ~10-20 s of imports on 2 cores, so the tests share what they can: one
+2-rank store, one killed store copied for both reruns, reruns on 1 rank in this process."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,25 +14,37 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from helpers import run_cli
 from test_distributed import env, instructsae
 
 from instructsae.extract.inspect import describe_store
 from instructsae.extract.plan import work_units
 from instructsae.extract.run import run_extract
 from instructsae.store.layout import TOKEN_COLUMNS
-from instructsae.store.parts import existing_parts
+from instructsae.locks import writer_lock
+from instructsae.store.parts import existing_parts, part_location
 from instructsae.store.reader import is_store, open_store, read_manifest
 from instructsae.schemas import ExtractConfig, JumpReLUConfig, OptimConfig, TrainConfig
+from instructsae.store.reader import StoreReader
 from instructsae.train.run import run_training, split_chunks
 
-SETTINGS = dict(dataset="chatterbot", layers=(0, 1), max_instances=160, dtype="float32", chunk_tokens=32,
-                batch_tokens=64)
+# Shards of 2 chunks: a part (400 tokens) commits as it goes, so a killed rank leaves a part to resume midway.
+# Shards of 2 chunks: a part (250 tokens) commits as it goes, so a killed rank leaves a part to resume midway.
+SETTINGS = dict(dataset="chatterbot", layers=(0, 1), max_instances=60, dtype="float32", chunk_tokens=32,
+                batch_tokens=64, shard_mb=0.02)
+PART_TOKENS = 250
 
 
-def args(model_dir, out, part_tokens=400) -> list[str]:
+def args(model_dir, out) -> list[str]:
     return ["extract", "--model", str(model_dir), "--dataset", "chatterbot", "--layers", "0,1", "--max-instances",
-            "160", "--dtype", "float32", "--chunk-tokens", "32", "--batch-tokens", "64", "--part-tokens",
-            str(part_tokens), "--out", str(out)]
+            "60", "--dtype", "float32", "--chunk-tokens", "32", "--batch-tokens", "64", "--shard-mb", "0.02",
+            "--part-tokens", str(PART_TOKENS), "--out", str(out)]
+
+
+def extract_here(model_dir, out) -> None:
+    """The same command in this process, without torchrun: one rank, which continues a multi-rank store."""
+    run_extract(ExtractConfig(model=str(model_dir), out=str(out), part_tokens=PART_TOKENS, **SETTINGS),
+                show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +52,14 @@ def single(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "store"
     run_extract(ExtractConfig(model=str(tiny_model_dir), out=str(out), **SETTINGS), show_progress=False)
     return open_store(out)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_model_dir, tmp_path_factory):
+    """A store written by 2 ranks, and what rank 0 printed."""
+    out = tmp_path_factory.mktemp("two") / "store"
+    result = instructsae(*args(tiny_model_dir, out), ranks=2)
+    return out, result.stdout
 
 
 def assert_same_instances(expected, store) -> None:
@@ -66,19 +89,23 @@ def assert_same_instances(expected, store) -> None:
         assert got.manifest.layer_stats[layer].sum_sq_norm == pytest.approx(stats.sum_sq_norm, rel=1e-6)
 
 
-def test_two_ranks_write_one_store_equal_to_one_process(tiny_model_dir, single, tmp_path):
-    result = instructsae(*args(tiny_model_dir, tmp_path / "two"), ranks=2)
-    assert result.stdout.count("complete=True") == 1  # rank 0 speaks for the store
-    assert_same_instances(single, tmp_path / "two")
-    # the same command again: complete, nothing to do
-    instructsae(*args(tiny_model_dir, tmp_path / "two"), ranks=2)
+def test_two_ranks_write_one_store_equal_to_one_process(tiny_model_dir, single, two_ranks, tmp_path):
+    out, stdout = two_ranks
+    assert stdout.count("complete=True") == 1  # rank 0 speaks for the store
+    assert_same_instances(single, out)
+    assert not list(out.parent.glob("*.lock"))  # rank 0 released the store's lock
+    # the same command again (here on one rank): complete, nothing to do
+    extract_here(tiny_model_dir, out)
 
     # readers see one store: its chunks are its parts' chunks, and training reads them like any store's
-    reader = open_store(tmp_path / "two")
-    assert f"{len(reader.parts)} work units" in describe_store(str(tmp_path / "two"), as_json=False)
+    reader = open_store(out)
+    assert f"{len(reader.parts)} work units" in describe_store(str(out), as_json=False)
     assert reader.n_chunks == sum(part.n_chunks for part in reader.parts)
     assert sum(stop - start for start, stop in map(reader.chunk_bounds, range(reader.n_chunks))) == reader.n_tokens
-    summary = run_training(TrainConfig(store=str(tmp_path / "two"), out=str(tmp_path / "sae"), layer=1,
+    for chunk in (0, reader.n_chunks - 1):  # the stream's raw reads: the stored values, a part's chunk
+        start, stop = reader.chunk_bounds(chunk)
+        torch.testing.assert_close(reader.read_acts_chunk_as_stored(1, chunk).float(), reader.read_acts(1, start, stop))
+    summary = run_training(TrainConfig(store=str(out), out=str(tmp_path / "sae"), layer=1,
                                        sae=JumpReLUConfig(expansion=2), batch_size=64, buffer_tokens=256,
                                        geometric_median_tokens=64, optim=OptimConfig(lr_warmup_steps=2)))
     train_chunks, _ = split_chunks(reader.n_chunks, 0.05)
@@ -86,8 +113,42 @@ def test_two_ranks_write_one_store_equal_to_one_process(tiny_model_dir, single, 
     assert summary["tokens_seen"] == train_tokens // 64 * 64  # one epoch of the training chunks, whole batches
 
 
+def test_verify_reads_every_part_and_names_a_damaged_chunk(two_ranks, tmp_path, monkeypatch, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(two_ranks[0], store)
+    code, out, _ = run_cli(monkeypatch, capsys, "verify", str(store))
+    parts = open_store(store).parts
+    assert code == 0 and "ok (" in out, out
+    assert f"{sum(a.n_chunks for part in parts for a in part.arrays.values()):,} chunks read" in out
+
+    # one byte of one chunk of the second part's activations flipped
+    array = StoreReader(part_location(str(store), 1)).arrays["acts/layer_1"]
+    offset, length = array._shard_index(0, 0)[0]
+    with open(array.shard_path(0), "r+b") as file:
+        file.seek(int(offset) + int(length) // 2)
+        byte = file.read(1)[0]
+        file.seek(int(offset) + int(length) // 2)
+        file.write(bytes([byte ^ 0x10]))
+    code, out, _ = run_cli(monkeypatch, capsys, "verify", str(store))
+    problems = [line for line in out.splitlines() if "checksum" in line]
+    assert code == 1 and problems == [line for line in out.splitlines() if line.startswith("parts/")], out
+    assert len(problems) == 1 and problems[0].startswith("parts/unit-000001/acts/layer_1 chunk 0"), out
+
+
+def test_a_second_torchrun_into_the_store_is_refused_on_every_rank(tiny_model_dir, tmp_path):
+    out = tmp_path / "store"
+    with writer_lock(out, "store"):  # this process writes the store
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                   "instructsae", *args(tiny_model_dir, out)]
+        result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("error: store")]
+    assert len(refusals) == 2 and all("is being written by pid" in line for line in refusals), result.stderr[-3000:]
+    assert not out.exists()
+
+
 def kill_a_rank_midway(model_dir, out) -> None:
-    """2 ranks started, one worker SIGKILLed once some unit is committed but the store is unfinished."""
+    """2 ranks started, one worker SIGKILLed once some part has committed rows but the store is unfinished."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                "instructsae", *args(model_dir, out)]
     agent = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -103,12 +164,22 @@ def kill_a_rank_midway(model_dir, out) -> None:
     assert agent.returncode != 0 and not read_manifest(out).complete
 
 
-@pytest.mark.parametrize("rerun_ranks", [1, 2])
-def test_a_killed_rank_and_a_rerun_on_any_number_of_ranks_give_the_same_store(tiny_model_dir, single, tmp_path,
-                                                                                rerun_ranks):
-    out = tmp_path / "killed"
+@pytest.fixture(scope="module")
+def killed(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("killed") / "store"
     kill_a_rank_midway(tiny_model_dir, out)
-    instructsae(*args(tiny_model_dir, out), ranks=rerun_ranks)
+    return out
+
+
+@pytest.mark.parametrize("rerun_ranks", [1, 2])
+def test_a_killed_rank_and_a_rerun_on_any_number_of_ranks_give_the_same_store(tiny_model_dir, single, killed,
+                                                                                tmp_path, rerun_ranks):
+    out = tmp_path / "store"
+    shutil.copytree(killed, out)
+    if rerun_ranks == 1:
+        extract_here(tiny_model_dir, out)
+    else:
+        instructsae(*args(tiny_model_dir, out), ranks=rerun_ranks)
     assert_same_instances(single, out)
 
 

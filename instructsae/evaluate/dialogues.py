@@ -55,9 +55,13 @@ def replayed_instances(reader: StoreReader, lm: LoadedModel, dataset: str | None
         model=lm.name, dataset=dataset or identity.dataset, split=identity.split, mode=identity.mode,
         layers=identity.layers, out=reader.path, max_instances=identity.max_instances,
         skip_instances=identity.skip_instances, max_tokens=identity.max_tokens, max_len=identity.max_len,
-        block_len=identity.block_len, keep_first_token=identity.keep_first_token,
+        block_len=identity.block_len, keep_first_token=identity.keep_first_token, column=identity.column,
+        role_key=identity.role_key, content_key=identity.content_key, dedup=identity.dedup is not None,
+        **({f"dedup_{name}": getattr(identity.dedup, name) for name in ("ngram", "threshold", "seed")}
+           if identity.dedup else {}),
     )
-    return (instance.token_ids for instance in planned_instances(cfg, lm, DatasetReader(cfg.dataset, cfg.split)))
+    reader = DatasetReader.from_options(cfg, cfg.dedup_settings())
+    return (instance.token_ids for instance in planned_instances(cfg, lm, reader))
 
 
 def stored_sequences(reader: StoreReader, lm: LoadedModel, max_tokens: int,

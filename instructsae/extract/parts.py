@@ -47,31 +47,36 @@ def commit_top(out: str, manifest: StoreManifest, create: bool = False) -> None:
 def check_top(cfg: ExtractConfig, identity: StoreIdentity) -> StoreManifest | None:
     """The existing multi-rank store at --out to continue, or None when a new one is to be made (refusals as for
     one process; every rank checks, only rank 0 then creates)."""
+    from instructsae.extract.run import refuse_another_config
+
     out = cfg.out
     if is_store(out) and not cfg.overwrite:
         existing = read_manifest(out)
-        if existing.fingerprint != identity.fingerprint():
-            raise UserError(f"store {out} was made with another config (fingerprint {existing.fingerprint}, "
-                            f"this config {identity.fingerprint()}): use --overwrite or another --out")
+        refuse_another_config(cfg, existing, identity.model_dump(mode="json"))
         if existing.part_tokens is None and not existing.complete:
             raise UserError(f"store {out} was started by one process: finish it without torchrun, or --overwrite")
         if cfg.part_tokens is not None and existing.part_tokens not in (None, cfg.part_tokens):
             raise UserError(f"store {out} was started with --part-tokens {existing.part_tokens}, "
                             f"not {cfg.part_tokens}: rerun without it or with that value")
         return existing
-    if location_is_occupied(out) and not cfg.overwrite:
-        raise UserError(f"output path exists and is not a store: {out} (use --overwrite to replace it)")
+    if not is_store(out) and location_is_occupied(out):
+        raise UserError(f"output path exists and is not a store: {out} (--overwrite replaces only instructsae "
+                        "stores: move it away or choose another --out)")
     return None
 
 
 def run_parts(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader, identity: StoreIdentity,
               chat_template: str | None, planned: Iterable[TokenizedInstance], show_progress: bool) -> StoreManifest:
-    """This rank's share of a multi-rank extraction; `planned`: the whole store's instances, in order."""
-    place = distributed.start(cfg.device)
+    """This rank's share of a multi-rank extraction; `planned`: the whole store's instances, in order.
+
+    Called with the process group started and the store's writer lock held by rank 0 for every rank (run.py):
+    the lock covers the store and all its parts, and within one command a part is written only by the rank
+    the deal gives it to."""
+    place = distributed.ranks()
     top = check_top(cfg, identity)
     distributed.barrier()  # every rank has looked at --out before rank 0 creates anything there
     if place.is_main and top is None:
-        remove_store(cfg.out)
+        remove_store(cfg.out)  # --overwrite of a store (check_top refused anything else)
         top = StoreManifest(tool_version=__version__, identity=identity, fingerprint=identity.fingerprint(),
                             chat_template=chat_template,
                             part_tokens=cfg.part_tokens or default_part_tokens(identity.chunk_tokens))
@@ -101,17 +106,20 @@ def run_parts(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader, ident
         bar.close()
     if n_units == 0:
         raise UserError(f"dataset '{cfg.dataset}' gave no usable instances "
-                        f"({dataset.rows_skipped} rows skipped as unusable)")
+                        f"({dataset.skip_report() or 'it has no rows'})")
     distributed.barrier()  # every unit is written
     if place.is_main:
         top = finish_top(cfg.out, top, n_units, dataset)
+        if dataset.rows_skipped:
+            tqdm.write(f"note: {dataset.skip_report()}")
     distributed.finish()  # rank 0 has committed the whole store before any rank returns
     return read_manifest(cfg.out)
 
 
 def extract_unit(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader, location: str, top: StoreManifest,
                  unit: list[TokenizedInstance], bar) -> None:
-    """One work unit into its own part: created, or resumed from its last commit."""
+    """One work unit into its own part: created, or resumed from its last commit; whole when `finish` returns.
+    (A part is usually smaller than a shard, so it is written at `finish`: a killed rank redoes its part.)"""
     from instructsae.extract.run import write_instances
 
     if is_store(location):
@@ -121,7 +129,7 @@ def extract_unit(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader, lo
                               chat_template=top.chat_template)
         writer = StoreWriter.create(location, fresh)
     manifest = write_instances(writer, unit[writer.manifest.n_instances:], cfg, lm, dataset, bar)
-    writer.commit(manifest.model_copy(update={"complete": True}))
+    writer.finish(manifest.model_copy(update={"complete": True}))
 
 
 def finish_top(out: str, top: StoreManifest, n_units: int, dataset: DatasetReader) -> StoreManifest:
@@ -134,11 +142,12 @@ def finish_top(out: str, top: StoreManifest, n_units: int, dataset: DatasetReade
     for index in range(n_units):
         for layer, stats in parts[index].layer_stats.items():
             layer_stats[layer] = layer_stats.get(layer, LayerStats()).add(stats.count, stats.sum_sq_norm,
-                                                                          stats.sum_norm)
+                                                                          stats.sum_norm, stats.nonfinite)
     manifest = top.model_copy(update={
         "n_tokens": sum(parts[i].n_tokens for i in range(n_units)),
         "n_instances": sum(parts[i].n_instances for i in range(n_units)),
-        "rows_used": dataset.rows_used, "rows_skipped": dataset.rows_skipped, "layer_stats": layer_stats,
+        "rows_used": dataset.rows_used, "rows_skipped": dataset.rows_skipped,
+        "rows_skipped_by_reason": dict(dataset.skipped), "layer_stats": layer_stats,
         "parts": [StorePart(name=part_name(i), n_tokens=parts[i].n_tokens, n_instances=parts[i].n_instances)
                   for i in range(n_units)],
         "complete": True,

@@ -1,9 +1,10 @@
 """Pure functions that decide which tokens go where: token budget, groups of instances, length-bucketed batches."""
 
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
-from instructsae.extract.instances import TokenizedInstance
+from instructsae.extract.instances import TokenizedInstance, bt_blocks, fast_instances
 
 
 def stored_length(instance: TokenizedInstance, keep_first_token: bool) -> int:
@@ -77,3 +78,14 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
         else:
             batches.append([index])
     return batches
+
+
+def instances_for(cfg, tokenizer, records: Iterable) -> Iterator[TokenizedInstance]:
+    """The deterministic sequence of instances an ExtractConfig stores from `records` (a DatasetReader)."""
+    stop = None if cfg.max_instances is None else cfg.skip_instances + cfg.max_instances
+    chosen = itertools.islice(iter(records), cfg.skip_instances, stop)
+    if cfg.mode == "fast":
+        instances = fast_instances(chosen, tokenizer, cfg.max_len)
+    else:
+        instances = bt_blocks(chosen, tokenizer, cfg.block_len)
+    return within_budget(instances, cfg.max_tokens, cfg.keep_first_token)

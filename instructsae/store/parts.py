@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from instructsae.errors import UserError
-from instructsae.store.layout import INSTANCE_COLUMNS, TOKEN_COLUMNS
-from instructsae.store.location import _filesystem
-from instructsae.store.reader import StoreReader, is_store, read_manifest
+from instructsae.store.layout import INSTANCE_COLUMNS, acts_as_stored, acts_from_storage, array_specs, layer_array_name
+from instructsae.store.location import filesystem
+from instructsae.store.reader import StoreReader, check_cheaply, is_store, read_manifest
 from instructsae.schemas.manifest import StoreManifest
 
 PARTS_FOLDER = "parts"
@@ -32,7 +32,7 @@ def part_location(out: str, index: int) -> str:
 
 def existing_parts(out: str) -> dict[int, StoreManifest]:
     """{unit index: its manifest} for every part with a committed manifest (complete or not)."""
-    fs, root = _filesystem(out)
+    fs, root = filesystem(out)
     folder = f"{root.rstrip('/')}/{PARTS_FOLDER}"
     if not fs.exists(folder):
         return {}
@@ -46,20 +46,34 @@ def existing_parts(out: str) -> dict[int, StoreManifest]:
     return found
 
 
+def part_problem(path: str, index: int, expected) -> str | None:
+    """What is wrong with a listed part before its arrays are looked at: absent, or other counts than listed."""
+    location = part_location(path, index)
+    if not is_store(location):
+        return f"part {expected.name} is missing (no store at {location})"
+    manifest = read_manifest(location)
+    if (manifest.n_tokens, manifest.n_instances) != (expected.n_tokens, expected.n_instances):
+        return (f"part {expected.name} holds {manifest.n_tokens:,} tokens in {manifest.n_instances:,} instances, "
+                f"the store's manifest lists {expected.n_tokens:,} in {expected.n_instances:,}")
+    if not manifest.complete:
+        return f"part {expected.name} is incomplete, yet the store's manifest lists it"
+    return None
+
+
 class PartsReader:
-    """The StoreReader interface over the parts of a complete multi-rank store, in unit order."""
+    """The StoreReader interface over the parts of a multi-rank store, in unit order. Each part is opened as any
+    store is (its arrays against its manifest, its shard files present: store.reader.check_cheaply); every chunk
+    read is checked as in one store."""
 
     def __init__(self, path: str, manifest: StoreManifest):
         self.path, self.manifest = str(path), manifest
         self.parts = []
         for index, expected in enumerate(manifest.parts):
-            location = part_location(self.path, index)
-            if not is_store(location):
-                raise UserError(f"store {path}: part {expected.name} is missing")
-            part = StoreReader(location)
-            if (part.n_tokens, part.n_instances) != (expected.n_tokens, expected.n_instances):
-                raise UserError(f"store {path}: part {expected.name} holds {part.n_tokens} tokens, "
-                                f"the manifest says {expected.n_tokens}")
+            problem = part_problem(self.path, index, expected)
+            if problem:
+                raise UserError(f"store {path}: {problem} (`instructsae verify {path}` lists every problem)")
+            part = StoreReader(part_location(self.path, index))
+            check_cheaply(part)
             self.parts.append(part)
         identity = manifest.identity
         self.n_tokens, self.n_instances = manifest.n_tokens, manifest.n_instances
@@ -74,31 +88,47 @@ class PartsReader:
         start, stop = self.parts[p].chunk_bounds(c)
         return int(self.token_offsets[p]) + start, int(self.token_offsets[p]) + stop
 
-    def read_acts_chunk(self, layer: int, chunk_index: int) -> torch.Tensor:
+    def read_acts_chunk_raw(self, layer: int, chunk_index: int) -> np.ndarray:
         p, c = self.chunks[chunk_index]
-        return self.parts[p].read_acts_chunk(layer, c)
+        return self.parts[p].read_acts_chunk_raw(layer, c)
+
+    def read_acts_chunk(self, layer: int, chunk_index: int) -> torch.Tensor:
+        return acts_from_storage(self.read_acts_chunk_raw(layer, chunk_index), self.manifest.identity.dtype)
+
+    def read_acts_chunk_as_stored(self, layer: int, chunk_index: int) -> torch.Tensor:
+        return acts_as_stored(self.read_acts_chunk_raw(layer, chunk_index), self.manifest.identity.dtype)
 
     def read_acts(self, layer: int, start: int, stop: int) -> torch.Tensor:
-        pieces = [self.parts[p].read_acts(layer, local_start, local_stop)
-                  for p, local_start, local_stop in self._spans(self.token_offsets, start, stop)]
-        return torch.cat(pieces) if pieces else torch.empty(0, self.d_model)
+        return acts_from_storage(self.read_raw(layer_array_name(layer), start, stop), self.manifest.identity.dtype)
+
+    def read_acts_as_stored(self, layer: int, start: int, stop: int) -> torch.Tensor:
+        return acts_as_stored(self.read_raw(layer_array_name(layer), start, stop), self.manifest.identity.dtype)
 
     def read_column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows of the whole store: instance indices and instance starts shifted by the parts before."""
+        return self.read_raw(name, start, stop)
+
+    def read_raw(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows of any array of the whole store in its storage dtype; instance indices and instance starts
+        shifted by the parts before."""
         per_instance = name in INSTANCE_COLUMNS
         offsets = self.instance_offsets if per_instance else self.token_offsets
         stop = int(offsets[-1]) if stop is None else min(stop, int(offsets[-1]))
         pieces = []
         for p, local_start, local_stop in self._spans(offsets, start, stop):
-            values = self.parts[p].read_column(name, local_start, local_stop)
+            values = self.parts[p].read_raw(name, local_start, local_stop)
             if name == "instance":
                 values = values + values.dtype.type(self.instance_offsets[p])
             elif name == "instance_start":
                 values = values + values.dtype.type(self.token_offsets[p])
             pieces.append(values)
-        if pieces:
-            return np.concatenate(pieces)
-        return np.empty(0, dtype={**TOKEN_COLUMNS, **INSTANCE_COLUMNS}[name])
+        if not pieces:
+            return self._empty(name)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def _empty(self, name: str) -> np.ndarray:
+        """No rows of `name`, with its dtype and row shape (a store whose parts are not listed yet)."""
+        spec = next(spec for spec in array_specs(self.manifest.identity) if spec.name == name)
+        return np.empty((0, *spec.row_shape), dtype=spec.dtype)
 
     @staticmethod
     def _spans(offsets: np.ndarray, start: int, stop: int) -> list[tuple[int, int, int]]:

@@ -6,12 +6,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from instructsae.errors import UserError
+from instructsae.errors import UserError, first_line
 from instructsae.fileio import write_atomically, write_text_atomically
+from instructsae.run_folder import CFG_FILE, WEIGHTS_FILE
 from instructsae.train.sae import SAE_CLASSES, SparseAutoencoder
-
-WEIGHTS_FILE = "sae_weights.safetensors"
-CFG_FILE = "cfg.json"
 
 
 def sae_cfg(sae: SparseAutoencoder, metadata: dict) -> dict:
@@ -50,13 +48,18 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
         cfg = json.loads((folder / CFG_FILE).read_text())
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except Exception as error:
-        raise UserError(f"SAE folder {folder} is unreadable: {str(error).splitlines()[0]}") from None
+        raise UserError(f"SAE folder {folder} is unreadable: {first_line(error)}") from None
     architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
     if architecture not in SAE_CLASSES:
         raise UserError(f"SAE folder {folder} has unknown architecture {architecture!r} "
                         f"(known: {', '.join(SAE_CLASSES)})")
     if tensors.get("W_enc") is None or tensors["W_enc"].dim() != 2:
         raise UserError(f"SAE folder {folder} has no 2-D W_enc in {WEIGHTS_FILE}")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f"SAE folder {folder} has {bad:,} NaN/inf values in {name} ({WEIGHTS_FILE}): "
+                            f"its training diverged or the file is damaged")
     sae_class = SAE_CLASSES[architecture]
     # settings with a default may be absent (SAELens's own jumprelu folders carry no bandwidth); TopK's k may not
     settings = {name: cfg[name] for name in sae_class.exported_settings if name in cfg}
@@ -68,7 +71,7 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
         sae.load_state_dict(tensors)
     except RuntimeError as error:
         raise UserError(f"SAE folder {folder} has weights that do not fit its architecture: "
-                        f"{str(error).splitlines()[0]}") from None
+                        f"{first_line(error)}") from None
     if (cfg.get("d_in"), cfg.get("d_sae")) != (sae.d_in, sae.d_sae):
         raise UserError(f"SAE folder {folder}: cfg.json says d_in {cfg.get('d_in')}, d_sae {cfg.get('d_sae')} "
                         f"but the weights are {sae.d_in} x {sae.d_sae}")
