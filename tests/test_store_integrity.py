@@ -187,7 +187,7 @@ def test_nonfinite_activations_stop_the_extraction_unless_kept(pristine, tmp_pat
 
     def poisoned(lm, group, cfg):
         acts = real(lm, group, cfg)
-        acts[LAYER][0][1, 5] = float("nan")
+        acts.acts[LAYER][0][1, 5] = float("nan")  # as it leaves the device, in the store dtype
         return acts
 
     monkeypatch.setattr(extract_run, "forward_group", poisoned)
