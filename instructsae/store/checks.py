@@ -38,7 +38,7 @@ def length_problems(reader) -> Iterator[Problem]:
         try:
             length = reader.group[name].shape[0]
         except Exception as error:  # absent, or its zarr.json damaged
-            yield Problem(name, None, None, "missing", f"the array cannot be opened: {str(error).splitlines()[0]}")
+            yield _unopenable(reader.arrays[name], name, error)
             continue
         committed = reader.committed_rows(spec.per)
         array = reader.arrays[name]
@@ -50,6 +50,14 @@ def length_problems(reader) -> Iterator[Problem]:
             chunks, rows = _span(array, committed, length)
             yield Problem(name, chunks, rows, "rows beyond the committed count",
                           f"the manifest commits {committed:,} rows (another writer appended?)")
+
+
+def _unopenable(array: ShardedArray, name: str, error: Exception) -> Problem:
+    description = f"{array.root.rstrip('/')}/{name}/zarr.json"
+    if not array.fs.exists(description):
+        return Problem(name, None, None, "missing", f"its description {description} is not there")
+    return Problem(name, None, None, "damaged", f"its description {description} cannot be read "
+                                                f"({str(error).splitlines()[0]})")
 
 
 def shard_file_problems(reader) -> Iterator[Problem]:

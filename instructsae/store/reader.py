@@ -104,7 +104,7 @@ def check_cheaply(reader: StoreReader) -> None:
     """Refuse a store whose arrays disagree with its manifest or whose shard files are missing or short,
     before a command spends any time on it (checksums are checked as chunks are read)."""
     problems = list(length_problems(reader))
-    if not any(problem.what == "missing" and problem.chunks is None for problem in problems):
+    if not any(problem.what in ("missing", "damaged") and problem.chunks is None for problem in problems):
         problems += shard_file_problems(reader)
     if problems:
         more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
