@@ -4,6 +4,7 @@ manifest, and the shard files against the shards the committed rows need (one li
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from instructsae.errors import first_line
 from instructsae.store.chunks import ShardedArray
 
 
@@ -57,7 +58,7 @@ def _unopenable(array: ShardedArray, name: str, error: Exception) -> Problem:
     if not array.fs.exists(description):
         return Problem(name, None, None, "missing", f"its description {description} is not there")
     return Problem(name, None, None, "damaged", f"its description {description} cannot be read "
-                                                f"({str(error).splitlines()[0]})")
+                                                f"({first_line(error)})")
 
 
 def shard_file_problems(reader) -> Iterator[Problem]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import zarr
 
-from instructsae.errors import UserError
+from instructsae.errors import UserError, first_line
 from instructsae.schemas.manifest import FORMAT_VERSION, MANIFEST_KEY, StoreManifest
 from instructsae.store.checks import length_problems, shard_file_problems
 from instructsae.store.chunks import ShardedArray
@@ -41,7 +41,7 @@ def parse_manifest(attributes: dict, path: str | Path) -> StoreManifest:
     try:
         return StoreManifest.model_validate(raw)
     except Exception as error:
-        raise UserError(f"store {path} has an unreadable manifest: {str(error).splitlines()[0]}") from None
+        raise UserError(f"store {path} has an unreadable manifest: {first_line(error)}") from None
 
 
 def read_manifest(path: str | Path) -> StoreManifest:
