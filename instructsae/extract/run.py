@@ -26,7 +26,7 @@ from instructsae.store.location import location_is_occupied, remove_store
 from instructsae.store.reader import is_store, read_manifest
 from instructsae.store.writer import StoreWriter
 from instructsae.extract.writer_thread import BackgroundWriter
-from instructsae.locks import local_path, writer_lock
+from instructsae.locks import local_path
 from instructsae.run_folder import refuse_enclosing_cwd
 from instructsae.schemas.base import differing_fields
 from instructsae.schemas.extract import ExtractConfig

@@ -19,7 +19,6 @@ from instructsae.devices import resolve_device
 from instructsae.errors import UserError
 from instructsae.evaluate.metrics import ReconstructionSums
 from instructsae.fileio import move_folder_into_place, write_text_atomically
-from instructsae.locks import writer_lock
 from instructsae.run_folder import (
     RunPaths, check_existing_run, prepare_building_folder, refuse_enclosing_cwd, refuse_unless_ours,
 )
