@@ -1,6 +1,7 @@
-"""torch.distributed under `torchrun`: who this process is, the process group, and the few collectives the stages
-use. Without torchrun's environment every function here is a no-op for one rank, so a plain command runs as
-it always did.
+"""torch.distributed under `torchrun`: who this process is, the process group, the few collectives the stages
+use, and what rank 0 does for every rank (hold the writer lock, take the decisions all must share). Without
+torchrun's environment every function here is what one process does alone, so a plain command runs as it
+always did.
 
 Backends: NCCL when this rank computes on a CUDA GPU, gloo on CPUs (and for the CPU-side barriers).
 """
