@@ -10,7 +10,7 @@ import torch
 from helpers import assert_one_line_error, run_cli
 
 from instructsae.errors import UserError
-from instructsae.evaluate.metrics import reconstruction_metrics
+from instructsae.metrics import reconstruction_metrics
 from instructsae.schemas import JumpReLUConfig, LayerStats, OptimConfig, StandardConfig, TrainConfig
 from instructsae.schemas.train import BatchTopKConfig, TopKConfig
 from instructsae.train.export import load_sae

@@ -13,16 +13,15 @@ import numpy as np
 
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader
-from instructsae.extract.models import LoadedModel
-from instructsae.extract.run import planned_instances
+from instructsae.extract.plan import planned_instances
 from instructsae.extract.store import StoreReader
-from instructsae.schemas.extract import ExtractConfig
+from instructsae.lm.models import LoadedModel
 
 
 @dataclass(frozen=True)
 class StoredSequence:
     instance: int
-    token_ids: np.ndarray  # int32 [n]: what the model runs (the name extract's padded_batch reads)
+    token_ids: np.ndarray  # int32 [n]: what the model runs (the name lm.batches.padded_batch reads)
     roles: np.ndarray  # uint8 [n - first_stored]: roles of the stored tokens
 
 
@@ -51,13 +50,8 @@ def stored_tokens(reader: StoreReader, max_tokens: int) -> Iterator[tuple[int, n
 def replayed_instances(reader: StoreReader, lm: LoadedModel, dataset: str | None) -> Iterator[np.ndarray]:
     """Token ids of the store's instances as extract planned them (first token included), from the dataset."""
     identity = reader.manifest.identity
-    cfg = ExtractConfig(
-        model=lm.name, dataset=dataset or identity.dataset, split=identity.split, mode=identity.mode,
-        layers=identity.layers, out=reader.path, max_instances=identity.max_instances,
-        skip_instances=identity.skip_instances, max_tokens=identity.max_tokens, max_len=identity.max_len,
-        block_len=identity.block_len, keep_first_token=identity.keep_first_token,
-    )
-    return (instance.token_ids for instance in planned_instances(cfg, lm, DatasetReader(cfg.dataset, cfg.split)))
+    records = DatasetReader(dataset or identity.dataset, identity.split)
+    return (instance.token_ids for instance in planned_instances(identity, lm.tokenizer, records))
 
 
 def stored_sequences(reader: StoreReader, lm: LoadedModel, max_tokens: int,

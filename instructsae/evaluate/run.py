@@ -13,12 +13,12 @@ from tqdm import tqdm
 from instructsae.errors import UserError
 from instructsae.evaluate.breakdown import SequenceRoleSums
 from instructsae.evaluate.dialogues import first_stored_position, stored_sequences
-from instructsae.evaluate.metrics import ReconstructionSums
 from instructsae.evaluate.splice import lm_view
-from instructsae.extract.models import load_model
-from instructsae.extract.run import batch_budget
 from instructsae.extract.store import StoreReader, open_complete_store
 from instructsae.fileio import write_text_atomically
+from instructsae.lm.batches import batch_budget
+from instructsae.lm.models import load_model
+from instructsae.metrics import ReconstructionSums
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.train.export import load_sae
 from instructsae.train.sae import SparseAutoencoder
@@ -63,7 +63,7 @@ def lm_metrics(saes: list[SparseAutoencoder], reader: StoreReader, layer: int, c
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     # the same runtime knob as extract's, with the same default per device
     results = lm_view(lm.model, layer, [sae.to(cfg.device) for sae in saes], sequences,
-                      first_stored_position(reader), batch_budget(cfg), pad_id, cfg.device)
+                      first_stored_position(reader), batch_budget(cfg.batch_tokens, cfg.device), pad_id, cfg.device)
     return [{"model": lm.name, "n_sequences": len(sequences), **result} for result in results]
 
 

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from instructsae.errors import UserError
 from instructsae.evaluate.run import sae_layer
-from instructsae.extract.models import LoadedModel, decoder_layers, load_model
 from instructsae.fileio import write_text_atomically
+from instructsae.lm.models import LoadedModel, decoder_layers, load_model
 from instructsae.schemas.steer import SteerConfig
 from instructsae.train.export import load_sae
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from instructsae.errors import UserError
-from instructsae.extract.models import package_folder
+from instructsae.lm.models import package_folder
 
 # Speaker names seen in the wild (ShareGPT V3 has human/gpt/system and a few user/chatgpt/bing/bard).
 ROLE_ALIASES = {

@@ -1,9 +1,27 @@
-"""Pure functions that decide which tokens go where: token budget, groups of instances, length-bucketed batches."""
+"""Which tokens go where: the instances a store holds, its token budget, groups of instances.
 
+`planned_instances` is the one definition of a store's contents from its identity; extract writes it and the LM
+view of evaluate replays it to recover the first token of each sequence that the store drops.
+"""
+
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
-from instructsae.extract.instances import TokenizedInstance
+from instructsae.extract.instances import TokenizedInstance, bt_blocks, fast_instances
+from instructsae.schemas.manifest import StoreIdentity
+
+
+def planned_instances(identity: StoreIdentity, tokenizer, records: Iterable) -> Iterator[TokenizedInstance]:
+    """The deterministic sequence of instances a store of this identity holds, from the dataset's records;
+    a resumed run replays and skips it."""
+    stop = None if identity.max_instances is None else identity.skip_instances + identity.max_instances
+    records = itertools.islice(iter(records), identity.skip_instances, stop)
+    if identity.mode == "fast":
+        instances = fast_instances(records, tokenizer, identity.max_len)
+    else:
+        instances = bt_blocks(records, tokenizer, identity.block_len)
+    return within_budget(instances, identity.max_tokens, identity.keep_first_token)
 
 
 def stored_length(instance: TokenizedInstance, keep_first_token: bool) -> int:
@@ -45,17 +63,3 @@ def grouped(instances: Iterable[TokenizedInstance], group_tokens: int) -> Iterat
             group, size = [], 0
     if group:
         yield group
-
-
-def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices batched longest first so padding stays small: a batch's padded size is at most batch_tokens
-    (a single sequence longer than that runs alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for index in order:
-        # the first (longest) member of the current batch sets its padded length
-        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= batch_tokens:
-            batches[-1].append(index)
-        else:
-            batches.append([index])
-    return batches

@@ -2,7 +2,6 @@
 
 import hashlib
 import itertools
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -11,15 +10,16 @@ from tqdm import tqdm
 from instructsae import __version__
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader, dataset_sha256
-from instructsae.extract.hooks import residuals_at_layers
-from instructsae.extract.instances import TokenizedInstance, bt_blocks, fast_instances
-from instructsae.extract.models import LoadedModel, load_model
-from instructsae.extract.plan import grouped, length_batches, within_budget
+from instructsae.extract.instances import TokenizedInstance
+from instructsae.extract.plan import grouped, planned_instances
 from instructsae.extract.store import (
     StoreWriter, TokenBlock, acts_to_storage, default_chunk_tokens, is_store, location_is_occupied, read_manifest,
     remove_store,
 )
 from instructsae.extract.writer_thread import BackgroundWriter
+from instructsae.lm.batches import batch_budget, length_batches, padded_batch
+from instructsae.lm.hooks import residuals_at_layers
+from instructsae.lm.models import LoadedModel, load_model
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.manifest import LayerStats, StoreIdentity, StoreManifest
 
@@ -44,17 +44,6 @@ def check_layers(layers: tuple[int, ...], lm: LoadedModel) -> None:
                         f"(0..{lm.n_layers - 1})")
 
 
-def planned_instances(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader) -> Iterator[TokenizedInstance]:
-    """The deterministic sequence of instances this config stores; a resumed run replays and skips it."""
-    stop = None if cfg.max_instances is None else cfg.skip_instances + cfg.max_instances
-    records = itertools.islice(iter(dataset), cfg.skip_instances, stop)
-    if cfg.mode == "fast":
-        instances = fast_instances(records, lm.tokenizer, cfg.max_len)
-    else:
-        instances = bt_blocks(records, lm.tokenizer, cfg.block_len)
-    return within_budget(instances, cfg.max_tokens, cfg.keep_first_token)
-
-
 def open_writer(cfg: ExtractConfig, identity: StoreIdentity, chat_template: str | None) -> StoreWriter | None:
     """Create, resume or refuse; None when the store is already complete."""
     out = cfg.out
@@ -74,25 +63,9 @@ def open_writer(cfg: ExtractConfig, identity: StoreIdentity, chat_template: str 
     return StoreWriter.create(out, manifest)
 
 
-def batch_budget(cfg: ExtractConfig) -> int:
-    """Padded tokens per forward pass. On 2 CPU cores only small batches keep up (BENCHMARKS.md)."""
-    if cfg.batch_tokens is not None:
-        return cfg.batch_tokens
-    return 1024 if cfg.device == "cpu" else 16384
-
-
 def group_tokens(cfg: ExtractConfig, chunk_tokens: int) -> int:
     """Tokens computed, then written and committed, at a time: whole chunks, and at least one forward batch."""
-    return max(batch_budget(cfg), 4 * chunk_tokens)
-
-
-def padded_batch(group: list[TokenizedInstance], batch: list[int], pad_id: int) -> torch.Tensor:
-    """[len(batch), longest] token ids, right-padded."""
-    lengths = [len(group[index].token_ids) for index in batch]
-    input_ids_BS = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
-    for row, index in enumerate(batch):
-        input_ids_BS[row, : lengths[row]] = torch.from_numpy(group[index].token_ids.astype(np.int64))
-    return input_ids_BS
+    return max(batch_budget(cfg.batch_tokens, cfg.device), 4 * chunk_tokens)
 
 
 def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractConfig) -> dict[int, list[torch.Tensor]]:
@@ -100,7 +73,7 @@ def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractC
     lengths = [len(instance.token_ids) for instance in group]
     per_instance: dict[int, list] = {layer: [None] * len(group) for layer in cfg.layers}
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    for batch in length_batches(lengths, batch_budget(cfg)):
+    for batch in length_batches(lengths, batch_budget(cfg.batch_tokens, cfg.device)):
         input_ids_BS = padded_batch(group, batch, pad_id).to(cfg.device)
         # No attention mask: with right padding and causal attention no real token ever sees a pad, and
         # without a mask SDPA may pick its causal kernel (on this CPU no faster, BENCHMARKS.md, nor slower).
@@ -181,7 +154,7 @@ def _extract_into(writer: StoreWriter, cfg: ExtractConfig, lm: LoadedModel, data
                   show_progress: bool) -> StoreManifest:
     manifest = writer.manifest
     done = manifest.n_instances
-    instances = itertools.islice(planned_instances(cfg, lm, dataset), done, None)
+    instances = itertools.islice(planned_instances(manifest.identity, lm.tokenizer, dataset), done, None)
     first = next(instances, None)
     if first is None and done == 0:
         raise UserError(f"dataset '{cfg.dataset}' gave no usable instances "
