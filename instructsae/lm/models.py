@@ -79,11 +79,17 @@ def _dequantize_gguf_once(folder: Path, gguf_file: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
+    # one partial folder per process: two commands converting at once must not write into each other's
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)  # atomic: a half-written cache is never mistaken for a good one
+    try:
+        partial.rename(target)  # atomic: a half-written cache is never mistaken for a good one
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # another process finished the same conversion first
     return target
 
 
