@@ -131,11 +131,15 @@ def advance_manifest(manifest: StoreManifest, block: TokenBlock, stats: LayerSum
     })
 
 
-def run_extract(cfg: ExtractConfig, show_progress: bool = True) -> StoreManifest:
+def run_extract(cfg: ExtractConfig, show_progress: bool = True, dialogues=None) -> StoreManifest:
+    """`dialogues`: rows given in Python (extract/memory_data.InMemoryDialogues) instead of cfg.dataset."""
     lm = load_model(cfg.model, cfg.model_dtype, cfg.device)
     check_layers(cfg.layers, lm)
-    dataset = DatasetReader(cfg.dataset, cfg.split)
-    identity = build_identity(cfg, lm, dataset_sha256(cfg.dataset, cfg.split))
+    if dialogues is not None:
+        dataset, dataset_hash = dialogues, dialogues.sha256
+    else:
+        dataset, dataset_hash = DatasetReader(cfg.dataset, cfg.split), dataset_sha256(cfg.dataset, cfg.split)
+    identity = build_identity(cfg, lm, dataset_hash)
     writer = open_writer(cfg, identity, getattr(lm.tokenizer, "chat_template", None))
     if writer is None:
         manifest = read_manifest(cfg.out)

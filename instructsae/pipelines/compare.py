@@ -20,6 +20,7 @@ from instructsae.schemas import ExtractConfig
 from instructsae.schemas.compare import CompareConfig
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.schemas.sweep import SweepConfig
+from instructsae.train.sae_folder import provenance
 from instructsae.train.sweep import expand_sweep, resolve_grid, run_sweep
 
 METHODS = ("bt-p", "bt-f", "fast")
@@ -83,7 +84,7 @@ def run_compare(cfg: CompareConfig) -> str:
 
 
 def _sparsity(result: dict) -> str:
-    cfg = json.loads((Path(result["sae"]) / "cfg.json").read_text())["metadata"]["train_config"]["sae"]
+    cfg = provenance(json.loads((Path(result["sae"]) / "cfg.json").read_text()))["train_config"]["sae"]
     return f"k={cfg['k']}" if "k" in cfg else f"{cfg['sparsity_coeff']:g}"
 
 
@@ -147,7 +148,7 @@ BT(P) = `{cfg.pretraining_text}` joined and cut into {cfg.block_len}-token block
 dialogues chat-templated, joined and cut the same way, FAST = the same dialogues each run alone. Every SAE
 trained for {cfg.train_tokens:,} tokens with the same settings, and evaluated on {cfg.heldout_tokens:,} tokens
 of held-out FAST dialogues none of the stores contain (the spliced LM loss on the first {cfg.lm_tokens:,} of
-them). NMSE and L0 are on the held-out store; log2 MSE is the seed's Eq. 7 (per sequence, then over
+them). NMSE and L0 are on the held-out store; log2 MSE is the FAST paper's Eq. 7 (per sequence, then over
 sequences, per element) and MSE_st the same on template/special tokens; CE recovered = (CE zero-ablated − CE
 with the SAE) / (CE zero-ablated − CE clean).
 

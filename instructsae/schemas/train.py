@@ -85,7 +85,7 @@ class TrainConfig(FrozenModel):
 # Presets override defaults and are overridden by YAML and CLI flags: {"train", "optim", "sae": {arch: ...}}.
 PRESETS: dict[str, dict] = {
     "gemma-scope": {},  # the schema defaults are Gemma Scope's
-    "fast-paper": {  # the seed paper, Appendix C (fp32 and geometric-median b_dec are always on here)
+    "fast-paper": {  # the FAST paper, Appendix C (fp32 and geometric-median b_dec are always on here)
         "train": {"batch_size": 128, "dead_threshold": 1e-8, "dead_window": 1000},
         "optim": {"lr": 7e-5, "lr_end": 7e-6, "lr_warmup_steps": 16_000, "beta1": 0.9, "beta2": 0.999,
                   "sparsity_warmup_steps": 10_000},

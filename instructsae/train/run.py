@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from instructsae.train.export import load_sae, save_sae
 from instructsae.train.init import geometric_median
 from instructsae.train.metrics_log import MetricsLog
 from instructsae.train.sae import build_sae
+from instructsae.train.schedule import describe_schedule, fitted_optim, schedule_line
 from instructsae.train.stream import ShuffledStream, prefetch_depth
 from instructsae.train.trainer import Trainee, train
 
@@ -163,6 +165,10 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
 
     tokens = first.tokens or view.train_tokens()
     n_steps = max(1, tokens // first.batch_size)
+    optims = [fitted_optim(cfg.optim, n_steps) for cfg in configs]
+    schedules = [describe_schedule(cfg.optim, optim, n_steps, hasattr(cfg.sae, "sparsity_coeff"))
+                 for cfg, optim in zip(configs, optims)]
+    _print_schedules(configs, schedules)
     # On a CPU the reader and the SAE share the same cores, and a reader thread cost more than it hid
     # (bench/train_stream.py); with an accelerator the thread reads while the device computes.
     depth = 0 if first.device == "cpu" else prefetch_depth(first.buffer_tokens, reader.chunk_tokens)
@@ -174,10 +180,10 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     first_step, tokens_done = (saved["step"], saved["tokens"]) if saved is not None else (0, 0)
     logs = [MetricsLog(Path(cfg.out) / "metrics.jsonl", cfg, Path(cfg.out).name,
                        keep_before_step=first_step if saved is not None else None) for cfg in configs]
-    trainees = [Trainee(sae.to(cfg.device), cfg.optim, sparsity_coeff(cfg),
+    trainees = [Trainee(sae.to(cfg.device), optim, sparsity_coeff(cfg),
                         DeadFeatureTracker(sae.d_sae, cfg.dead_threshold, cfg.dead_window), log.write,
                         layers.index(layer))
-                for sae, cfg, log, layer in zip(saes, configs, logs, member_layers)]
+                for sae, cfg, optim, log, layer in zip(saes, configs, optims, logs, member_layers)]
     if saved is not None:
         for trainee, state in zip(trainees, saved["trainees"]):
             trainee.load_state_dict(state)
@@ -205,14 +211,23 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     exported = [_export(cfg, key, trainee.sae, layer, view) for cfg, key, trainee, layer
                 in zip(configs, keys, trainees, member_layers)]
     metrics = _heldout_metrics(exported, member_layers, view)
-    summaries = [_summary(cfg, key, trainee, layer, view, stats, result) for cfg, key, trainee, layer, result
-                 in zip(configs, keys, trainees, member_layers, metrics)]
+    summaries = [_summary(cfg, key, trainee, layer, view, {**stats, "schedule": schedule}, result)
+                 for cfg, key, trainee, layer, result, schedule
+                 in zip(configs, keys, trainees, member_layers, metrics, schedules)]
     checkpoint_path.unlink(missing_ok=True)  # every SAE is finished: nothing to resume
     return summaries
 
 
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     return train_saes([cfg], Path(cfg.out) / CHECKPOINT_FILE, resume)[0]
+
+
+def _print_schedules(configs: list[TrainConfig], schedules: list[dict]) -> None:
+    """The effective schedule of each SAE, and a warning where a run would end inside a warm-up."""
+    for cfg, schedule in zip(configs, schedules):
+        print(schedule_line(Path(cfg.out).name, schedule), file=sys.stderr, flush=True)
+        for warning in schedule["warnings"]:
+            print(f"warning: {Path(cfg.out).name}: {warning}", file=sys.stderr, flush=True)
 
 
 def _initialise_decoder_bias(saes, member_layers: list[int], view: StoreView, cfg: TrainConfig) -> None:
@@ -242,10 +257,10 @@ def _initial_sample(view: StoreView, layer: int, cfg: TrainConfig) -> torch.Tens
 def _export(cfg: TrainConfig, key: str, sae, layer: int, view: StoreView):
     """Save the SAE (raw activation space) and its curves; the exported SAE, as a user will load it."""
     root, reader = Path(cfg.out), view.reader
-    metadata = {"layer": layer, "store": cfg.store, "store_fingerprint": reader.manifest.fingerprint,
-                "model": reader.manifest.identity.model, "input_scale": view.scales[layer],
-                "train_config": cfg.model_dump(mode="json"), "config_key": key, "instructsae_version": __version__}
-    save_sae(root, sae.cpu(), view.scales[layer], metadata)
+    own = {"layer": layer, "store": cfg.store, "store_fingerprint": reader.manifest.fingerprint,
+           "model": reader.manifest.identity.model, "input_scale": view.scales[layer],
+           "train_config": cfg.model_dump(mode="json"), "config_key": key, "instructsae_version": __version__}
+    save_sae(root, sae.cpu(), view.scales[layer], own, reader.manifest.identity)
     plot_training_curves(MetricsLog.read(root / "metrics.jsonl"), root / CURVES_FILE, title=root.name)
     return load_sae(root)[0]
 

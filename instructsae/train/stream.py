@@ -65,7 +65,7 @@ def prefetch(items: Iterable, depth: int = 2) -> Iterator:
 
 
 class MixingBuffer:
-    """Fill to capacity, shuffle, hand out half as batches, refill (the seed paper's mixing buffer).
+    """Fill to capacity, shuffle, hand out half as batches, refill (the FAST paper's mixing buffer).
 
     Tokens of one chunk are neighbours in a dialogue; mixing many chunks decorrelates a batch.
     """

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from instructsae.charts import plot_frontier
 from instructsae.fileio import write_text_atomically
+from instructsae.train.sae_folder import provenance
 
 COLUMNS = ("name", "arch", "layer", "expansion", "d_sae", "sparsity", "lr", "nmse", "explained_variance", "l0",
            "dead_fraction", "tokens")
@@ -22,9 +23,9 @@ def collect_rows(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
             summary = json.loads(summary_file.read_text())
         except (OSError, ValueError):
             continue  # not a finished SAE of ours (a folder the user put there, or one a kill cut short)
-        if cfg.get("metadata", {}).get("store_fingerprint") != store_fingerprint:
+        if provenance(cfg).get("store_fingerprint") != store_fingerprint:
             continue
-        train = cfg["metadata"]["train_config"]
+        train = provenance(cfg)["train_config"]
         sae = train["sae"]
         rows.append({
             "name": folder.name, "arch": sae["arch"], "layer": summary["layer"], "expansion": sae["expansion"],

@@ -1,0 +1,5 @@
+"""`python -m instructsae ...` is the `instructsae` command."""
+
+from instructsae.cli import main
+
+main()
