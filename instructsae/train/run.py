@@ -27,7 +27,7 @@ from instructsae.train.export import load_sae, save_sae
 from instructsae.train.init import geometric_median
 from instructsae.train.metrics_log import MetricsLog
 from instructsae.train.sae import build_sae
-from instructsae.train.schedule import describe_schedule, fitted_optim, schedule_line
+from instructsae.train.schedule import describe_schedule, fitted_batch_size, fitted_optim, schedule_line
 from instructsae.train.stream import ShuffledStream, prefetch_depth
 from instructsae.train.trainer import Trainee, train
 
@@ -164,15 +164,16 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
             prepare_run_folder(Path(cfg.out))
 
     tokens = first.tokens or view.train_tokens()
-    n_steps = max(1, tokens // first.batch_size)
+    batch_size = fitted_batch_size(configs, tokens)  # the defaults fitted to a short run (train/schedule.py)
+    n_steps = max(1, tokens // batch_size)
     optims = [fitted_optim(cfg.optim, n_steps) for cfg in configs]
-    schedules = [describe_schedule(cfg.optim, optim, n_steps, hasattr(cfg.sae, "sparsity_coeff"))
-                 for cfg, optim in zip(configs, optims)]
+    schedules = [describe_schedule(cfg.optim, optim, n_steps, hasattr(cfg.sae, "sparsity_coeff"), batch_size,
+                                   first.batch_size) for cfg, optim in zip(configs, optims)]
     _print_schedules(configs, schedules)
     # On a CPU the reader and the SAE share the same cores, and a reader thread cost more than it hid
     # (bench/train_stream.py); with an accelerator the thread reads while the device computes.
     depth = 0 if first.device == "cpu" else prefetch_depth(first.buffer_tokens, reader.chunk_tokens)
-    stream = ShuffledStream(view.read_chunk, view.train_chunks, reader.chunk_tokens, first.batch_size,
+    stream = ShuffledStream(view.read_chunk, view.train_chunks, reader.chunk_tokens, batch_size,
                             first.buffer_tokens, first.seed, tokens, depth)
     if saved is None and first.geometric_median_tokens:
         _initialise_decoder_bias(saes, member_layers, view, first)
@@ -190,7 +191,7 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
         stream.load_state_dict(saved["stream"])
         torch.set_rng_state(saved["torch_rng"])
 
-    every_steps = max(1, first.checkpoint_every // first.batch_size)
+    every_steps = max(1, first.checkpoint_every // batch_size)
 
     def after_step(step: int, tokens_so_far: int) -> None:
         if (step + 1) % every_steps == 0 and step + 1 < n_steps:
