@@ -22,9 +22,9 @@ import torch
 from instructsae.extract import run as extract_run
 from instructsae.extract.data import DatasetReader
 from instructsae.extract.plan import grouped, planned_instances
-from instructsae.extract.store import default_chunk_tokens
 from instructsae.lm.batches import batch_budget, length_batches, padded_batch
 from instructsae.lm.models import load_model
+from instructsae.store.layout import default_chunk_tokens
 from instructsae.schemas import ExtractConfig
 
 

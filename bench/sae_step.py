@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from instructsae.extract.store import open_store
+from instructsae.store.reader import open_store
 from instructsae.schemas import JumpReLUConfig, OptimConfig, TrainConfig
 from instructsae.train.run import run_training
 from instructsae.train.sae import build_sae

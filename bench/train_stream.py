@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from instructsae.extract.store import open_store
+from instructsae.store.reader import open_store
 from instructsae.schemas import JumpReLUConfig, OptimConfig
 from instructsae.train import stream
 from instructsae.train.dead import DeadFeatureTracker

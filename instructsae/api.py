@@ -67,7 +67,7 @@ def train_sae(config: TrainConfig | Mapping | None = None, /, *, activations: to
     if activations is None:
         return run_training(_config(TrainConfig, config, settings), resume=resume)
     from instructsae.extract.from_tensors import write_activation_store
-    from instructsae.extract.store import remove_store
+    from instructsae.store.location import remove_store
 
     given = {**_fields(TrainConfig, config), **{key: value for key, value in settings.items() if value is not None}}
     in_memory = "store" not in given
@@ -106,7 +106,7 @@ def evaluate_sae(sae: str | list[str], store: str, *, max_tokens: int | None = N
 
 def open_store(path: str):
     """A complete or partial store to read: `.manifest`, `.read_acts(layer, start, stop)`, `.read_column(name)`."""
-    from instructsae.extract.store import open_store as open_reader
+    from instructsae.store.reader import open_store as open_reader
 
     return open_reader(str(path))
 

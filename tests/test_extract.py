@@ -8,9 +8,9 @@ import torch
 
 from instructsae.extract import run as extract_run
 from instructsae.extract.run import run_extract
-from instructsae.extract.store import open_store
 from instructsae.lm.hooks import residuals_at_layers
 from instructsae.lm.models import load_model
+from instructsae.store.reader import open_store
 from instructsae.schemas import ExtractConfig
 
 

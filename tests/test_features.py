@@ -17,7 +17,7 @@ from instructsae.evaluate.contexts import context_windows, window_rows
 from instructsae.evaluate.dashboard import render_dashboard
 from instructsae.evaluate.feature_stats import FeatureStats, merge_top_n
 from instructsae.extract.run import run_extract
-from instructsae.extract.store import open_complete_store
+from instructsae.store.reader import open_complete_store
 from instructsae.schemas import ROLES, ExtractConfig, OptimConfig, StandardConfig, TrainConfig
 from instructsae.train.export import load_sae
 from instructsae.train.run import run_training

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from instructsae.extract.run import run_extract
-from instructsae.extract.store import TOKEN_COLUMNS, is_store, open_store, read_manifest
+from instructsae.store.layout import TOKEN_COLUMNS
+from instructsae.store.reader import is_store, open_store, read_manifest
 from instructsae.schemas import ExtractConfig
 
 

@@ -16,9 +16,9 @@ from instructsae.errors import UserError
 from instructsae.evaluate.run import evaluate_sae_on_store
 from instructsae.extract import run as extract_run
 from instructsae.extract.run import run_extract
-from instructsae.extract.store import (
-    TOKEN_COLUMNS, layer_array_name, location_exists, open_store, remove_store, zarr_location,
-)
+from instructsae.store.layout import TOKEN_COLUMNS, layer_array_name
+from instructsae.store.location import location_exists, remove_store, zarr_location
+from instructsae.store.reader import open_store
 from instructsae.schemas import OptimConfig, StandardConfig, TrainConfig
 from instructsae.train.run import run_training
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from instructsae.extract.run import run_extract
-from instructsae.extract.store import open_store
+from instructsae.store.reader import open_store
 from instructsae.schemas import ExtractConfig
 from instructsae.train.stream import MixingBuffer, ShuffledStream, chunk_order, prefetch
 

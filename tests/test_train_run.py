@@ -52,7 +52,7 @@ class FakeReader:
 
 def use_reader(monkeypatch, reader: FakeReader) -> None:
     fake_open = lambda path: reader  # noqa: E731
-    monkeypatch.setattr("instructsae.extract.store.open_store", fake_open)
+    monkeypatch.setattr("instructsae.store.reader.open_store", fake_open)
     monkeypatch.setattr("instructsae.train.run.open_store", fake_open, raising=False)
 
 

@@ -3,7 +3,7 @@
 
 import numpy as np
 
-from instructsae.extract.store import StoreReader
+from instructsae.store.reader import StoreReader
 
 GATHER_BLOCK_TOKENS = 1 << 20
 

@@ -14,8 +14,8 @@ import numpy as np
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader
 from instructsae.extract.plan import planned_instances
-from instructsae.extract.store import StoreReader
 from instructsae.lm.models import LoadedModel
+from instructsae.store.reader import StoreReader
 
 
 @dataclass(frozen=True)

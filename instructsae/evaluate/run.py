@@ -14,7 +14,7 @@ from instructsae.errors import UserError
 from instructsae.evaluate.breakdown import SequenceRoleSums
 from instructsae.evaluate.dialogues import first_stored_position, stored_sequences
 from instructsae.evaluate.splice import lm_view
-from instructsae.extract.store import StoreReader, open_complete_store
+from instructsae.store.reader import StoreReader, open_complete_store
 from instructsae.fileio import write_text_atomically
 from instructsae.lm.batches import batch_budget
 from instructsae.lm.models import load_model

@@ -13,10 +13,10 @@ import torch
 
 from instructsae import __version__
 from instructsae.errors import UserError
-from instructsae.extract.store import (
-    StoreWriter, TokenBlock, acts_to_storage, default_chunk_tokens, location_is_occupied, remove_store,
-)
 from instructsae.schemas.manifest import ROLE_CODE, LayerStats, StoreIdentity, StoreManifest
+from instructsae.store.layout import TokenBlock, acts_to_storage, default_chunk_tokens
+from instructsae.store.location import location_is_occupied, remove_store
+from instructsae.store.writer import StoreWriter
 
 SOURCE = "in-memory activations"
 

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from instructsae.extract.store import open_store
+from instructsae.store.reader import open_store
 from instructsae.schemas.manifest import ROLES
 
 ROLE_BLOCK = 1 << 22

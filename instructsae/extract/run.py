@@ -12,10 +12,10 @@ from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader, dataset_sha256
 from instructsae.extract.instances import TokenizedInstance
 from instructsae.extract.plan import grouped, planned_instances
-from instructsae.extract.store import (
-    StoreWriter, TokenBlock, acts_to_storage, default_chunk_tokens, is_store, location_is_occupied, read_manifest,
-    remove_store,
-)
+from instructsae.store.layout import TokenBlock, acts_to_storage, default_chunk_tokens
+from instructsae.store.location import location_is_occupied, remove_store
+from instructsae.store.reader import is_store, read_manifest
+from instructsae.store.writer import StoreWriter
 from instructsae.extract.writer_thread import BackgroundWriter
 from instructsae.lm.batches import batch_budget, length_batches, padded_batch
 from instructsae.lm.hooks import residuals_at_layers

@@ -3,7 +3,8 @@
 import queue
 import threading
 
-from instructsae.extract.store import StoreWriter, TokenBlock
+from instructsae.store.layout import TokenBlock
+from instructsae.store.writer import StoreWriter
 from instructsae.schemas.manifest import StoreManifest
 
 _DONE = object()

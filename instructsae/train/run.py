@@ -17,7 +17,7 @@ from instructsae import __version__
 from instructsae.charts import plot_training_curves
 from instructsae.devices import checked_device
 from instructsae.errors import UserError
-from instructsae.extract.store import StoreReader, open_complete_store
+from instructsae.store.reader import StoreReader, open_complete_store
 from instructsae.fileio import write_text_atomically
 from instructsae.metrics import ReconstructionSums
 from instructsae.schemas.train import TrainConfig

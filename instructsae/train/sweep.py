@@ -9,7 +9,7 @@ import itertools
 from pathlib import Path
 
 from instructsae.errors import UserError
-from instructsae.extract.store import open_complete_store
+from instructsae.store.reader import open_complete_store
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import ARCHITECTURES, TrainConfig
 from instructsae.train.config import resolve_train_config
