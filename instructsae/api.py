@@ -55,8 +55,10 @@ def extract_activations(config: ExtractConfig | Mapping | None = None, /, *, dia
 
 
 def train_sae(config: TrainConfig | Mapping | None = None, /, *, activations: torch.Tensor | Iterable | None = None,
-              resume: bool = False, **settings) -> dict:
-    """Train one SAE on a store (`instructsae train`); its summary. The SAE folder is `out`.
+              resume: bool = False, overwrite: bool = False, **settings) -> dict:
+    """Train one SAE on a store (`instructsae train`); its summary. The SAE folder is `out`: if it holds this very
+    SAE already (same config, same store) its summary comes back untrained; one of another config is replaced
+    only with `overwrite`.
 
     activations: instead of `store`, a [tokens, d_model] tensor or an iterator of such tensors (one per sequence),
     written to a store first (in memory unless `store` names a location for it) and trained on like any store;
@@ -65,7 +67,7 @@ def train_sae(config: TrainConfig | Mapping | None = None, /, *, activations: to
     from instructsae.train.run import run_training
 
     if activations is None:
-        return run_training(_config(TrainConfig, config, settings), resume=resume)
+        return run_training(_config(TrainConfig, config, settings), resume=resume, overwrite=overwrite)
     from instructsae.extract.from_tensors import write_activation_store
     from instructsae.store.location import remove_store
 
@@ -76,7 +78,7 @@ def train_sae(config: TrainConfig | Mapping | None = None, /, *, activations: to
     layer = 0 if cfg.layer is None else cfg.layer
     write_activation_store(activations, store, layer)
     try:
-        return run_training(cfg, resume=resume)
+        return run_training(cfg, resume=resume, overwrite=overwrite)
     finally:
         if in_memory:
             remove_store(store)

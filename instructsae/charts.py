@@ -64,3 +64,28 @@ def plot_frontier(points: list[dict], group_by: str, path: Path, title: str) -> 
     ax.legend()
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_frontier_bands(panels: dict[tuple[str, str], dict[str, dict]], path: Path, ylabel: str, title: str) -> None:
+    """One panel per (held-out set, architecture): each method's frontier (seed means, linear in log L0), its
+    pointwise confidence band, and its measured points. panels[(row, column)][method] = {l0, value, low, high,
+    points_l0, points_value}."""
+    rows = sorted({row for row, _ in panels})
+    columns = sorted({column for _, column in panels})
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(5.5 * len(columns), 4.2 * len(rows)), squeeze=False)
+    for (row, column), methods in panels.items():
+        ax = axes[rows.index(row)][columns.index(column)]
+        for index, (method, band) in enumerate(methods.items()):
+            line, = ax.plot(band["l0"], band["value"], label=method)
+            ax.fill_between(band["l0"], band["low"], band["high"], color=line.get_color(), alpha=0.2)
+            ax.scatter(band["points_l0"], band["points_value"], color=line.get_color(),
+                       marker=MARKERS[index % len(MARKERS)], s=18)
+        ax.set_xscale("log")
+        ax.set_title(f"{column}, held out: {row}", fontsize=10)
+        ax.set_xlabel("L0 (active latents per token, held out)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)

@@ -1,4 +1,5 @@
-"""`instructsae extract | train | sweep | evaluate | features | steer | autointerp | inspect | demo | pipeline compare`.
+"""`instructsae extract | dedup | train | sweep | evaluate | features | steer | autointerp | inspect | verify |
+convert | demo | pipeline compare`.
 
 Bad input: one line on stderr, exit 2."""
 
@@ -12,6 +13,7 @@ from instructsae.cli_options import build, options_from, read_yaml, split_list
 from instructsae.errors import UserError
 from instructsae.schemas.autointerp import AutointerpConfig
 from instructsae.schemas.compare import CompareConfig
+from instructsae.schemas.dataset import DedupConfig
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.features import FeaturesConfig
@@ -37,11 +39,20 @@ def extract(config_file, **options):
     """Run a causal LM over a dataset (FAST or BT) and store per-token activations in a zarr store."""
     from instructsae.api import extract_activations
 
-    options["layers"] = split_list(options["layers"])
     cfg = build(ExtractConfig, read_yaml(config_file), options)
     manifest = extract_activations(cfg)
     click.echo(f"store {cfg.out}: {manifest.n_tokens:,} tokens, {manifest.n_instances:,} instances, "
                f"layers {list(manifest.identity.layers)}, complete={manifest.complete}")
+
+
+@cli.command()
+@options_from(DedupConfig)
+def dedup(**options):
+    """Drop exact and near-duplicate rows (word n-gram MinHash LSH, as the FAST paper's 20-gram dedup) and write
+    the rest as parquet in the `messages` format."""
+    from instructsae.extract.dedup_run import format_report, run_dedup
+
+    click.echo(format_report(run_dedup(build(DedupConfig, options))))
 
 
 @cli.command()
@@ -56,7 +67,10 @@ def extract(config_file, **options):
 @click.option("--k", type=int, help=_describe(TopKConfig, "k") + " (topk, batchtopk)")
 @options_from(OptimConfig)
 @click.option("--resume", is_flag=True, help="continue a killed run from its checkpoint (same config and store)")
-def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, k, resume, **options):
+@click.option("--overwrite", is_flag=True,
+              help="replace the finished SAE in --out (another config, or the same one trained again)")
+def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, k, resume, overwrite,
+          **options):
     """Train one SAE on a store, streaming shuffled chunks through a mixing buffer."""
     from instructsae.api import train_sae
     from instructsae.train.config import resolve_train_config
@@ -65,7 +79,7 @@ def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_
                  "bandwidth": bandwidth, "init_threshold": init_threshold, "k": k}
     optim_flags = {name: options.pop(name) for name in OptimConfig.model_fields}
     cfg = resolve_train_config(read_yaml(config_file), preset, options, sae_flags, optim_flags)
-    summary = train_sae(cfg, resume=resume)
+    summary = train_sae(cfg, resume=resume, overwrite=overwrite)
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -122,6 +136,32 @@ def inspect(store, as_json):
 
 
 @cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print the findings as JSON")
+def verify(store, as_json):
+    """Read a whole store back and name every bad chunk (missing, truncated, checksum, rows beyond the commit,
+    NaN/inf) and every disagreement between manifest and arrays. Exit 1 on any problem."""
+    from instructsae.store.verify import format_report, verify_report
+
+    report = verify_report(store, show_progress=not as_json)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--out", required=True, help="where to write the converted store (a new location)")
+@click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=512.0, show_default=True,
+              help=_describe(ExtractConfig, "shard_mb"))
+def convert(store, out, shard_mb):
+    """Rewrite a finished store of an older format (1: no checksums, a file per chunk) in the current one."""
+    from instructsae.store.convert import convert_store, describe
+
+    click.echo(describe(convert_store(store, out, shard_mb), out))
+
+
+@cli.command()
 @click.option("--out", default="runs/demo", show_default=True, help="folder for stores, SAEs and the table")
 @click.option("--train-tokens", type=int, default=None, help="tokens in the training store")
 def demo(out, train_tokens):
@@ -163,19 +203,32 @@ def pipeline():
 
 
 @pipeline.command()
-@options_from(CompareConfig, skip=("grid", "train"))
+@options_from(CompareConfig, skip=("grid", "train", "heldout"))
+@click.option("--heldout", "heldout", multiple=True,
+              help=CompareConfig.model_fields["heldout"].description + " [default: chatterbot]")
 @click.option("--config", "config_file", type=click.Path(), help="YAML with any of these options, and grid/train")
-def compare(config_file, **options):
-    """BT(P) vs BT(F) vs FAST: same budget, same SAEs, one held-out FAST store; writes report.md and charts."""
+def compare(config_file, heldout, **options):
+    """BT(P) vs BT(F) vs FAST at matched L0 over seeds, with confidence intervals, on held-out dialogue sets;
+    writes report.md and frontier.png."""
     from instructsae.pipelines.compare import run_compare
 
-    run_compare(build(CompareConfig, read_yaml(config_file), options))
+    run_compare(build(CompareConfig, read_yaml(config_file), {**options, "heldout": tuple(heldout) or None}))
+
+
+def _end_progress_bars() -> None:
+    """A bar still drawn when an error stops a command (a bad chunk met mid-training) ends its line first,
+    so the error is a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except UserError as error:
+        _end_progress_bars()
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:

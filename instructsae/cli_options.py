@@ -8,7 +8,7 @@ import click
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from instructsae.errors import UserError
+from instructsae.errors import UserError, first_line
 
 
 def _unwrap_optional(annotation):
@@ -62,7 +62,7 @@ def read_yaml(path: str | None) -> dict:
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as error:
-        raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise UserError(f"config file {path} is not valid YAML: {first_line(error)}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of options, not {type(data).__name__}")
     return data

@@ -2,14 +2,14 @@
 
 import torch
 
-from instructsae.errors import UserError
+from instructsae.errors import UserError, first_line
 
 
 def checked_device(device: str) -> torch.device:
     try:
         chosen = torch.device(device)
     except RuntimeError as error:
-        raise UserError(f"unknown device {device!r}: {str(error).splitlines()[0]}") from None
+        raise UserError(f"unknown device {device!r}: {first_line(error)}") from None
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"device {device}: this torch build or machine has no CUDA GPU")

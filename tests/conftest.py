@@ -98,3 +98,21 @@ def dialogues_jsonl(tmp_path) -> Path:
     path = tmp_path / "dialogues.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     return path
+
+
+@pytest.fixture
+def read_only_dir(tmp_path) -> Path:
+    """A folder this process cannot write into. For a normal user, a chmod'ed folder; root ignores permission
+    bits, so for root a read-only mount (containers mount /proc/sys read-only), else the test is skipped."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    for candidate in ("/proc/sys",):
+        if os.path.isdir(candidate) and not os.access(candidate, os.W_OK):
+            yield Path(candidate)
+            return
+    pytest.skip("running as root with no read-only mount to write into")

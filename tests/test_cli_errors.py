@@ -21,14 +21,14 @@ def test_layer_out_of_range(monkeypatch, capsys, tiny_model_dir, dialogues_jsonl
     assert not (tmp_path / "s").exists()
 
 
-def test_row_without_messages(monkeypatch, capsys, tiny_model_dir, tmp_path):
-    data = tmp_path / "bad.jsonl"
+def test_rows_without_the_column_are_skipped_and_reported_once(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "mixed.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
                     + json.dumps({"prompt": "no messages here"}) + "\n")
-    code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset", str(data),
-                           "--layers", "1", "--out", str(tmp_path / "s"))
-    assert_one_line_error(code, err, "row 1")
-    assert not (tmp_path / "s").exists()
+    code, out, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset", str(data),
+                             "--layers", "1", "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    assert (out + err).count("1 of 2 dataset rows skipped: 1 empty") == 1
 
 
 def test_empty_dataset(monkeypatch, capsys, tiny_model_dir, tmp_path):
@@ -86,3 +86,66 @@ def test_a_device_this_machine_lacks_is_one_line(device, monkeypatch, capsys, ti
     code, _, err = run_cli(monkeypatch, capsys, "train", "--store", str(tmp_path / "store"), "--out",
                            str(tmp_path / "run"), "--device", device)
     assert_one_line_error(code, err, device)
+
+
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("sae: jumprelu\n", "invalid sae: must be a mapping"),
+    ("optim: 0.001\n", "invalid optim: must be a mapping"),
+])
+def test_a_train_yaml_section_of_the_wrong_shape_is_one_line(yaml_text, expected, monkeypatch, capsys, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml_text)
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--config", str(config), "--store", "x", "--out", "y")
+    assert_one_line_error(code, err, expected, yaml_text.split(":")[1].strip())
+
+
+def test_a_sweep_base_sae_of_the_wrong_shape_is_one_line(monkeypatch, capsys, tmp_path):
+    config = tmp_path / "sweep.yaml"
+    config.write_text("base: {sae: jumprelu}\ngrid: {sae: [{arch: topk}]}\n")
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", "--config", str(config), "--store", "x", "--out", "y")
+    assert_one_line_error(code, err, "base.sae")
+
+
+def test_yaml_layers_may_be_one_number(tmp_path):
+    from instructsae.cli_options import build, read_yaml
+    from instructsae.schemas import ExtractConfig
+
+    config = tmp_path / "extract.yaml"
+    config.write_text("layers: 15\nout: s\n")
+    assert build(ExtractConfig, read_yaml(str(config))).layers == (15,)
+    config.write_text("layers: '20, 15'\nout: s\n")
+    assert build(ExtractConfig, read_yaml(str(config))).layers == (15, 20)
+
+
+def test_read_only_out_is_one_line_before_the_model_loads(monkeypatch, capsys, read_only_dir, dialogues_jsonl,
+                                                          tmp_path):
+    # the model does not exist: a refusal naming the out location shows the check ran before any loading
+    code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tmp_path / "no-model"), "--dataset",
+                           str(dialogues_jsonl), "--layers", "1", "--out", str(read_only_dir / "store"))
+    assert_one_line_error(code, err, "not writable", str(read_only_dir))
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--store", str(tmp_path / "no-store"), "--out",
+                           str(read_only_dir / "run"))
+    assert_one_line_error(code, err, "not writable", str(read_only_dir))
+
+
+def _dialogue_lines(n: int) -> list[str]:
+    return [json.dumps({"messages": [{"role": "user", "content": f"Tell me a story number {i}."},
+                                     {"role": "assistant", "content": "Once upon a time there was a robot."}]})
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("latin.jsonl", "\n".join(_dialogue_lines(3)).encode() + "\n{\"text\": \"caf\xe9\"}\n".encode("latin-1"),
+     ("latin.jsonl: line 4 is not UTF-8 text",)),
+    ("garbage.parquet", b"this is no parquet file" * 20, ("garbage.parquet is not a parquet file",)),
+    ("late.jsonl", ("\n".join(_dialogue_lines(40) + ['{"messages": [oops']) + "\n").encode(),
+     ("late.jsonl: line 41 is not valid JSON",)),
+])
+def test_dataset_errors_are_one_line_before_anything_is_written(monkeypatch, capsys, tiny_model_dir, tmp_path,
+                                                                name, content, expected):
+    data = tmp_path / name
+    data.write_bytes(content)
+    code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset", str(data),
+                           "--layers", "1", "--out", str(tmp_path / "s"))
+    assert_one_line_error(code, err, *expected)
+    assert not (tmp_path / "s").exists()  # the bad row is found before the first activation is written

@@ -8,9 +8,14 @@ import pytest
 
 from instructsae.errors import UserError
 from instructsae.extract.data import (
-    DatasetReader, Message, Record, TruncatedTail, dataset_sha256, iter_json_array, normalize_row,
-    shakespeare_files,
+    DatasetReader, Message, Record, TruncatedTail, dataset_sha256, iter_json_array, shakespeare_files,
 )
+from instructsae.extract.rows import RowFormat, Skip, detect_column, normalize_row as normalize_with
+
+
+def normalize_row(row, index):
+    """A row read as its own one-row dataset: the column detected from its keys."""
+    return normalize_with(row, index, RowFormat(detect_column(row.keys(), None, "dataset")))
 
 
 def write_jsonl(path, rows):
@@ -47,33 +52,46 @@ def test_plain_text():
     assert normalize_row({"text": "Once upon a time.", "meta": 1}, 9) == Record(9, text="Once upon a time.")
 
 
-@pytest.mark.parametrize("row", [
-    {"conversations": []},
-    {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": ""}]},
-    {"messages": [{"role": "tool", "content": "42"}, {"role": "user", "content": "ok"}]},  # unknown speaker
-    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
-    {"messages": "not a list"},
-    {"instruction": "Do it.", "output": ""},
-    {"text": "\n"},
+@pytest.mark.parametrize("row, reason", [
+    ({"conversations": []}, "empty"),
+    ({"messages": None}, "empty"),
+    ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": ""}]}, "empty"),
+    ({"messages": [{"role": "narrator", "content": "42"}, {"role": "user", "content": "ok"}]}, "unknown role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "no text"),
+    ({"messages": 7}, "malformed"),
+    ({"messages": [{"role": "user", "content": 5}]}, "malformed"),
+    ({"messages": [{"content": "no speaker"}]}, "malformed"),
+    ({"messages": ["not a turn"]}, "malformed"),
+    ({"instruction": "Do it.", "output": ""}, "empty"),
+    ({"text": "\n"}, "empty"),
 ])
-def test_unusable_rows_are_none(row):
-    assert normalize_row(row, 0) is None
+def test_unusable_rows_say_why(row, reason):
+    assert normalize_row(row, 0).reason == reason
 
 
-def test_reader_skips_and_counts_unusable_rows(tmp_path):
-    rows = [{"text": "a"}, {"conversations": []}, {"text": ""}, {"messages": [{"role": "user", "content": "b"}]}]
+def test_reader_skips_and_counts_unusable_rows_by_reason(tmp_path):
+    user = {"role": "user", "content": "b"}
+    rows = [{"messages": [user]}, {"messages": []}, {"messages": [{"role": "narrator", "content": "x"}]},
+            {"messages": [user, {"role": "assistant", "content": [{"type": "image_url"}]}]},
+            {"messages": [{"role": "narrator", "content": "y"}]}, {"messages": [user]}, {"messages": [["bad"]]}]
     reader = DatasetReader(str(write_jsonl(tmp_path / "mixed.jsonl", rows)))
     records = list(reader)
-    assert [record.source_row for record in records] == [0, 3]
-    assert (reader.rows_used, reader.rows_skipped, reader.truncated_tail) == (2, 2, False)
+    assert [record.source_row for record in records] == [0, 5]
+    assert (reader.rows_used, reader.rows_skipped, reader.truncated_tail) == (2, 5, False)
+    assert dict(reader.skipped) == {"empty": 1, "unknown role": 2, "no text": 1, "malformed": 1}
+    assert reader.skip_report() == ("5 of 7 dataset rows skipped: 2 unknown role ('narrator' 2), 1 empty, "
+                                    "1 no text, 1 malformed")
     assert list(reader) == records and reader.rows_used == 2  # a second pass starts over
 
 
-def test_row_in_no_format_names_the_row_and_its_keys(tmp_path):
-    rows = [{"text": "fine"}, {"text": "fine too"}, {"prompt": "p", "answer": "a"}]
+def test_dataset_in_no_format_names_its_columns(tmp_path):
+    rows = [{"prompt": "p", "answer": "a"}, {"prompt": "q"}]
     reader = DatasetReader(str(write_jsonl(tmp_path / "data.jsonl", rows)))
-    with pytest.raises(UserError, match=r"row 2 of data\.jsonl has no 'messages'.*\(keys: answer, prompt\)"):
+    with pytest.raises(UserError, match=r"dataset data\.jsonl has no 'messages'.*\(columns: prompt, answer\); "
+                                        "name one with --column"):
         list(reader)
+    with pytest.raises(UserError, match=r"--column dialog: dataset data\.jsonl has no such column"):
+        list(DatasetReader(str(tmp_path / "data.jsonl"), column="dialog"))
 
 
 def test_missing_file_and_unknown_name(tmp_path):
@@ -108,27 +126,36 @@ def test_truncated_json_array_keeps_complete_rows(tmp_path, block_chars):
     path.write_text(text[:cut])
     rows = list(iter_json_array(path, block_chars=block_chars))
     assert rows[:-1] == ROWS[:3] and isinstance(rows[-1], TruncatedTail) and rows[-1].partial_chars > 0
-    reader = DatasetReader(str(path))
+
+
+def test_embedded_sharegpt_cut_off_keeps_complete_rows(tmp_path, monkeypatch):
+    """Only the embedded ShareGPT file is read by iter_json_array; its cut-off last row is counted as 'cut off'."""
+    import instructsae.extract.sources as sources
+
+    text = json.dumps(ROWS[:4], indent=2)
+    path = tmp_path / "cut.json"
+    path.write_text(text[:text.rindex('"answer')])
+    monkeypatch.setattr(sources, "sharegpt_file", lambda: path)
+    reader = DatasetReader("sharegpt")
     assert [record.source_row for record in reader] == [0, 1, 2]
     assert (reader.rows_used, reader.rows_skipped, reader.truncated_tail) == (3, 1, True)
+    assert reader.skip_report() == "1 of 4 dataset rows skipped: 1 cut off"
+    path.write_text(json.dumps(ROWS[:2])[:-1] + ",\n")  # cut between rows: the closing bracket never came
+    assert len(list(reader)) == 2 and (reader.rows_skipped, reader.truncated_tail) == (0, True)
 
 
-def test_array_cut_between_rows_loses_nothing(tmp_path):
-    path = tmp_path / "open.json"
-    path.write_text(json.dumps(ROWS[:2])[:-1] + ",\n")  # the closing bracket never came
-    reader = DatasetReader(str(path))
-    assert len(list(reader)) == 2
-    assert (reader.rows_skipped, reader.truncated_tail) == (0, True)
-
-
-def test_json_syntax_error_is_a_user_error(tmp_path):
+def test_json_syntax_errors_name_the_file_and_line(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps(ROWS[:2]).replace("}, {", "} {", 1) + " " * 100)
-    with pytest.raises(UserError, match="bad.json is not valid JSON near character"):
+    text = json.dumps(ROWS[:2], indent=1).replace("},\n {", "}\n {", 1)  # a missing comma between rows
+    path.write_text(text)
+    line = text[:text.index("}\n {")].count("\n") + 2  # the line where the next row starts
+    with pytest.raises(UserError, match=rf"bad\.json: line {line} is not valid JSON \(Expecting ',' delimiter"):
         list(DatasetReader(str(path)))
-    (tmp_path / "object.json").write_text('{"rows": []}')
-    with pytest.raises(UserError, match="not a JSON array"):
-        list(DatasetReader(str(tmp_path / "object.json")))
+    lines = [json.dumps(row) for row in ROWS]
+    lines[4] = lines[4][:-3]
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"bad\.jsonl: line 5 is not valid JSON"):
+        list(DatasetReader(str(tmp_path / "bad.jsonl")))
 
 
 def test_parquet(tmp_path):

@@ -14,9 +14,14 @@ from instructsae.store.reader import open_store
 from instructsae.schemas import ExtractConfig
 
 
+# shards of two 32-token chunks (d_model 64, float32): every test store has several, committed one by one
+SHARD_MB = 0.02
+
+
 def config(model_dir, dataset, out, **overrides) -> ExtractConfig:
     values = dict(model=str(model_dir), dataset=str(dataset), out=str(out), layers=(0, 1),
-                  dtype="float32", model_dtype="float32", chunk_tokens=32, batch_tokens=256)
+                  dtype="float32", model_dtype="float32", chunk_tokens=32, batch_tokens=256,
+                  shard_mb=SHARD_MB)
     values.update(overrides)
     return ExtractConfig(**values)
 

@@ -17,7 +17,8 @@ from instructsae.schemas import ExtractConfig
 
 def extract_args(model_dir, out):
     return ["--model", str(model_dir), "--dataset", "chatterbot", "--layers", "0,1", "--max-instances", "200",
-            "--dtype", "float32", "--chunk-tokens", "32", "--batch-tokens", "64", "--out", str(out)]
+            "--dtype", "float32", "--chunk-tokens", "32", "--batch-tokens", "64", "--shard-mb", "0.02",
+            "--out", str(out)]
 
 
 def test_sigkilled_extraction_resumes_to_the_same_store(tiny_model_dir, tmp_path):
@@ -37,7 +38,7 @@ def test_sigkilled_extraction_resumes_to_the_same_store(tiny_model_dir, tmp_path
     assert not partial.complete and partial.n_tokens > 0
 
     cfg = ExtractConfig(model=str(tiny_model_dir), dataset="chatterbot", layers=(0, 1), max_instances=200,
-                        dtype="float32", chunk_tokens=32, batch_tokens=64, out=str(killed))
+                        dtype="float32", chunk_tokens=32, batch_tokens=64, shard_mb=0.02, out=str(killed))
     run_extract(cfg, show_progress=False)
     run_extract(cfg.model_copy(update={"out": str(tmp_path / "whole")}), show_progress=False)
 

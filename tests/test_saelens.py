@@ -28,6 +28,8 @@ def saelens():
     if os.environ.get("INSTRUCTSAE_REQUIRE_SAELENS"):
         return importlib.import_module("sae_lens")
     return pytest.importorskip("sae_lens")
+
+
 CONFIGS = {"standard": StandardConfig(expansion=2), "jumprelu": JumpReLUConfig(expansion=2, init_threshold=0.05),
            "topk": TopKConfig(expansion=2, k=6), "batchtopk": BatchTopKConfig(expansion=2, k=6)}
 
@@ -151,6 +153,17 @@ def test_what_we_cannot_run_is_one_line(tmp_path, change, expected):
         sae, cfg = load_sae(folder)
         sae_layer(cfg, folder)
     assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["W_dec", "threshold"])
+def test_a_saelens_folder_with_nan_or_inf_weights_is_one_line(tmp_path, name):
+    folder, tensors = saelens_folder(tmp_path / "sae")
+    tensors[name][3] = float("nan") if name == "W_dec" else float("inf")
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(UserError) as caught:
+        load_sae(folder)
+    message = str(caught.value)
+    assert f"NaN/inf values in {name}" in message and str(folder) in message and "\n" not in message
 
 
 @pytest.fixture

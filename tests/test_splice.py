@@ -112,5 +112,12 @@ def test_several_saes_share_one_view_and_get_their_own_results(lm):
     saes = [identity_sae(lm.d_model), zero_sae(lm.d_model), trained_like]
     together = run_many(lm, saes)
     for sae, shared in zip(saes, together):
-        assert shared == run(lm, sae)
+        alone = run(lm, sae)
+        per_sequence, alone_per_sequence = shared.pop("per_sequence"), alone.pop("per_sequence")
+        assert shared == alone
+        for name, array in per_sequence.items():  # the sums behind the figures, per sequence and role
+            assert np.array_equal(array, alone_per_sequence[name]), name
+        assert per_sequence["count_IR"].sum() == shared["n_tokens"]
+        clean = QUANTITIES.index("ce_clean")
+        assert per_sequence["sums_IQR"][:, clean].sum() / shared["n_tokens"] == pytest.approx(shared["ce_clean"])
     assert together[0]["ce_loss_recovered"] == 1.0 and together[1]["ce_loss_recovered"] == 0.0

@@ -127,5 +127,5 @@ def test_an_output_path_that_is_a_file_gives_one_line(tiny_model_dir, dialogues_
     a_file.write_text("mine")
     code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset",
                            str(dialogues_jsonl), "--layers", "1", "--out", str(a_file))
-    assert_one_line_error(code, err, "exists and is not a store", str(a_file))
+    assert_one_line_error(code, err, "is a file, not a folder", str(a_file))
     assert a_file.read_text() == "mine"

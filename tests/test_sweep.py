@@ -3,6 +3,7 @@ bad grids are refused before any training."""
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def test_each_sae_of_a_sweep_equals_its_standalone_run(tmp_path, monkeypatch):
     sweep = sweep_cfg(tmp_path / "sweep", geometric_median_tokens=64)
     run_sweep(sweep)
     for cfg in expand_sweep(sweep):
-        alone = tmp_path / "alone"
+        alone = tmp_path / "alone" / Path(cfg.out).name
         run_training(cfg.model_copy(update={"out": str(alone)}))
         swept, single = weights(tmp_path / "sweep" / cfg.out.split("/")[-1]), weights(alone)
         for name in single:
@@ -177,3 +178,49 @@ def test_damaged_and_foreign_folders_do_not_stop_a_rerun(tmp_path, monkeypatch):
     rerun = run_sweep(sweep_cfg(tmp_path / "sweep", grid=grid))
     assert sorted(row["name"] for row in rerun) == sorted(row["name"] for row in rows)
     assert json.loads(damaged.read_text())["config_key"]  # retrained and whole again
+
+
+def test_a_seed_axis_trains_every_seed_in_one_pass_and_aggregates(tmp_path, monkeypatch):
+    """grid.seeds: 3 is three SAEs per setting from one read of the store; each equals its standalone run (the
+    stream follows the base's seed, the weights their own sae_seed); results aggregate over the seeds."""
+    reader = FakeReader()
+    use_reader(monkeypatch, reader)
+    grid = {"sae": [{"arch": "jumprelu", "expansion": 2, "sparsity_coeff": [1e-3, 3e-3]}], "layer": [3],
+            "seeds": 3}
+    sweep = sweep_cfg(tmp_path / "sweep", grid=grid, geometric_median_tokens=64)
+    configs = expand_sweep(sweep)
+    assert sorted((cfg.sae.sparsity_coeff, cfg.sae_seed) for cfg in configs) == [
+        (c, s) for c in (1e-3, 3e-3) for s in (0, 1, 2)]
+    assert {cfg.seed for cfg in configs} == {0}  # one stream for all six
+    listed = sweep_cfg(tmp_path / "sweep", grid={**grid, "seeds": None, "seed": [0, 1, 2]}, geometric_median_tokens=64)
+    assert expand_sweep(listed) == configs
+
+    reader.reads.clear()
+    rows = run_sweep(sweep)
+    assert len(rows) == 6
+    # one b_dec sample (chunk 0) for all six, then one pass: chunks 0-3 by the stream, 4 for the summaries
+    assert sorted(reader.reads) == [(3, 0)] + [(3, chunk) for chunk in range(5)]
+    first = {name: weights(tmp_path / "sweep" / cfg.out.split("/")[-1]) for name, cfg in
+             ((cfg.sae_seed, cfg) for cfg in configs if cfg.sae.sparsity_coeff == 1e-3)}
+    assert not torch.equal(first[0]["W_enc"], first[1]["W_enc"])  # seeds differ in their weights
+    seeded = next(cfg for cfg in configs if cfg.sae_seed == 2)
+    run_training(seeded.model_copy(update={"out": str(tmp_path / "alone")}))
+    for name, tensor in weights(tmp_path / "alone").items():
+        assert torch.equal(tensor, first[2][name])
+
+    with open(tmp_path / "sweep" / "results-over-seeds.csv") as file:
+        aggregated = list(csv.DictReader(file))
+    assert len(aggregated) == 2 and {row["n_seeds"] for row in aggregated} == {"3"}
+    for row in aggregated:
+        members = [r["nmse"] for r in rows if r["setting"] == row["setting"]]
+        assert float(row["nmse_mean"]) == pytest.approx(sum(members) / 3)
+        assert float(row["nmse_std"]) > 0
+    assert "Over seeds" in (tmp_path / "sweep" / "results.md").read_text()
+
+
+def test_seed_and_seeds_together_are_refused(tmp_path, monkeypatch, capsys):
+    use_reader(monkeypatch, FakeReader())
+    config = write_sweep_yaml(tmp_path / "sweep.yaml", {"sae": [{"arch": "standard"}], "seed": [0], "seeds": 2})
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", "--config", config, "--store", "fake-store",
+                           "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "grid.seed", "not both")

@@ -1,5 +1,5 @@
 """A real `instructsae train` process killed with SIGKILL, then resumed, ends with the same weights and metrics
-as a run that was never interrupted."""
+as a run that was never interrupted; the SAE it was replacing stays intact until then."""
 
 import json
 import os
@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from instructsae.cli_options import build
 from instructsae.extract.run import run_extract
+from instructsae.run_folder import RunPaths
 from instructsae.schemas import ExtractConfig, TrainConfig
 from instructsae.train.run import run_training
 
@@ -31,14 +32,18 @@ def test_sigkilled_training_resumes_to_the_same_weights(tiny_model_dir, dialogue
     run_extract(ExtractConfig(model=str(tiny_model_dir), dataset=str(dialogues_jsonl), out=str(store), layers=(1,),
                               dtype="float32", chunk_tokens=64), show_progress=False)
     killed = tmp_path / "killed"
-    flags = ["--store", str(store), "--out", str(killed), "--sae", "jumprelu", "--expansion", "4", "--lr", "3e-3",
-             "--lr-warmup-steps", "10", "--beta1", "0.9", "--sparsity-warmup-steps", "50",
+    # an SAE of another config already sits in --out: the killed run was replacing it (--overwrite)
+    run_training(build(TrainConfig, {**train_args(store, killed), "tokens": 10 * BATCH}))
+    old = {path.name: path.read_bytes() for path in killed.iterdir()}
+    building = RunPaths(killed).building
+    flags = ["--overwrite", "--store", str(store), "--out", str(killed), "--sae", "jumprelu", "--expansion", "4",
+             "--lr", "3e-3", "--lr-warmup-steps", "10", "--beta1", "0.9", "--sparsity-warmup-steps", "50",
              "--tokens", str(STEPS * BATCH), "--batch-size", str(BATCH), "--buffer-tokens", "256",
              "--checkpoint-every", str(10 * BATCH), "--log-every", "7", "--geometric-median-tokens", "128"]
     process = subprocess.Popen([sys.executable, "-m", "instructsae.cli", "train", *flags],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.time() + 120
-    while not (killed / "checkpoint.pt").exists():
+    while not building.checkpoint.exists():
         assert process.poll() is None, "the training ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.01)
@@ -46,11 +51,12 @@ def test_sigkilled_training_resumes_to_the_same_weights(tiny_model_dir, dialogue
     assert process.poll() is None, "the training ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (killed / "summary.json").exists()
-    checkpoint_step = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
+    assert {path.name: path.read_bytes() for path in killed.iterdir()} == old  # the old SAE, untouched
+    assert not building.summary.exists()
+    checkpoint_step = torch.load(building.checkpoint, weights_only=True)["step"]
     assert 0 < checkpoint_step < STEPS
 
-    run_training(build(TrainConfig, train_args(store, killed)), resume=True)
+    run_training(build(TrainConfig, train_args(store, killed)), resume=True, overwrite=True)
     run_training(build(TrainConfig, train_args(store, tmp_path / "whole")))
 
     resumed, whole = load_file(str(killed / "sae_weights.safetensors")), load_file(str(tmp_path / "whole" /
@@ -63,4 +69,4 @@ def test_sigkilled_training_resumes_to_the_same_weights(tiny_model_dir, dialogue
         return [{key: value for key, value in record.items() if key != "elapsed_s"} for record in records]
 
     assert metrics(killed) == metrics(tmp_path / "whole")  # no step logged twice, none missing
-    assert not (killed / "checkpoint.pt").exists()
+    assert not (killed / "checkpoint.pt").exists() and not building.root.exists()

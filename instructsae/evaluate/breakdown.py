@@ -3,7 +3,9 @@
 Eq. 7 of the FAST paper averages the squared error over the tokens of each sequence, then over sequences, then
 over the H elements of a vector: MSE = (1/(N·H)) Σ_i (1/L_i) Σ_j Σ_k (y−ŷ)². MSE_st is the same over the
 special/template tokens only (role 'template'); sequences with none of them are left out of its mean.
-Only per-instance sums are kept, so a store larger than memory streams through.
+Only per-instance sums are kept, so a store larger than memory streams through. They are also handed out per
+sequence and role (`per_sequence`), so a bootstrap over held-out sequences can recompute every figure on a
+resample of sequences without another pass over the store.
 """
 
 import math
@@ -42,6 +44,10 @@ class SequenceRoleSums:
         self.sq_R = np.zeros(len(ROLES))
         self.l0_R = np.zeros(len(ROLES))
         self.count_R = np.zeros(len(ROLES), dtype=np.int64)
+        self.sq_err_IR = np.zeros((n_instances, len(ROLES)))
+        self.sq_IR = np.zeros((n_instances, len(ROLES)))
+        self.l0_IR = np.zeros((n_instances, len(ROLES)))
+        self.count_IR = np.zeros((n_instances, len(ROLES)), dtype=np.int64)
 
     def add(self, x_BD: torch.Tensor, recon_BD: torch.Tensor, latents_BF: torch.Tensor,
             instance_B: np.ndarray, role_B: np.ndarray) -> None:
@@ -58,6 +64,10 @@ class SequenceRoleSums:
         self.sq_R += np.bincount(role_B, weights=sq_B, minlength=size_R)
         self.l0_R += np.bincount(role_B, weights=l0_B, minlength=size_R)
         self.count_R += np.bincount(role_B, minlength=size_R)
+        cell_B = instance_B.astype(np.int64) * size_R + role_B  # (instance, role) flattened
+        for total_IR, weights_B in ((self.sq_err_IR, sq_err_B), (self.sq_IR, sq_B), (self.l0_IR, l0_B)):
+            total_IR += np.bincount(cell_B, weights=weights_B, minlength=size_I * size_R).reshape(size_I, size_R)
+        self.count_IR += np.bincount(cell_B, minlength=size_I * size_R).reshape(size_I, size_R)
 
     def eq7(self) -> dict:
         mse, n_sequences = per_sequence_mse(self.sq_err_I, self.count_I, self.d_model)
@@ -74,3 +84,7 @@ class SequenceRoleSums:
                    "l0": self.l0_R[code] / self.count_R[code], "n_tokens": int(self.count_R[code])}
             for code, name in enumerate(ROLES) if self.count_R[code] > 0
         }
+
+    def per_sequence(self) -> dict[str, np.ndarray]:
+        """[n_instances, n_roles] sums: squared error, squared norm, active latents, tokens (roles as in ROLES)."""
+        return {"sq_err_IR": self.sq_err_IR, "sq_IR": self.sq_IR, "l0_IR": self.l0_IR, "count_IR": self.count_IR}

@@ -31,7 +31,7 @@ def page_data(summary: dict, records: list[dict], special: list[dict], max_featu
                     for c in record["top"][:max_contexts]]
         features.append({"id": record["id"], "density": record["density"], "mean": record["mean_activation"],
                          "special": record["special_share"],
-                         "roles": [round(record["role_share"][role], 4) for role in ROLES], "top": contexts})
+                         "roles": [round(record["role_share"].get(role, 0.0), 4) for role in ROLES], "top": contexts})
     return {"summary": summary, "roles": list(ROLES), "strings": list(strings), "features": features,
             "special_ids": sorted(special_ids), "n_live": len(records), "max_contexts": max_contexts}
 

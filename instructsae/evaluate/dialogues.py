@@ -13,6 +13,7 @@ import numpy as np
 
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader
+from instructsae.extract.memory_data import PREFIX as IN_MEMORY
 from instructsae.extract.plan import planned_instances
 from instructsae.lm.models import LoadedModel
 from instructsae.store.reader import StoreReader
@@ -50,7 +51,12 @@ def stored_tokens(reader: StoreReader, max_tokens: int) -> Iterator[tuple[int, n
 def replayed_instances(reader: StoreReader, lm: LoadedModel, dataset: str | None) -> Iterator[np.ndarray]:
     """Token ids of the store's instances as extract planned them (first token included), from the dataset."""
     identity = reader.manifest.identity
-    records = DatasetReader(dataset or identity.dataset, identity.split)
+    dataset = dataset or identity.dataset
+    if dataset.startswith(IN_MEMORY):
+        raise UserError(f"store {reader.path} was extracted from dialogues given in Python ({dataset}): pass "
+                        "--dataset a file with the same dialogues to replay its dropped first tokens")
+    records = DatasetReader(dataset, identity.split, identity.column, identity.role_key, identity.content_key,
+                            identity.dedup)
     return (instance.token_ids for instance in planned_instances(identity, lm.tokenizer, records))
 
 

@@ -19,6 +19,7 @@ from instructsae.fileio import write_text_atomically
 from instructsae.lm.batches import batch_budget
 from instructsae.lm.models import load_model
 from instructsae.metrics import ReconstructionSums
+from instructsae.run_folder import RunPaths
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.train.sae_folder import load_sae, sae_layer
 from instructsae.train.sae import SparseAutoencoder
@@ -47,8 +48,8 @@ def store_metrics(saes: list[SparseAutoencoder], reader: StoreReader, layer: int
             recon_BD = sae.decode(latents_BF)
             total.add(x_BD, recon_BD, latents_BF)
             breakdown.add(x_BD, recon_BD, latents_BF, instance_B, role_B)
-    return [{**total.result(), "eq7": breakdown.eq7(), "per_role": breakdown.per_role()}
-            for total, breakdown in zip(totals, breakdowns)]
+    return [{**total.result(), "eq7": breakdown.eq7(), "per_role": breakdown.per_role(),
+             "per_sequence": breakdown.per_sequence()} for total, breakdown in zip(totals, breakdowns)]
 
 
 def lm_metrics(saes: list[SparseAutoencoder], reader: StoreReader, layer: int, cfg: LMViewConfig) -> list[dict]:
@@ -79,12 +80,21 @@ def open_sae_and_store(sae_dir: str, store: str) -> tuple[SparseAutoencoder, dic
     return sae, cfg, reader, layer
 
 
+def without_per_sequence(result: dict) -> dict:
+    """A result as JSON takes it: the per-sequence arrays (store pass and LM view) left out."""
+    out = {key: value for key, value in result.items() if key != "per_sequence"}
+    if "lm" in out:
+        out["lm"] = {key: value for key, value in out["lm"].items() if key != "per_sequence"}
+    return out
+
+
 def evaluate_saes_on_store(sae_dirs: list[str], store: str, max_tokens: int | None = None,
-                           lm: LMViewConfig | None = None) -> list[dict]:
+                           lm: LMViewConfig | None = None, per_sequence: bool = False) -> list[dict]:
     """The metrics of each SAE on a store, also written to SAE/eval/<store fingerprint>.json. SAEs of one layer
     share one read of the store. Without `lm` (or with lm_tokens 0) the LM view is skipped and the results have
     no 'lm' section; with it, SAEs of one layer share one LM view (the model runs clean and ablated once for all
-    of them)."""
+    of them). With `per_sequence`, each result (and its 'lm' section) also holds 'per_sequence': numpy arrays of
+    the sums behind its figures per held-out sequence and token role (see breakdown.py and splice.py)."""
     opened = [open_sae_and_store(sae_dir, store) for sae_dir in sae_dirs]  # every SAE checked before any work
     results = [{"sae": str(sae_dir), "architecture": cfg["architecture"], "d_sae": cfg["d_sae"], "store": str(store),
                 "store_fingerprint": reader.manifest.fingerprint, "layer": layer}
@@ -99,10 +109,10 @@ def evaluate_saes_on_store(sae_dirs: list[str], store: str, max_tokens: int | No
             for i, view in zip(members, lm_metrics(saes, reader, layer, lm)):
                 results[i]["lm"] = view
     for sae_dir, result in zip(sae_dirs, results):
-        out = Path(sae_dir) / "eval" / f"{result['store_fingerprint']}.json"
+        out = RunPaths(sae_dir).eval_result(result["store_fingerprint"])
         out.parent.mkdir(exist_ok=True)
-        write_text_atomically(out, json.dumps(result, indent=2))
-    return results
+        write_text_atomically(out, json.dumps(without_per_sequence(result), indent=2))
+    return results if per_sequence else [without_per_sequence(result) for result in results]
 
 
 def evaluate_sae_on_store(sae_dir: str, store: str, max_tokens: int | None = None,

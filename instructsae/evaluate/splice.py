@@ -104,10 +104,11 @@ def summarize_by_role(sums_QR: np.ndarray, count_R: np.ndarray) -> dict:
 def lm_view(model: torch.nn.Module, layer: int, saes: list[torch.nn.Module], sequences: list[StoredSequence],
             first_stored: int, batch_tokens: int, pad_id: int, device: str = "cpu") -> list[dict]:
     """Per SAE: CE clean / spliced / ablated, CE loss recovered and KLs over the sequences, overall and per
-    role. The clean and ablated runs are shared by all the SAEs (of one layer), so K SAEs cost K + 2 forward
+    role, and under 'per_sequence' the sums behind them per sequence and role (numpy arrays). The clean and ablated runs are shared by all the SAEs (of one layer), so K SAEs cost K + 2 forward
     passes per batch, not 3K."""
-    sums_SQR = np.zeros((len(saes), len(QUANTITIES), len(ROLES)))
-    count_R = np.zeros(len(ROLES), dtype=np.int64)
+    # per sequence (the order of `sequences`) and role of the predicted token, for a bootstrap over sequences
+    sums_SIQR = np.zeros((len(saes), len(sequences), len(QUANTITIES), len(ROLES)))
+    count_IR = np.zeros((len(sequences), len(ROLES)), dtype=np.int64)
     lengths = [len(sequence.token_ids) for sequence in sequences]
     with tqdm(total=sum(len(s.roles) for s in sequences), desc="LM view", unit="tok", unit_scale=True,
               dynamic_ncols=True) as bar:
@@ -127,8 +128,11 @@ def lm_view(model: torch.nn.Module, layer: int, saes: list[torch.nn.Module], seq
                 roles_N = sequences[index].roles[1:]
                 for s_index in range(len(saes)):
                     for q in range(len(QUANTITIES)):
-                        sums_SQR[s_index, q] += np.bincount(roles_N, weights=losses_SQN[s_index, q],
-                                                            minlength=len(ROLES))
-                count_R += np.bincount(roles_N, minlength=len(ROLES))
+                        sums_SIQR[s_index, index, q] = np.bincount(roles_N, weights=losses_SQN[s_index, q],
+                                                                   minlength=len(ROLES))
+                count_IR[index] = np.bincount(roles_N, minlength=len(ROLES))
                 bar.update(len(sequences[index].roles))
-    return [summarize_by_role(sums_QR, count_R) for sums_QR in sums_SQR]
+    instances = np.array([sequence.instance for sequence in sequences], dtype=np.int64)
+    return [{**summarize_by_role(sums_IQR.sum(axis=0), count_IR.sum(axis=0)),
+             "per_sequence": {"instance_I": instances, "sums_IQR": sums_IQR, "count_IR": count_IR}}
+            for sums_IQR in sums_SIQR]

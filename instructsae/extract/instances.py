@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from instructsae.errors import UserError
-from instructsae.extract.data import Message, Record
+from instructsae.errors import UserError, first_line
+from instructsae.extract.rows import Message, Record
 from instructsae.schemas.manifest import ROLE_CODE
 
 TEMPLATE = ROLE_CODE["template"]
@@ -35,8 +35,7 @@ def _render(tokenizer, chat: list[dict], source_row: int) -> str:
     try:
         return tokenizer.apply_chat_template(chat, tokenize=False)
     except Exception as error:  # templates raise on what they refuse (roles that do not alternate, ...)
-        raise UserError(f"the chat template cannot render row {source_row}: "
-                        f"{(str(error).splitlines() or [type(error).__name__])[0]}") from None
+        raise UserError(f"the chat template cannot render row {source_row}: {first_line(error)}") from None
 
 
 def _exact_spans(tokenizer, messages: Sequence[Message], rendered: str, source_row: int) -> list[Span] | None:

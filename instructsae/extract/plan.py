@@ -1,7 +1,8 @@
 """Which tokens go where: the instances a store holds, its token budget, groups of instances.
 
-`planned_instances` is the one definition of a store's contents from its identity; extract writes it and the LM
-view of evaluate replays it to recover the first token of each sequence that the store drops.
+`planned_instances` is the one definition of a store's contents from its config (or the identity it recorded):
+extract writes it, its preflight check reads it, and the LM view of evaluate replays it to recover the first token
+of each sequence that the store drops.
 """
 
 import itertools
@@ -9,19 +10,20 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 from instructsae.extract.instances import TokenizedInstance, bt_blocks, fast_instances
+from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.manifest import StoreIdentity
 
 
-def planned_instances(identity: StoreIdentity, tokenizer, records: Iterable) -> Iterator[TokenizedInstance]:
-    """The deterministic sequence of instances a store of this identity holds, from the dataset's records;
-    a resumed run replays and skips it."""
-    stop = None if identity.max_instances is None else identity.skip_instances + identity.max_instances
-    records = itertools.islice(iter(records), identity.skip_instances, stop)
-    if identity.mode == "fast":
-        instances = fast_instances(records, tokenizer, identity.max_len)
+def planned_instances(plan: ExtractConfig | StoreIdentity, tokenizer, records: Iterable) -> Iterator[TokenizedInstance]:
+    """The deterministic sequence of instances a store holds, from its config (or the identity it recorded) and
+    the dataset's records (a DatasetReader); a resumed run replays and skips it."""
+    stop = None if plan.max_instances is None else plan.skip_instances + plan.max_instances
+    chosen = itertools.islice(iter(records), plan.skip_instances, stop)
+    if plan.mode == "fast":
+        instances = fast_instances(chosen, tokenizer, plan.max_len)
     else:
-        instances = bt_blocks(records, tokenizer, identity.block_len)
-    return within_budget(instances, identity.max_tokens, identity.keep_first_token)
+        instances = bt_blocks(chosen, tokenizer, plan.block_len)
+    return within_budget(instances, plan.max_tokens, plan.keep_first_token)
 
 
 def stored_length(instance: TokenizedInstance, keep_first_token: bool) -> int:

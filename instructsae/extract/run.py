@@ -8,33 +8,68 @@ import torch
 from tqdm import tqdm
 
 from instructsae import __version__
+from instructsae.devices import checked_device
 from instructsae.errors import UserError
-from instructsae.extract.data import DatasetReader, dataset_sha256
+from instructsae.extract.data import DatasetReader
 from instructsae.extract.instances import TokenizedInstance
 from instructsae.extract.plan import grouped, planned_instances
-from instructsae.store.layout import TokenBlock, acts_to_storage, default_chunk_tokens
+from instructsae.extract.preflight import check_rows_used
+from instructsae.store.layout import (
+    TokenBlock, acts_to_storage, count_nonfinite, default_chunk_tokens, default_shard_tokens,
+)
 from instructsae.store.location import location_is_occupied, remove_store
 from instructsae.store.reader import is_store, read_manifest
 from instructsae.store.writer import StoreWriter
 from instructsae.extract.writer_thread import BackgroundWriter
 from instructsae.lm.batches import batch_budget, length_batches, padded_batch
 from instructsae.lm.hooks import residuals_at_layers
-from instructsae.lm.models import LoadedModel, load_model
+from instructsae.lm.models import LoadedModel, load_model, load_tokenizer, model_sha256
+from instructsae.locks import local_path, writer_lock
+from instructsae.run_folder import refuse_enclosing_cwd
+from instructsae.schemas.base import differing_fields
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.manifest import LayerStats, StoreIdentity, StoreManifest
 
 
-def build_identity(cfg: ExtractConfig, lm: LoadedModel, dataset_hash: str) -> StoreIdentity:
+def identity_from_arguments(cfg: ExtractConfig) -> dict:
+    """The store identity fields the arguments alone decide (the rest needs the model or the dataset's bytes)."""
+    fields = dict(model=cfg.model, tokenizer=cfg.model, dataset=cfg.dataset, mode=cfg.mode,
+                  max_len=cfg.max_len, block_len=cfg.block_len, max_instances=cfg.max_instances,
+                  skip_instances=cfg.skip_instances, max_tokens=cfg.max_tokens, keep_first_token=cfg.keep_first_token,
+                  layers=list(cfg.layers), dtype=cfg.dtype, model_dtype=cfg.model_dtype,
+                  column=cfg.column, role_key=cfg.role_key, content_key=cfg.content_key)
+    if cfg.chunk_tokens is not None:
+        fields["chunk_tokens"] = cfg.chunk_tokens
+    return fields
+
+
+def build_identity(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader) -> StoreIdentity:
     template = getattr(lm.tokenizer, "chat_template", None)
+    chunk_tokens = cfg.chunk_tokens or default_chunk_tokens(lm.d_model, cfg.dtype)
     return StoreIdentity(
-        model=cfg.model, tokenizer=cfg.model,
+        model=cfg.model, tokenizer=cfg.model, model_sha256=model_sha256(cfg.model),
         chat_template_sha256=hashlib.sha256(template.encode()).hexdigest() if template else None,
-        dataset=cfg.dataset, dataset_sha256=dataset_hash, split=cfg.split, mode=cfg.mode,
+        dataset=cfg.dataset, dataset_sha256=dataset.sha256(), split=dataset.split,
+        dataset_revision=dataset.source.revision, column=cfg.column, role_key=cfg.role_key,
+        content_key=cfg.content_key, dedup=cfg.dedup_settings(), mode=cfg.mode,
         max_len=cfg.max_len, block_len=cfg.block_len, max_instances=cfg.max_instances,
         skip_instances=cfg.skip_instances, max_tokens=cfg.max_tokens, keep_first_token=cfg.keep_first_token,
         layers=cfg.layers, d_model=lm.d_model, dtype=cfg.dtype, model_dtype=cfg.model_dtype,
-        chunk_tokens=cfg.chunk_tokens or default_chunk_tokens(lm.d_model, cfg.dtype),
+        chunk_tokens=chunk_tokens, shard_tokens=default_shard_tokens(lm.d_model, cfg.dtype, chunk_tokens, cfg.shard_mb),
     )
+
+
+def refuse_another_config(cfg: ExtractConfig, existing: StoreManifest, identity: dict) -> None:
+    """An existing store of another config is replaced only with --overwrite; the refusal names what differs."""
+    if cfg.overwrite:
+        return
+    old = existing.identity.model_dump(mode="json")
+    changes = differing_fields({name: old.get(name) for name in identity}, identity)
+    if changes:
+        shown = ", ".join(f"{name}: {before} -> {after}" for name, before, after in changes[:4])
+        more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+        raise UserError(f"store {cfg.out} was made with another config ({shown}{more}): use --overwrite or "
+                        "another --out")
 
 
 def check_layers(layers: tuple[int, ...], lm: LoadedModel) -> None:
@@ -49,15 +84,15 @@ def open_writer(cfg: ExtractConfig, identity: StoreIdentity, chat_template: str 
     out = cfg.out
     if is_store(out) and not cfg.overwrite:
         existing = read_manifest(out)
-        if existing.fingerprint != identity.fingerprint():
-            raise UserError(f"store {out} was made with another config (fingerprint {existing.fingerprint}, "
-                            f"this config {identity.fingerprint()}): use --overwrite or another --out")
+        refuse_another_config(cfg, existing, identity.model_dump(mode="json"))
         if existing.complete:
             return None
         return StoreWriter.resume(out)
-    if location_is_occupied(out) and not cfg.overwrite:
-        raise UserError(f"output path exists and is not a store: {out} (use --overwrite to replace it)")
-    remove_store(out)
+    if is_store(out):
+        remove_store(out)  # --overwrite: a store with our manifest, provably ours
+    elif location_is_occupied(out):
+        raise UserError(f"output path exists and is not a store: {out} (--overwrite replaces only instructsae "
+                        "stores: move it away or choose another --out)")
     manifest = StoreManifest(tool_version=__version__, identity=identity, fingerprint=identity.fingerprint(),
                              chat_template=chat_template)
     return StoreWriter.create(out, manifest)
@@ -84,7 +119,7 @@ def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractC
     return per_instance
 
 
-LayerSums = dict[int, tuple[int, float, float]]  # layer -> (count, sum ||x||^2, sum ||x||)
+LayerSums = dict[int, tuple[int, float, float, int]]  # layer -> (count, sum ||x||^2, sum ||x||, NaN/inf values)
 
 
 def build_block(group: list[TokenizedInstance], acts: dict[int, list[torch.Tensor]], first_instance: int,
@@ -107,8 +142,10 @@ def build_block(group: list[TokenizedInstance], acts: dict[int, list[torch.Tenso
     for layer, tensors in acts.items():
         stacked_ND = torch.cat([tensor[drop:] for tensor in tensors])
         squared_N = stacked_ND.pow(2).sum(-1, dtype=torch.float64)
-        stats[layer] = (len(stacked_ND), float(squared_N.sum()), float(squared_N.sqrt().sum()))
         layer_acts[layer] = acts_to_storage(stacked_ND, cfg.dtype)
+        # counted as stored: a finite float32 may still overflow float16
+        nonfinite = count_nonfinite(layer_acts[layer], cfg.dtype)
+        stats[layer] = (len(stacked_ND), float(squared_N.sum()), float(squared_N.sqrt().sum()), nonfinite)
     block = TokenBlock(
         acts=layer_acts, token_id=np.concatenate(token_id).astype(np.int32), instance=np.concatenate(instance),
         position=np.concatenate(position), role=np.concatenate(role).astype(np.uint8),
@@ -121,25 +158,51 @@ def build_block(group: list[TokenizedInstance], acts: dict[int, list[torch.Tenso
 def advance_manifest(manifest: StoreManifest, block: TokenBlock, stats: LayerSums,
                      dataset: DatasetReader) -> StoreManifest:
     layer_stats = dict(manifest.layer_stats)
-    for layer, (count, sum_sq, sum_norm) in stats.items():
-        layer_stats[str(layer)] = layer_stats.get(str(layer), LayerStats()).add(count, sum_sq, sum_norm)
+    for layer, (count, sum_sq, sum_norm, nonfinite) in stats.items():
+        layer_stats[str(layer)] = layer_stats.get(str(layer), LayerStats()).add(count, sum_sq, sum_norm, nonfinite)
     return manifest.model_copy(update={
         "n_tokens": manifest.n_tokens + block.n_tokens,
         "n_instances": manifest.n_instances + len(block.instance_start),
         "rows_used": dataset.rows_used, "rows_skipped": dataset.rows_skipped,
-        "layer_stats": layer_stats,
+        "rows_skipped_by_reason": dict(dataset.skipped), "layer_stats": layer_stats,
     })
 
 
+def refuse_nonfinite(stats: LayerSums, group: list[TokenizedInstance], cfg: ExtractConfig) -> None:
+    """Stop at the first NaN/inf activation (before it is written) unless told to keep them: an SAE trained
+    on one has NaN weights. What came before stays committed; the store stays incomplete."""
+    bad = {layer: counts[3] for layer, counts in stats.items() if counts[3]}
+    if bad and not cfg.keep_nonfinite:
+        layer, count = next(iter(bad.items()))
+        rows = f"dataset rows {group[0].source_row}-{group[-1].source_row}"
+        raise UserError(f"{count:,} activations at layer {layer} are NaN or inf ({rows}; model dtype "
+                        f"{cfg.model_dtype}, store dtype {cfg.dtype}): stopped before storing them; "
+                        f"--keep-nonfinite stores and counts them")
+
+
 def run_extract(cfg: ExtractConfig, show_progress: bool = True, dialogues=None) -> StoreManifest:
-    """`dialogues`: rows given in Python (extract/memory_data.InMemoryDialogues) instead of cfg.dataset."""
+    """Extract into cfg.out, holding its writer lock; what the arguments alone show is checked before the model
+    loads (the location: its file system package, writable, not the working directory; an existing store's
+    config). `dialogues`: rows given in Python (extract/memory_data.InMemoryDialogues) instead of cfg.dataset."""
+    local = local_path(cfg.out)
+    if local is not None:
+        refuse_enclosing_cwd(local)
+    with writer_lock(cfg.out, "store"):
+        if is_store(cfg.out):
+            refuse_another_config(cfg, read_manifest(cfg.out), identity_from_arguments(cfg))
+        return _run_extract(cfg, show_progress, dialogues)
+
+
+def _run_extract(cfg: ExtractConfig, show_progress: bool, dialogues=None) -> StoreManifest:
+    checked_device(cfg.device)
+    if dialogues is not None:
+        dataset = dialogues.reader(cfg, cfg.dedup_settings())
+    else:
+        dataset = DatasetReader.from_options(cfg, cfg.dedup_settings())
+    check_rows_used(cfg, load_tokenizer(cfg.model), dataset, show_progress)  # dataset errors before the model loads
     lm = load_model(cfg.model, cfg.model_dtype, cfg.device)
     check_layers(cfg.layers, lm)
-    if dialogues is not None:
-        dataset, dataset_hash = dialogues, dialogues.sha256
-    else:
-        dataset, dataset_hash = DatasetReader(cfg.dataset, cfg.split), dataset_sha256(cfg.dataset, cfg.split)
-    identity = build_identity(cfg, lm, dataset_hash)
+    identity = build_identity(cfg, lm, dataset)
     writer = open_writer(cfg, identity, getattr(lm.tokenizer, "chat_template", None))
     if writer is None:
         manifest = read_manifest(cfg.out)
@@ -158,11 +221,11 @@ def _extract_into(writer: StoreWriter, cfg: ExtractConfig, lm: LoadedModel, data
                   show_progress: bool) -> StoreManifest:
     manifest = writer.manifest
     done = manifest.n_instances
-    instances = itertools.islice(planned_instances(manifest.identity, lm.tokenizer, dataset), done, None)
+    instances = itertools.islice(planned_instances(cfg, lm.tokenizer, dataset), done, None)
     first = next(instances, None)
     if first is None and done == 0:
         raise UserError(f"dataset '{cfg.dataset}' gave no usable instances "
-                        f"({dataset.rows_skipped} rows skipped as unusable)")
+                        f"({dataset.skip_report() or 'it has no rows'})")
     instances = itertools.chain([first], instances) if first is not None else iter(())
     background = BackgroundWriter(writer)
     bar = tqdm(total=cfg.max_tokens, initial=manifest.n_tokens, unit="tok", unit_scale=True,
@@ -171,6 +234,7 @@ def _extract_into(writer: StoreWriter, cfg: ExtractConfig, lm: LoadedModel, data
         for group in grouped(instances, group_tokens(cfg, manifest.identity.chunk_tokens)):
             acts = forward_group(lm, group, cfg)
             block, stats = build_block(group, acts, manifest.n_instances, manifest.n_tokens, cfg)
+            refuse_nonfinite(stats, group, cfg)
             manifest = advance_manifest(manifest, block, stats, dataset)
             background.submit(block, manifest)
             bar.update(block.n_tokens)
@@ -178,8 +242,9 @@ def _extract_into(writer: StoreWriter, cfg: ExtractConfig, lm: LoadedModel, data
         bar.close()
         background.close()
     manifest = manifest.model_copy(update={"complete": True, "rows_used": dataset.rows_used,
-                                           "rows_skipped": dataset.rows_skipped})
-    writer.commit(manifest)
+                                           "rows_skipped": dataset.rows_skipped,
+                                           "rows_skipped_by_reason": dict(dataset.skipped)})
+    writer.finish(manifest)
     if dataset.rows_skipped:
-        tqdm.write(f"note: {dataset.rows_skipped} dataset rows were unusable and skipped")
+        tqdm.write(f"note: {dataset.skip_report()}")
     return manifest

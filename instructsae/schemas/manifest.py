@@ -7,13 +7,15 @@ from typing import Literal
 from pydantic import Field
 
 from instructsae.schemas.base import FrozenModel
+from instructsae.schemas.dataset import DedupSettings
 from instructsae.schemas.extract import StoreDtype
 
 MANIFEST_KEY = "instructsae"
-FORMAT_VERSION = 1
+# 2: sharded arrays with a crc32c on every inner chunk (1: one file per chunk, no checksums)
+FORMAT_VERSION = 2
 
 # Role codes stored per token.
-ROLES = ("template", "system", "user", "assistant", "text")
+ROLES = ("template", "system", "user", "assistant", "text", "tool")  # append only: codes are stored
 ROLE_CODE = {name: code for code, name in enumerate(ROLES)}
 
 
@@ -23,14 +25,16 @@ class LayerStats(FrozenModel):
     count: int = 0
     sum_sq_norm: float = 0.0
     sum_norm: float = 0.0
+    nonfinite: int = Field(0, description="NaN or inf activations among them (kept only by --keep-nonfinite)")
 
     @property
     def mean_sq_norm(self) -> float:
         return self.sum_sq_norm / max(self.count, 1)
 
-    def add(self, count: int, sum_sq_norm: float, sum_norm: float) -> "LayerStats":
+    def add(self, count: int, sum_sq_norm: float, sum_norm: float, nonfinite: int = 0) -> "LayerStats":
         return LayerStats(
-            count=self.count + count, sum_sq_norm=self.sum_sq_norm + sum_sq_norm, sum_norm=self.sum_norm + sum_norm
+            count=self.count + count, sum_sq_norm=self.sum_sq_norm + sum_sq_norm, sum_norm=self.sum_norm + sum_norm,
+            nonfinite=self.nonfinite + nonfinite,
         )
 
 
@@ -56,9 +60,21 @@ class StoreIdentity(FrozenModel):
     dtype: StoreDtype
     model_dtype: str
     chunk_tokens: int
+    shard_tokens: int = Field(description="rows of each shard file of every token-row array (whole chunks)")
+    # Added later: left out of the fingerprint while None, so stores made before them keep their fingerprint.
+    model_sha256: str | None = None  # a local model folder: digest of its config, weights and tokenizer files
+    dataset_revision: str | None = None  # a hub dataset: the commit of the cached snapshot read
+    column: str | None = None  # --column, --role-key, --content-key as given (None: detected)
+    role_key: str | None = None
+    content_key: str | None = None
+    dedup: DedupSettings | None = None
 
     def fingerprint(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        fields = self.model_dump(mode="json")
+        for name in ("model_sha256", "dataset_revision", "column", "role_key", "content_key", "dedup"):
+            if fields[name] is None:
+                del fields[name]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -71,6 +87,10 @@ class StoreManifest(FrozenModel):
     n_tokens: int = 0
     n_instances: int = 0
     rows_used: int = Field(0, description="usable dataset rows read, including those passed over by skip_instances")
-    rows_skipped: int = Field(0, description="dataset rows skipped as unusable (empty, unknown speaker, cut off)")
+    rows_skipped: int = Field(0, description="dataset rows skipped (unusable, or duplicates with --dedup)")
+    rows_skipped_by_reason: dict[str, int] = Field(
+        default_factory=dict,
+        description="the same by reason: empty, unknown role, no text, malformed, cut off, duplicate, near duplicate",
+    )
     layer_stats: dict[str, LayerStats] = Field(default_factory=dict)
     complete: bool = False

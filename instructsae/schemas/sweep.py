@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from instructsae.schemas.base import FrozenModel
 
@@ -19,6 +19,19 @@ class SweepGrid(FrozenModel):
     lr: list[float] | None = Field(None, min_length=1, description="peak learning rates (default: the base's)")
     layer: list[int] | None = Field(None, min_length=1,
                                     description="layers of the store (default: the base's / the first)")
+    seed: list[int] | None = Field(None, min_length=1,
+                                   description="SAE seeds (each SAE's initial weights, its sae_seed); every seed "
+                                               "trains in the same one pass: the stream follows the base's seed")
+    seeds: int | None = Field(None, gt=0, description="shorthand for seed: [0, 1, ..., seeds - 1]")
+
+    @model_validator(mode="after")
+    def _one_way_to_give_seeds(self):
+        if self.seed is not None and self.seeds is not None:
+            raise ValueError("give grid.seed (a list) or grid.seeds (a count), not both")
+        return self
+
+    def seed_values(self) -> list[int] | None:
+        return list(range(self.seeds)) if self.seeds is not None else self.seed
 
 
 class SweepConfig(FrozenModel):

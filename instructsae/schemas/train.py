@@ -75,7 +75,10 @@ class TrainConfig(FrozenModel):
                             "1024, until the run has 1,000 steps)")
     buffer_tokens: int = Field(262_144, gt=0, description="mixing buffer size in tokens")
     holdout_fraction: float = Field(0.05, ge=0, lt=1, description="share of chunks held out for the summary")
-    seed: int = Field(0, description="seeds chunk order, buffer shuffles and weights")
+    seed: int = Field(0, description="seeds the stream (chunk order, buffer shuffles, the b_dec sample) and, "
+                                     "unless sae_seed is set, the SAE's initial weights")
+    sae_seed: int | None = Field(None, description="seeds the SAE's initial weights alone (None: seed); SAEs of "
+                                                   "one sweep share the stream but each follows its own sae_seed")
     dead_threshold: float = Field(1e-8, ge=0, description="a feature fires when its activation exceeds this")
     dead_window: int = Field(1000, gt=0, description="steps without firing after which a feature counts as dead")
     geometric_median_tokens: int = Field(8192, ge=0, description="sample size for the b_dec initialisation (0: off)")

@@ -1,39 +1,118 @@
-"""Appends whole groups of instances to a store and commits the manifest after each; resume cuts the rest."""
+"""Writes a store in whole shards and commits the manifest after each; resume cuts back to the last commit.
+
+Rows are buffered in memory and a shard is written once, whole (zarr rewrites a shard for every partial
+write into it: 16.5 MB/s measured appending 3,000-row blocks). Every token-row array (activations and token
+columns) shares the same shard rows, so one shard of each is written at once; the manifest, the commit
+record, then counts the instances that end within them. Instance columns (a row per instance, small) are
+written up to the committed count at each commit, their last partial shard rewritten. A killed run leaves
+shards beyond the commit: `resume` reads back the committed rows of each array's unfinished shard, cuts the
+rest, and the extraction redoes the work after the commit. The last partial shards are written by `finish`.
+"""
 
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from instructsae.schemas.manifest import MANIFEST_KEY, StoreManifest
-from instructsae.store.layout import ACTS_ZARR_DTYPE, INSTANCE_COLUMNS, TOKEN_COLUMNS, TokenBlock, layer_array_name
-from instructsae.store.location import zarr_location
+from instructsae.store.chunks import ShardedArray, shard_path
+from instructsae.store.layout import ArraySpec, TokenBlock, array_attributes, array_specs
+from instructsae.store.location import filesystem, zarr_location
+from instructsae.store.shards import encode_shard, put_shard
+
+
+def create_array(group: zarr.Group, spec: ArraySpec, attributes: dict) -> None:
+    # crc32c inside the inner chain: every inner chunk carries its own checksum (zarr's default puts one only
+    # on the shard index). shards.py writes the files this metadata describes, every chunk of them, even an
+    # all-zero one (zarr would skip it), so a chunk absent is an error.
+    compressors = [ZstdCodec(level=3), Crc32cCodec()] if spec.compressed else [Crc32cCodec()]
+    group.create_array(
+        spec.name, shape=(0, *spec.row_shape), dtype=spec.dtype, chunks=(spec.chunk_rows, *spec.row_shape),
+        shards=(spec.shard_rows, *spec.row_shape), compressors=compressors, fill_value=0, attributes=attributes,
+    )
+
+
+class PendingRows:
+    """The rows of one array from the start of its unfinished shard on, held until written whole: the
+    appended blocks themselves, not copies (a copy into a shard buffer cost more than the write)."""
+
+    def __init__(self, spec: ArraySpec, base: int, rows: np.ndarray):
+        self.spec, self.base = spec, base
+        self.pieces: list[np.ndarray] = [rows] if len(rows) else []
+        self.n = len(rows)
+
+    @property
+    def end(self) -> int:
+        return self.base + self.n
+
+    def append(self, values: np.ndarray) -> None:
+        if len(values):
+            self.pieces.append(values)
+            self.n += len(values)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) counted from `base`: a view when one block holds them all, else a copy."""
+        out, offset = [], 0
+        for piece in self.pieces:
+            if offset >= stop:
+                break
+            if offset + len(piece) > start:
+                out.append(piece[max(start - offset, 0): stop - offset])
+            offset += len(piece)
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def drop_before(self, row: int) -> None:
+        """Forget the rows before `row` (counted from `base`), which is the new base."""
+        while self.pieces and len(self.pieces[0]) <= row:
+            row -= len(self.pieces[0])
+            self.n -= len(self.pieces[0])
+            self.base += len(self.pieces[0])
+            self.pieces.pop(0)
+        if row:
+            self.pieces[0] = self.pieces[0][row:]
+            self.n -= row
+            self.base += row
+
+    def write(self, array: zarr.Array, fs: fsspec.AbstractFileSystem, root: str, upto: int) -> None:
+        """Write rows [base, upto) of `array`, each shard one whole file, and keep only the rows of the
+        shard that `upto` leaves unfinished (they are written again, with more, next time)."""
+        if upto <= self.base:
+            return
+        shard_rows, chunk_rows = self.spec.shard_rows, self.spec.chunk_rows
+        for shard in range(self.base // shard_rows, -(-upto // shard_rows)):
+            first = shard * shard_rows - self.base
+            stop = min(first + shard_rows, upto - self.base)
+            chunks = (self.rows(start, min(start + chunk_rows, stop)) for start in range(first, stop, chunk_rows))
+            put_shard(fs, shard_path(root, self.spec, shard), encode_shard(self.spec, chunks))
+        if array.shape[0] != upto:  # after the data, so the array never claims rows that are not there
+            array.resize((upto, *self.spec.row_shape))
+        self.drop_before(upto - upto % shard_rows - self.base)
 
 
 class StoreWriter:
-    """Appends TokenBlocks and commits the manifest after each; `resume` cuts uncommitted rows."""
+    """`create` or `resume`, then `append` blocks of whole instances, then `finish`."""
 
-    def __init__(self, group: zarr.Group, manifest: StoreManifest):
+    def __init__(self, path: str | Path, group: zarr.Group, manifest: StoreManifest,
+                 pending: dict[str, PendingRows]):
         self.group = group
-        self.manifest = manifest
+        self.fs, self.root = filesystem(path)
+        self.arrays = {name: group[name] for name in pending}
+        self.manifest = manifest  # the last one committed
+        self.pending = pending
+        self.uncommitted: list[StoreManifest] = []  # one per appended block, counting the rows through it
+        self.specs = array_specs(manifest.identity)
+        self.shard_tokens = manifest.identity.shard_tokens
 
     @classmethod
     def create(cls, path: str | Path, manifest: StoreManifest) -> "StoreWriter":
-        identity = manifest.identity
         group = zarr.open_group(zarr_location(path), mode="w", zarr_format=3)
-        for layer in identity.layers:
-            group.create_array(
-                layer_array_name(layer), shape=(0, identity.d_model), dtype=ACTS_ZARR_DTYPE[identity.dtype],
-                chunks=(identity.chunk_tokens, identity.d_model), compressors=None, fill_value=0,
-            )
-        for name, dtype in TOKEN_COLUMNS.items():
-            group.create_array(name, shape=(0,), dtype=dtype, chunks=(identity.chunk_tokens * 16,),
-                               compressors=ZstdCodec(level=3), fill_value=0)
-        for name, dtype in INSTANCE_COLUMNS.items():
-            group.create_array(name, shape=(0,), dtype=dtype, chunks=(65536,),
-                               compressors=ZstdCodec(level=3), fill_value=0)
-        writer = cls(group, manifest)
+        pending = {}
+        for spec in array_specs(manifest.identity):
+            create_array(group, spec, array_attributes(spec, manifest.identity))
+            pending[spec.name] = PendingRows(spec, 0, np.empty((0, *spec.row_shape), dtype=spec.dtype))
+        writer = cls(path, group, manifest, pending)
         writer.commit(manifest)
         return writer
 
@@ -41,33 +120,47 @@ class StoreWriter:
     def resume(cls, path: str | Path) -> "StoreWriter":
         group = zarr.open_group(zarr_location(path), mode="r+")
         manifest = StoreManifest.model_validate(group.attrs[MANIFEST_KEY])
-        writer = cls(group, manifest)
-        writer._truncate_to(manifest.n_tokens, manifest.n_instances)
-        return writer
-
-    def _truncate_to(self, n_tokens: int, n_instances: int) -> None:
-        for layer in self.manifest.identity.layers:
-            self.group[layer_array_name(layer)].resize((n_tokens, self.manifest.identity.d_model))
-        for name in TOKEN_COLUMNS:
-            self.group[name].resize((n_tokens,))
-        for name in INSTANCE_COLUMNS:
-            self.group[name].resize((n_instances,))
-
-    def _append(self, name: str, values: np.ndarray) -> None:
-        array = self.group[name]
-        start = array.shape[0]
-        array.resize((start + values.shape[0], *array.shape[1:]))
-        array[start:] = values
+        fs, root = filesystem(path)
+        pending = {}
+        for spec in array_specs(manifest.identity):
+            committed = manifest.n_tokens if spec.per == "token" else manifest.n_instances
+            base = committed - committed % spec.shard_rows
+            # The committed rows of the unfinished shard, checked as any read is; then everything after
+            # `base` goes, and the shard is written again, whole, when it fills.
+            rows = ShardedArray(fs, root, spec, committed, str(path)).read_rows(base, committed)
+            group[spec.name].resize((base, *spec.row_shape))
+            pending[spec.name] = PendingRows(spec, base, rows)
+        return cls(path, group, manifest, pending)
 
     def append(self, block: TokenBlock, manifest: StoreManifest) -> None:
-        """Write the block's rows, then commit `manifest` (which already counts them)."""
-        for layer, acts in block.acts.items():
-            self._append(layer_array_name(layer), acts)
-        for name in TOKEN_COLUMNS:
-            self._append(name, getattr(block, name))
-        for name in INSTANCE_COLUMNS:
-            self._append(name, getattr(block, name))
+        """Buffer the block's rows (`manifest` counts them); write and commit whatever shards they fill."""
+        for spec in self.specs:
+            self.pending[spec.name].append(block.column(spec.name))
+        self.uncommitted.append(manifest)
+        token_rows = [self.pending[spec.name] for spec in self.specs if spec.per == "token"]
+        filled = token_rows[0].end - token_rows[0].end % self.shard_tokens
+        if filled <= token_rows[0].base:
+            return
+        for rows in token_rows:
+            rows.write(self.arrays[rows.spec.name], self.fs, self.root, filled)
+        done = [m for m in self.uncommitted if m.n_tokens <= filled]
+        if done:  # else one block spans the whole shard: its commit comes with a later shard
+            self._commit_through(done[-1])
+
+    def _commit_through(self, manifest: StoreManifest) -> None:
+        for spec in self.specs:
+            if spec.per == "instance":
+                self.pending[spec.name].write(self.arrays[spec.name], self.fs, self.root, manifest.n_instances)
         self.commit(manifest)
+        self.uncommitted = [m for m in self.uncommitted if m.n_tokens > manifest.n_tokens]
+
+    def finish(self, manifest: StoreManifest) -> None:
+        """Write every row still held (the last, partial shards) and commit `manifest`, the final record."""
+        for spec in self.specs:
+            count = manifest.n_tokens if spec.per == "token" else manifest.n_instances
+            self.pending[spec.name].write(self.arrays[spec.name], self.fs, self.root, count)
+        self.commit(manifest)
+        self.uncommitted = []
 
     def commit(self, manifest: StoreManifest) -> None:
         self.group.attrs[MANIFEST_KEY] = manifest.model_dump(mode="json")

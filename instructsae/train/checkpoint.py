@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from instructsae.errors import UserError
+from instructsae.errors import UserError, first_line
 from instructsae.fileio import write_atomically
 
 
@@ -19,7 +19,7 @@ def load(path: Path, store_fingerprint: str, member_keys: list[str]) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UserError(f"checkpoint {path} is unreadable: {str(error).splitlines()[0]}") from None
+        raise UserError(f"checkpoint {path} is unreadable: {first_line(error)}") from None
     if state.get("store_fingerprint") != store_fingerprint or state.get("member_keys") != member_keys:
         raise UserError(f"checkpoint {path} was written for other SAE settings or another store: "
                         "resume with the same config and store, or delete it to start again")

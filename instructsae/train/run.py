@@ -6,8 +6,8 @@ One SAE or a sweep's many: every SAE trains on the same batches from one pass ov
 import hashlib
 import json
 import math
-import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +17,14 @@ from instructsae import __version__
 from instructsae.charts import plot_training_curves
 from instructsae.devices import checked_device
 from instructsae.errors import UserError
-from instructsae.store.reader import StoreReader, open_complete_store
-from instructsae.fileio import write_text_atomically
+from instructsae.fileio import move_folder_into_place, write_text_atomically
+from instructsae.locks import writer_lock
 from instructsae.metrics import ReconstructionSums
+from instructsae.run_folder import (
+    RunPaths, check_existing_run, prepare_building_folder, refuse_enclosing_cwd, refuse_unless_ours,
+)
 from instructsae.schemas.train import TrainConfig
+from instructsae.store.reader import StoreReader, open_complete_store
 from instructsae.train import checkpoint, memory
 from instructsae.train.dead import DeadFeatureTracker
 from instructsae.train.export import load_sae, save_sae
@@ -31,12 +35,6 @@ from instructsae.train.schedule import describe_schedule, fitted_batch_size, fit
 from instructsae.train.stream import ShuffledStream, prefetch_depth
 from instructsae.train.trainer import Trainee, train
 
-SUMMARY_FILE = "summary.json"
-CURVES_FILE = "training_curves.png"
-CHECKPOINT_FILE = "checkpoint.pt"
-# Everything a run writes (summary first: it goes first on a rerun); `eval` is where `instructsae evaluate` writes.
-RUN_ENTRIES = (SUMMARY_FILE, "metrics.jsonl", "cfg.json", "sae_weights.safetensors", CURVES_FILE, CHECKPOINT_FILE,
-               "eval")
 # Settings that cannot change what a run learns: two configs differing only here are the same SAE.
 RUNTIME_FIELDS = {"store", "out", "device", "log_every", "checkpoint_every", "wandb", "wandb_project"}
 # Settings of the stream: SAEs trained together must agree on them.
@@ -44,20 +42,18 @@ STREAM_FIELDS = ("store", "tokens", "batch_size", "buffer_tokens", "holdout_frac
                  "checkpoint_every", "geometric_median_tokens")
 
 
+def key_settings(cfg: TrainConfig) -> dict:
+    """The settings that make an SAE what it is (runtime knobs left out)."""
+    settings = cfg.model_dump(mode="json", exclude=RUNTIME_FIELDS)
+    if settings["sae_seed"] in (None, cfg.seed):  # the same weights as no sae_seed: the same SAE (and old keys hold)
+        del settings["sae_seed"]
+    return settings
+
+
 def config_key(cfg: TrainConfig, store_fingerprint: str) -> str:
     """Names what an SAE is: its full config (runtime knobs aside) on this exact store."""
-    settings = cfg.model_dump(mode="json", exclude=RUNTIME_FIELDS)
-    text = json.dumps({"config": settings, "store": store_fingerprint}, sort_keys=True)
+    text = json.dumps({"config": key_settings(cfg), "store": store_fingerprint}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def is_finished(folder: Path, key: str) -> bool:
-    """The folder holds this SAE, finished (an unreadable summary means it is not)."""
-    summary = folder / SUMMARY_FILE
-    try:
-        return json.loads(summary.read_text()).get("config_key") == key
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def choose_layer(cfg: TrainConfig, reader: StoreReader) -> int:
@@ -75,31 +71,6 @@ def split_chunks(n_chunks: int, holdout_fraction: float) -> tuple[list[int], lis
     n_holdout = 0 if n_chunks <= 1 else max(1, math.ceil(holdout_fraction * n_chunks)) if holdout_fraction else 0
     n_holdout = min(n_holdout, max(n_chunks - 1, 0))
     return list(range(n_chunks - n_holdout)), list(range(n_chunks - n_holdout, n_chunks))
-
-
-def refuse_a_file_as_out(root: Path) -> None:
-    if root.exists() and not root.is_dir():
-        raise UserError(f"--out {root} is a file, not a folder")
-
-
-def prepare_run_folder(root: Path) -> None:
-    """A rerun starts clean, but deletes only what a run writes: a mistyped --out must never wipe a folder."""
-    refuse_a_file_as_out(root)
-    if root.exists():
-        names = [entry.name for entry in root.iterdir()]
-        foreign = sorted(name for name in names if name not in RUN_ENTRIES and not name.endswith(".partial"))
-        if foreign:
-            raise UserError(f"--out {root} holds files no training run wrote ({', '.join(foreign[:3])}): "
-                            "choose an empty or new folder")
-        for name in RUN_ENTRIES:  # summary.json first, so the folder stops looking finished before anything else
-            entry = root / name
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink(missing_ok=True)
-        for partial in root.glob("*.partial"):
-            partial.unlink()
-    root.mkdir(parents=True, exist_ok=True)
 
 
 def store_scale(reader, layer: int, store: str) -> float:
@@ -126,9 +97,18 @@ class StoreView:
     holdout_chunks: list[int]
 
     def read_chunk(self, index: int) -> torch.Tensor:
-        """[rows, d_model] with one layer, [rows, layers, d_model] with several."""
-        parts = [self.reader.read_acts_chunk(layer, index) * self.scales[layer] for layer in self.layers]
+        """[rows, d_model] with one layer, [rows, layers, d_model] with several, in the store's dtype, unscaled."""
+        parts = [self.reader.read_acts_chunk_as_stored(layer, index) for layer in self.layers]
         return parts[0] if len(parts) == 1 else torch.stack(parts, dim=1)
+
+    def on_device(self, batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+        """Each batch copied to the device as stored (bf16: half the bytes), then made float32 and scaled there.
+
+        The same float32 values, bit for bit, as converting and scaling on the CPU before the copy."""
+        scale = self.scales[self.layers[0]] if len(self.layers) == 1 else \
+            torch.tensor([self.scales[layer] for layer in self.layers], device=device)[:, None]
+        for batch in batches:
+            yield batch.to(device, non_blocking=True).float() * scale
 
     def train_tokens(self) -> int:
         chunk, total = self.reader.chunk_tokens, self.reader.n_tokens
@@ -136,13 +116,15 @@ class StoreView:
 
 
 def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool = False) -> list[dict]:
-    """Train every config on the same batches from one pass over their (common) store; their summaries."""
+    """Train every config on the same batches from one pass over their (common) store; their summaries.
+
+    Each SAE is built in its RUN.partial and moved into its RUN when every SAE is finished."""
     first = configs[0]
     for cfg in configs[1:]:
         differing = [name for name in STREAM_FIELDS if getattr(cfg, name) != getattr(first, name)]
         if differing:
             raise UserError(f"SAEs trained together must share {', '.join(differing)} ({cfg.out} differs)")
-    checked_device(first.device)
+    device = checked_device(first.device)
     reader = open_complete_store(first.store)
     if reader.n_tokens == 0:
         raise UserError(f"store {first.store} holds no tokens")
@@ -154,14 +136,17 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     memory.check_fits(configs, reader.d_model, len(layers))
     saes = []
     for cfg in configs:
-        torch.manual_seed(cfg.seed)  # each SAE starts as it would alone, whatever else trains beside it
+        # each SAE starts as it would alone, whatever else trains beside it; its own seed, not the stream's
+        torch.manual_seed(cfg.seed if cfg.sae_seed is None else cfg.sae_seed)
         saes.append(build_sae(cfg.sae, reader.d_model))
 
+    runs = [RunPaths(cfg.out) for cfg in configs]
     saved = checkpoint.load(checkpoint_path, reader.manifest.fingerprint, keys) if resume else None
     if saved is None:
         checkpoint.refuse_to_overwrite(checkpoint_path)
-        for cfg in configs:
-            prepare_run_folder(Path(cfg.out))
+        for run in runs:
+            refuse_unless_ours(run.root)
+            prepare_building_folder(run.building)
 
     tokens = first.tokens or view.train_tokens()
     batch_size = fitted_batch_size(configs, tokens)  # the defaults fitted to a short run (train/schedule.py)
@@ -174,13 +159,14 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     # (bench/train_stream.py); with an accelerator the thread reads while the device computes.
     depth = 0 if first.device == "cpu" else prefetch_depth(first.buffer_tokens, reader.chunk_tokens)
     stream = ShuffledStream(view.read_chunk, view.train_chunks, reader.chunk_tokens, batch_size,
-                            first.buffer_tokens, first.seed, tokens, depth)
+                            first.buffer_tokens, first.seed, tokens, depth,
+                            pin_memory=device.type == "cuda")
     if saved is None and first.geometric_median_tokens:
         _initialise_decoder_bias(saes, member_layers, view, first)
 
     first_step, tokens_done = (saved["step"], saved["tokens"]) if saved is not None else (0, 0)
-    logs = [MetricsLog(Path(cfg.out) / "metrics.jsonl", cfg, Path(cfg.out).name,
-                       keep_before_step=first_step if saved is not None else None) for cfg in configs]
+    logs = [MetricsLog(run.building.metrics, cfg, run.root.name,
+                       keep_before_step=first_step if saved is not None else None) for cfg, run in zip(configs, runs)]
     trainees = [Trainee(sae.to(cfg.device), optim, sparsity_coeff(cfg),
                         DeadFeatureTracker(sae.d_sae, cfg.dead_threshold, cfg.dead_window), log.write,
                         layers.index(layer))
@@ -201,26 +187,40 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
                 "trainees": [trainee.state_dict() for trainee in trainees], "torch_rng": torch.get_rng_state()})
 
     try:
-        stats = train(trainees, iter(stream), n_steps, first.log_every, first.device, first_step, tokens_done,
-                      after_step)
+        stats = train(trainees, view.on_device(stream, device), n_steps, first.log_every, first.device, first_step,
+                      tokens_done, after_step)
     finally:
         stream.close()
         for log in logs:
             log.close()
     stats["stream_seconds"] = stream.seconds
 
-    exported = [_export(cfg, key, trainee.sae, layer, view) for cfg, key, trainee, layer
-                in zip(configs, keys, trainees, member_layers)]
+    exported = [_export(cfg, run, key, trainee.sae, layer, view) for cfg, run, key, trainee, layer
+                in zip(configs, runs, keys, trainees, member_layers)]
     metrics = _heldout_metrics(exported, member_layers, view)
-    summaries = [_summary(cfg, key, trainee, layer, view, {**stats, "schedule": schedule}, result)
-                 for cfg, key, trainee, layer, result, schedule
-                 in zip(configs, keys, trainees, member_layers, metrics, schedules)]
+    summaries = [_summary(run, key, trainee, layer, view, {**stats, "schedule": schedule}, result)
+                 for run, key, trainee, layer, result, schedule
+                 in zip(runs, keys, trainees, member_layers, metrics, schedules)]
     checkpoint_path.unlink(missing_ok=True)  # every SAE is finished: nothing to resume
+    for run in runs:
+        move_folder_into_place(run.building.root, run.root)
     return summaries
 
 
-def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
-    return train_saes([cfg], Path(cfg.out) / CHECKPOINT_FILE, resume)[0]
+def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train one SAE into cfg.out, holding its writer lock; a finished run of the same config is not retrained
+    (its summary comes back), one of another config is replaced only with `overwrite`."""
+    checked_device(cfg.device)
+    run = RunPaths(cfg.out)
+    refuse_enclosing_cwd(run.root)
+    with writer_lock(cfg.out, "run folder"):
+        fingerprint = open_complete_store(cfg.store).manifest.fingerprint
+        key = config_key(cfg, fingerprint)
+        if check_existing_run(run.root, key, key_settings(cfg), fingerprint, overwrite):
+            print(f"run {cfg.out} is already trained (same config and store): nothing to do; "
+                  "--overwrite trains it again", file=sys.stderr)
+            return json.loads(run.summary.read_text())
+        return train_saes([cfg], run.building.checkpoint, resume)[0]
 
 
 def _print_schedules(configs: list[TrainConfig], schedules: list[dict]) -> None:
@@ -255,14 +255,14 @@ def _initial_sample(view: StoreView, layer: int, cfg: TrainConfig) -> torch.Tens
     return sample_ND[pick[: cfg.geometric_median_tokens]]
 
 
-def _export(cfg: TrainConfig, key: str, sae, layer: int, view: StoreView):
+def _export(cfg: TrainConfig, run: RunPaths, key: str, sae, layer: int, view: StoreView):
     """Save the SAE (raw activation space) and its curves; the exported SAE, as a user will load it."""
-    root, reader = Path(cfg.out), view.reader
+    root, reader = run.building.root, view.reader
     own = {"layer": layer, "store": cfg.store, "store_fingerprint": reader.manifest.fingerprint,
            "model": reader.manifest.identity.model, "input_scale": view.scales[layer],
            "train_config": cfg.model_dump(mode="json"), "config_key": key, "instructsae_version": __version__}
     save_sae(root, sae.cpu(), view.scales[layer], own, reader.manifest.identity)
-    plot_training_curves(MetricsLog.read(root / "metrics.jsonl"), root / CURVES_FILE, title=root.name)
+    plot_training_curves(MetricsLog.read(run.building.metrics), run.building.curves, title=run.root.name)
     return load_sae(root)[0]
 
 
@@ -280,7 +280,7 @@ def _heldout_metrics(saes, member_layers: list[int], view: StoreView) -> list[di
     return [accumulator.result() for accumulator in sums]
 
 
-def _summary(cfg: TrainConfig, key: str, trainee: Trainee, layer: int, view: StoreView, stats: dict,
+def _summary(run: RunPaths, key: str, trainee: Trainee, layer: int, view: StoreView, stats: dict,
              metrics: dict) -> dict:
     sae = trainee.sae
     summary = {
@@ -291,5 +291,5 @@ def _summary(cfg: TrainConfig, key: str, trainee: Trainee, layer: int, view: Sto
         "sae_seconds": trainee.seconds, "config_key": key,
         "evaluated_on": "held-out chunks" if view.holdout_chunks else "training chunks (no chunk was held out)",
     }
-    write_text_atomically(Path(cfg.out) / SUMMARY_FILE, json.dumps(summary, indent=2))
+    write_text_atomically(run.building.summary, json.dumps(summary, indent=2))
     return summary

@@ -12,12 +12,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from instructsae.errors import UserError
+from instructsae.errors import UserError, first_line
 from instructsae.lm.models import model_spec_from_hub_id
+from instructsae.run_folder import CFG_FILE, WEIGHTS_FILE
 from instructsae.train.sae import SAE_CLASSES, SparseAutoencoder
 
-WEIGHTS_FILE = "sae_weights.safetensors"
-CFG_FILE = "cfg.json"
 PROVENANCE_KEY = "instructsae"  # our own block inside SAELens's metadata
 # The residual stream after decoder layer L, as hook names spell it: TransformerLens's and HF module paths.
 RESID_POST = (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), re.compile(r"^(?:model\.)?layers\.(\d+)$"),
@@ -85,10 +84,20 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         cfg = json.loads((folder / CFG_FILE).read_text())
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except Exception as error:
-        raise UserError(f"SAE folder {folder} is unreadable: {str(error).splitlines()[0]}") from None
+        raise UserError(f"SAE folder {folder} is unreadable: {first_line(error)}") from None
     if not isinstance(cfg, dict):
         raise UserError(f"SAE folder {folder} has unknown architecture None (known: {', '.join(SAE_CLASSES)})")
+    _refuse_nonfinite(tensors, folder)
     return cfg, {name: tensor.float() for name, tensor in tensors.items()}
+
+
+def _refuse_nonfinite(tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """NaN/inf weights (a diverged run, a damaged file; ours or a folder SAELens wrote) would only yield NaN."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f"SAE folder {folder} has {bad:,} NaN/inf values in {name} ({WEIGHTS_FILE}): "
+                            f"its training diverged or the file is damaged")
 
 
 def _architecture(cfg: dict, folder: Path) -> str:
@@ -148,7 +157,7 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
         sae.load_state_dict(tensors)
     except RuntimeError as error:
         raise UserError(f"SAE folder {folder} has weights that do not fit its architecture: "
-                        f"{str(error).splitlines()[0]}") from None
+                        f"{first_line(error)}") from None
     if (cfg.get("d_in"), cfg.get("d_sae")) != (sae.d_in, sae.d_sae):
         raise UserError(f"SAE folder {folder}: cfg.json says d_in {cfg.get('d_in')}, d_sae {cfg.get('d_sae')} "
                         f"but the weights are {sae.d_in} x {sae.d_sae}")

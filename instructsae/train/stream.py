@@ -7,118 +7,147 @@ activations, and a resumed stream hands out exactly the batches the uninterrupte
 
 import itertools
 import time
-import queue
-import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
 
+T, R = TypeVar("T"), TypeVar("R")
 
 def chunk_order(n_chunks: int, seed: int, epoch: int) -> np.ndarray:
     """A seeded permutation: every chunk once per epoch, a new order each epoch."""
     return np.random.default_rng([seed, epoch]).permutation(n_chunks)
 
 
-_END = object()
+def read_ahead(read: Callable[[T], R], items: Iterable[T], threads: int, depth: int) -> Iterator[R]:
+    """read(item) for each item, in order, with up to `depth` reads in flight on a pool of `threads` threads.
 
-
-def prefetch(items: Iterable, depth: int = 2) -> Iterator:
-    """Produce items on a background thread (disk reads release the GIL), so the consumer never waits.
-
-    depth 0: no thread, items are produced on the consumer's thread when it asks.
+    Disk reads and zarr's decoding release the GIL, so a few threads keep the disk busy while the consumer
+    mixes. threads 0: no pool, each item is read on the consumer's thread when it asks. A read's error is
+    raised to the consumer; closing the iterator early cancels the reads not started and waits for the others.
     """
-    if depth == 0:
-        yield from items
+    if threads == 0:
+        yield from map(read, items)
         return
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def hand_over(item) -> bool:
-        # a plain put would block forever on a full queue once the consumer has stopped early
-        while not stop.is_set():
-            try:
-                buffer.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce() -> None:
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="stream-read") as pool:
         try:
             for item in items:
-                if not hand_over(item):
-                    return
-            hand_over(_END)
-        except BaseException as error:  # handed to the consumer, raised there
-            hand_over(error)
+                pending.append(pool.submit(read, item))
+                if len(pending) > max(depth, 1):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
-    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
-    thread.start()
-    try:
-        while (item := buffer.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+
+def as_records(rows: torch.Tensor) -> np.ndarray:
+    """A contiguous tensor as a numpy vector of its rows, each row one opaque record of bytes (same memory)."""
+    n_bytes = rows[0].numel() * rows.element_size() if len(rows) else 1
+    return rows.view(torch.uint8).reshape(len(rows), -1).numpy().view(np.dtype((np.void, n_bytes))).reshape(-1)
 
 
 class MixingBuffer:
     """Fill to capacity, shuffle, hand out half as batches, refill (the FAST paper's mixing buffer).
 
-    Tokens of one chunk are neighbours in a dialogue; mixing many chunks decorrelates a batch.
+    Tokens of one chunk are neighbours in a dialogue; mixing many chunks decorrelates a batch. Rows stay in
+    whatever dtype they come in (the store's: bf16 is half the bytes to move). They are written once into slots
+    of one storage tensor and gathered once into their batch: the mixing itself moves only slot numbers (an
+    earlier version concatenated and re-gathered the whole buffer at each shuffle, into fresh memory: 4-5 copies
+    of each row). With `pin_memory` each batch is gathered into page-locked memory, so its copy to a CUDA
+    device can run without blocking.
     """
 
-    def __init__(self, capacity_tokens: int, batch_size: int, generator: torch.Generator):
+    def __init__(self, capacity_tokens: int, batch_size: int, generator: torch.Generator,
+                 pin_memory: bool = False):
         self.capacity = max(capacity_tokens, 2 * batch_size)
         self.batch_size = batch_size
         self.generator = generator
-        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, ids) waiting to be mixed
+        self.pin_memory = pin_memory
+        self.rows: torch.Tensor | None = None  # [slots, ...] storage, made at the first rows
+        self.ids = torch.empty(0, dtype=torch.long)  # the id of the row in each slot
+        self.free = torch.empty(0, dtype=torch.long)  # slots holding no row
+        self.freed: list[torch.Tensor] = []  # slots of the batches handed out since, to join `free`
+        self.waiting: list[torch.Tensor] = []  # slots of the rows waiting to be mixed, in order
         self.size = 0
-        # rows already shuffled out, handed out batch by batch: pool[order[cursor:]]
-        self.pool, self.pool_ids = torch.empty(0), torch.empty(0, dtype=torch.long)
-        self.order, self.cursor = torch.empty(0, dtype=torch.long), 0
+        # slots set aside by the last shuffle, handed out batch by batch: out[cursor:]
+        self.out, self.cursor = torch.empty(0, dtype=torch.long), 0
 
     def add(self, rows_N: torch.Tensor, ids_N: torch.Tensor) -> None:
-        self.parts.append((rows_N, ids_N))
+        if len(rows_N) == 0:
+            return
+        slots_N = self._free_slots(len(rows_N), rows_N)
+        # numpy writes each row as one block of bytes; torch's index_copy_ ran ~3x (one thread) to ~30x (two
+        # threads on a busy machine) slower on bf16 rows
+        as_records(self.rows)[slots_N.numpy()] = as_records(rows_N.contiguous())
+        self.ids[slots_N] = ids_N
+        self.waiting.append(slots_N)
         self.size += len(rows_N)
+
+    def _free_slots(self, n: int, like_N: torch.Tensor) -> torch.Tensor:
+        if self.freed:
+            self.free, self.freed = torch.cat([self.free, *self.freed]), []
+        if self.rows is None:
+            self.rows = like_N.new_empty((self.capacity + n, *like_N.shape[1:]))
+            self.ids = torch.empty(len(self.rows), dtype=torch.long)
+            self.free = torch.arange(len(self.rows))
+        if len(self.free) < n:  # a restore, or a chunk larger than the first: grow (rare)
+            grown = self.rows.new_empty((len(self.rows) + n, *self.rows.shape[1:]))
+            grown[:len(self.rows)] = self.rows
+            self.free = torch.cat([self.free, torch.arange(len(self.rows), len(grown))])
+            self.ids = torch.cat([self.ids, torch.empty(n, dtype=torch.long)])
+            self.rows = grown
+        slots_N, self.free = self.free[:n], self.free[n:]
+        return slots_N
 
     def is_full(self) -> bool:
         return self.size >= self.capacity
 
     def shuffle_out(self, everything: bool = False) -> None:
         """Mix all rows and set aside half of them (whole batches), or all of them at an epoch's end."""
-        pool = torch.cat([rows for rows, _ in self.parts]) if len(self.parts) > 1 else self.parts[0][0]
-        pool_ids = torch.cat([ids for _, ids in self.parts]) if len(self.parts) > 1 else self.parts[0][1]
-        order = torch.randperm(len(pool), generator=self.generator)
-        n_out = len(pool) if everything else len(pool) // 2 // self.batch_size * self.batch_size
-        kept = order[n_out:]
-        self.parts = [(pool[kept], pool_ids[kept])] if len(kept) else []
+        waiting = torch.cat(self.waiting) if len(self.waiting) > 1 else self.waiting[0]
+        order = torch.randperm(len(waiting), generator=self.generator)
+        n_out = len(waiting) if everything else len(waiting) // 2 // self.batch_size * self.batch_size
+        self.out, self.cursor = waiting[order[:n_out]], 0
+        kept = waiting[order[n_out:]]
+        self.waiting = [kept] if len(kept) else []
         self.size = len(kept)
-        self.pool, self.pool_ids, self.order, self.cursor = pool, pool_ids, order[:n_out], 0
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The next batch of shuffled rows (short only at an epoch's end), or None when none is set aside."""
-        if self.cursor >= len(self.order):
+        if self.cursor >= len(self.out):
             return None
-        # Each batch is gathered into its own small tensor: SAE steps on slices of one big shuffled pool
-        # ran measurably slower on CPU (bench/train_stream.py).
-        picked = self.order[self.cursor:self.cursor + self.batch_size]
-        self.cursor += len(picked)
-        return self.pool[picked], self.pool_ids[picked]
+        # Each batch is gathered into its own tensor: SAE steps on slices of one big shuffled pool ran
+        # measurably slower on CPU (bench/train_stream.py), and the consumer may keep it.
+        slots = self.out[self.cursor:self.cursor + self.batch_size]
+        self.cursor += len(slots)
+        if self.pin_memory:
+            batch = torch.empty((len(slots), *self.rows.shape[1:]), dtype=self.rows.dtype, pin_memory=True)
+            torch.index_select(self.rows, 0, slots, out=batch)
+        else:  # numpy gathers whole rows on one thread: steadier than torch's threads on a busy CPU
+            gathered = as_records(self.rows)[slots.numpy()]
+            batch = torch.from_numpy(gathered.view(np.uint8)).view(self.rows.dtype).view(-1, *self.rows.shape[1:])
+        self.freed.append(slots)  # the batch is a copy: its slots may take new rows
+        return batch, self.ids[slots]
 
     def state_ids(self) -> dict:
-        waiting = torch.cat([ids for _, ids in self.parts]) if self.parts else torch.empty(0, dtype=torch.long)
-        return {"waiting_ids": waiting, "pending_ids": self.pool_ids[self.order[self.cursor:]],
+        waiting = torch.cat(self.waiting) if self.waiting else torch.empty(0, dtype=torch.long)
+        return {"waiting_ids": self.ids[waiting], "pending_ids": self.ids[self.out[self.cursor:]],
                 "generator": self.generator.get_state()}
 
     def restore(self, waiting: tuple[torch.Tensor, torch.Tensor], pending: tuple[torch.Tensor, torch.Tensor],
                 generator_state: torch.Tensor) -> None:
-        self.parts = [waiting] if len(waiting[0]) else []
-        self.size = len(waiting[0])
-        self.pool, self.pool_ids = pending
-        self.order, self.cursor = torch.arange(len(pending[0])), 0
+        self.rows, self.waiting, self.size, self.freed = None, [], 0, []
+        self.out, self.cursor = torch.empty(0, dtype=torch.long), 0
+        if len(pending[0]):
+            self.add(*pending)  # into the first slots, then set aside as the last shuffle would have
+            self.out, self.waiting, self.size = self.waiting[0], [], 0
+        self.add(*waiting)
         self.generator.set_state(generator_state)
 
 
@@ -132,29 +161,38 @@ class ShuffledStream:
 
     Each epoch reads every chunk once in a seeded order, mixes the rows in the buffer and empties the buffer
     at its end, so every row is handed out once per epoch. Rows are `read_chunk(i)[j]` with id
-    i·chunk_tokens + j. Chunks are read ahead up to `prefetch_chunks` (0: no reader thread), across epochs.
+    i·chunk_tokens + j, handed out in the dtype read_chunk gives them (the consumer converts them on its
+    device). Chunks are read ahead up to `prefetch_chunks`, across epochs, on `read_threads` threads (either 0:
+    each chunk is read on the consumer's thread when the buffer needs it); the batches are the same either way.
     """
 
     def __init__(self, read_chunk: Callable[[int], torch.Tensor], chunk_ids: Iterable[int], chunk_tokens: int,
                  batch_size: int, buffer_tokens: int, seed: int, max_tokens: int | None = None,
-                 prefetch_chunks: int = 2):
+                 prefetch_chunks: int = 2, read_threads: int = 4, pin_memory: bool = False):
         self.read_chunk, self.chunk_ids, self.chunk_tokens = read_chunk, np.asarray(chunk_ids), chunk_tokens
         self.seed, self.max_tokens, self.prefetch_chunks = seed, max_tokens, prefetch_chunks
-        self.buffer = MixingBuffer(buffer_tokens, batch_size, torch.Generator().manual_seed(seed))
+        self.read_threads = read_threads if prefetch_chunks else 0
+        self.buffer = MixingBuffer(buffer_tokens, batch_size, torch.Generator().manual_seed(seed), pin_memory)
         self.epoch, self.cursor, self.tokens_seen = 0, 0, 0  # cursor: chunks of this epoch taken in
         self.seconds = 0.0  # spent reading and shuffling, for the benchmarks
         self._chunks: Iterator | None = None
 
-    def _chunk_source(self, first_epoch: int, first_cursor: int) -> Iterator:
-        """(epoch, cursor after it, rows, ids) per chunk, and (epoch, None, None, None) at each epoch's end."""
+    def _chunk_plan(self, first_epoch: int, first_cursor: int) -> Iterator[tuple[int, int | None, int | None]]:
+        """(epoch, cursor after it, chunk index) per chunk to read, and (epoch, None, None) at each epoch's end."""
         epochs = itertools.count(first_epoch) if self.max_tokens is not None else range(first_epoch, 1)
         for epoch in epochs:
             order = self.chunk_ids[chunk_order(len(self.chunk_ids), self.seed, epoch)]
             for cursor in range(first_cursor if epoch == first_epoch else 0, len(order)):
-                index = int(order[cursor])
-                rows = self.read_chunk(index)
-                yield epoch, cursor + 1, rows, torch.arange(len(rows)) + index * self.chunk_tokens
-            yield epoch, None, None, None
+                yield epoch, cursor + 1, int(order[cursor])
+            yield epoch, None, None
+
+    def _read(self, planned: tuple[int, int | None, int | None]) -> tuple:
+        """(epoch, cursor after it, rows, ids) for a chunk, (epoch, None, None, None) at an epoch's end."""
+        epoch, cursor, index = planned
+        if index is None:
+            return epoch, None, None, None
+        rows = self.read_chunk(index)
+        return epoch, cursor, rows, torch.arange(len(rows)) + index * self.chunk_tokens
 
     def next_batch(self) -> torch.Tensor | None:
         """The next batch, or None when the budget (or the one epoch) is spent."""
@@ -168,7 +206,8 @@ class ShuffledStream:
         if self.max_tokens is not None and self.tokens_seen >= self.max_tokens or len(self.chunk_ids) == 0:
             return None
         if self._chunks is None:
-            self._chunks = prefetch(self._chunk_source(self.epoch, self.cursor), depth=self.prefetch_chunks)
+            self._chunks = read_ahead(self._read, self._chunk_plan(self.epoch, self.cursor), self.read_threads,
+                                      self.prefetch_chunks)
         while (taken := self.buffer.take()) is None:
             if self.buffer.is_full():
                 self.buffer.shuffle_out()
@@ -199,7 +238,7 @@ class ShuffledStream:
 
     def close(self) -> None:
         if self._chunks is not None:
-            self._chunks.close()  # stops the reader thread
+            self._chunks.close()  # cancels the reads not started, waits for those under way
             self._chunks = None
 
     def state_dict(self) -> dict:
@@ -216,7 +255,7 @@ class ShuffledStream:
     def rows_for(self, ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows with these ids, in this order, read chunk by chunk."""
         if len(ids_N) == 0:
-            return torch.empty(0), ids_N
+            return torch.empty(0), ids_N  # an empty part: its dtype never meets a batch
         chunk_N = ids_N // self.chunk_tokens
         rows = None
         for index in torch.unique(chunk_N).tolist():

@@ -1,6 +1,9 @@
 """`instructsae sweep`: every SAE of a grid trained in one pass over one store.
 
 Each grid point becomes a full TrainConfig; all of them are checked against the store before any training.
+A seed axis (grid.seed / grid.seeds) sets each SAE's sae_seed: its initial weights follow its own seed, while
+the stream (chunk order, buffer shuffles, the b_dec sample) follows the base's `seed`, shared by every SAE of
+the one pass; so each SAE still equals its standalone run with the same seed and sae_seed.
 SAEs already finished in the sweep folder (same full config, same store) are skipped, so a rerun trains only
 new grid points.
 """
@@ -13,9 +16,9 @@ from instructsae.store.reader import open_complete_store
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import ARCHITECTURES, TrainConfig
 from instructsae.train.config import resolve_train_config
-from instructsae.train.run import (
-    CHECKPOINT_FILE, choose_layer, config_key, is_finished, refuse_a_file_as_out, train_saes,
-)
+from instructsae.locks import writer_lock
+from instructsae.train.run import choose_layer, config_key, train_saes
+from instructsae.run_folder import RunPaths, is_finished, refuse_a_file_as_out
 from instructsae.train.sae import check_sae_config
 from instructsae.train.sweep_report import write_sweep_report
 
@@ -40,8 +43,9 @@ def grid_points(sweep: SweepConfig) -> list[tuple[dict, dict, dict]]:
         names = list(axes)
         for values in itertools.product(*axes.values()):
             sae = dict(zip(names, values))
-            for lr, layer in itertools.product(grid.lr or [None], grid.layer or [None]):
-                points.append((sae, {"lr": lr}, {"layer": layer}))
+            for lr, layer, seed in itertools.product(grid.lr or [None], grid.layer or [None],
+                                                     grid.seed_values() or [None]):
+                points.append((sae, {"lr": lr}, {"layer": layer, "sae_seed": seed}))
     return points
 
 
@@ -49,12 +53,16 @@ def point_name(cfg: TrainConfig, key: str) -> str:
     """A folder name a person can read, made unique by the config key."""
     sparsity = f"k{cfg.sae.k}" if hasattr(cfg.sae, "k") else f"c{cfg.sae.sparsity_coeff:g}"
     layer = "" if cfg.layer is None else f"-l{cfg.layer}"
-    return f"{cfg.sae.arch}-x{cfg.sae.expansion}-{sparsity}-lr{cfg.optim.lr:g}{layer}-{key[:6]}"
+    seed = "" if cfg.sae_seed is None else f"-s{cfg.sae_seed}"
+    return f"{cfg.sae.arch}-x{cfg.sae.expansion}-{sparsity}-lr{cfg.optim.lr:g}{layer}{seed}-{key[:6]}"
 
 
 def resolve_grid(sweep: SweepConfig) -> list[tuple[str, TrainConfig]]:
     """(how to name it in an error, its TrainConfig) for every grid point; checked against the schema only."""
     resolved = []
+    if not isinstance(sweep.base.get("sae") or {}, dict):
+        raise UserError(f"invalid base.sae: must be a mapping of settings every SAE shares, not {sweep.base['sae']!r} "
+                        "(the grid's sae entries name the architectures)")
     for index, (sae, optim, top) in enumerate(grid_points(sweep)):
         base = {key: value for key, value in sweep.base.items() if key not in ("store", "out")}
         settings = {**base, **{k: v for k, v in top.items() if v is not None},
@@ -71,9 +79,10 @@ def resolve_grid(sweep: SweepConfig) -> list[tuple[str, TrainConfig]]:
 
 def expand_sweep(sweep: SweepConfig) -> list[TrainConfig]:
     """One TrainConfig per grid point, each with its own folder in the sweep folder; checked against the store."""
+    grid = resolve_grid(sweep)  # what the config alone shows is wrong comes before what the store shows
     reader = open_complete_store(sweep.store)
     configs, seen = [], set()
-    for description, cfg in resolve_grid(sweep):
+    for description, cfg in grid:
         try:
             choose_layer(cfg, reader)
             check_sae_config(cfg.sae, reader.d_model)
@@ -96,11 +105,12 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> list[dict]:
     """Train the grid points not finished yet; then report on every finished SAE of this store in the folder."""
     refuse_a_file_as_out(Path(sweep.out))
     configs = expand_sweep(sweep)
-    fingerprint = open_complete_store(sweep.store).manifest.fingerprint
-    todo = [cfg for cfg in configs if not is_finished(Path(cfg.out), config_key(cfg, fingerprint))]
-    print(f"sweep {sweep.out}: {len(configs)} SAEs in the grid, {len(configs) - len(todo)} already finished, "
-          f"training {len(todo)} in one pass over {sweep.store}")
-    Path(sweep.out).mkdir(parents=True, exist_ok=True)
-    if todo:
-        train_saes(todo, Path(sweep.out) / CHECKPOINT_FILE, resume)
-    return write_sweep_report(Path(sweep.out), fingerprint)
+    with writer_lock(sweep.out, "sweep folder"):
+        fingerprint = open_complete_store(sweep.store).manifest.fingerprint
+        todo = [cfg for cfg in configs if not is_finished(cfg.out, config_key(cfg, fingerprint))]
+        print(f"sweep {sweep.out}: {len(configs)} SAEs in the grid, {len(configs) - len(todo)} already finished, "
+              f"training {len(todo)} in one pass over {sweep.store}")
+        Path(sweep.out).mkdir(parents=True, exist_ok=True)
+        if todo:  # the sweep's checkpoint covers all its SAEs, so it lives in the sweep folder
+            train_saes(todo, RunPaths(sweep.out).checkpoint, resume)
+        return write_sweep_report(Path(sweep.out), fingerprint)

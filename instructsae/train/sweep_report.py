@@ -1,25 +1,36 @@
-"""A sweep's results: results.csv, results.md and the sparsity–fidelity frontier, over every finished SAE."""
+"""A sweep's results: results.csv, results.md and the sparsity–fidelity frontier, over every finished SAE.
+
+SAEs that differ only in their seed (a seed axis) are also aggregated: results-over-seeds.csv and a second table
+in results.md give each setting's mean and spread (sample standard deviation) over its seeds.
+"""
 
 import csv
 import io
 import json
+import statistics
 from pathlib import Path
 
 from instructsae.charts import plot_frontier
 from instructsae.fileio import write_text_atomically
+from instructsae.run_folder import SUMMARY_FILE, RunPaths, is_building_folder
 from instructsae.train.sae_folder import provenance
 
-COLUMNS = ("name", "arch", "layer", "expansion", "d_sae", "sparsity", "lr", "nmse", "explained_variance", "l0",
-           "dead_fraction", "tokens")
+COLUMNS = ("name", "setting", "seed", "arch", "layer", "expansion", "d_sae", "sparsity", "lr", "nmse",
+           "explained_variance", "l0", "dead_fraction", "tokens")
+AGGREGATED = ("nmse", "explained_variance", "l0", "dead_fraction")
+SEED_COLUMNS = ("setting", "arch", "layer", "expansion", "d_sae", "sparsity", "lr", "n_seeds", "seeds",
+                *(f"{name}_{part}" for name in AGGREGATED for part in ("mean", "std")))
 
 
 def collect_rows(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
     """One row per finished SAE folder trained on this store (grid points of earlier runs included)."""
     rows = []
-    for summary_file in sorted(sweep_dir.glob("*/summary.json")):
+    for summary_file in sorted(sweep_dir.glob(f"*/{SUMMARY_FILE}")):
         folder = summary_file.parent
+        if is_building_folder(folder):
+            continue  # an SAE still being built (or a killed build)
         try:
-            cfg = json.loads((folder / "cfg.json").read_text())
+            cfg = json.loads(RunPaths(folder).cfg.read_text())
             summary = json.loads(summary_file.read_text())
         except (OSError, ValueError):
             continue  # not a finished SAE of ours (a folder the user put there, or one a kill cut short)
@@ -28,13 +39,63 @@ def collect_rows(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
         train = provenance(cfg)["train_config"]
         sae = train["sae"]
         rows.append({
-            "name": folder.name, "arch": sae["arch"], "layer": summary["layer"], "expansion": sae["expansion"],
+            "name": folder.name, "setting": setting_name(train), "seed": _sae_seed(train), "arch": sae["arch"],
+            "layer": summary["layer"], "expansion": sae["expansion"],
             "d_sae": summary["d_sae"],
             "sparsity": f"k={sae['k']}" if "k" in sae else f"coeff={sae['sparsity_coeff']:g}",
             "lr": train["optim"]["lr"], "nmse": summary["nmse"], "explained_variance": summary["explained_variance"],
             "l0": summary["l0"], "dead_fraction": summary["dead_fraction_heldout"], "tokens": summary["tokens_seen"],
         })
     return rows
+
+
+def _sae_seed(train: dict) -> int:
+    return train["seed"] if train.get("sae_seed") is None else train["sae_seed"]
+
+
+def setting_name(train: dict) -> str:
+    """What SAEs of one setting share whatever their seed: architecture, width, sparsity, lr, layer."""
+    sae = train["sae"]
+    sparsity = f"k{sae['k']}" if "k" in sae else f"c{sae['sparsity_coeff']:g}"
+    layer = "" if train.get("layer") is None else f"-l{train['layer']}"
+    return f"{sae['arch']}-x{sae['expansion']}-{sparsity}-lr{train['optim']['lr']:g}{layer}"
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per setting: mean and sample standard deviation (0 with one seed) of each metric over its seeds."""
+    settings: dict[str, list[dict]] = {}
+    for row in rows:
+        settings.setdefault(row["setting"], []).append(row)
+    aggregated = []
+    for setting, members in settings.items():
+        first = members[0]
+        row = {name: first[name] for name in ("setting", "arch", "layer", "expansion", "d_sae", "sparsity", "lr")}
+        row["n_seeds"] = len(members)
+        row["seeds"] = " ".join(str(seed) for seed in sorted(m["seed"] for m in members))
+        for name in AGGREGATED:
+            values = [m[name] for m in members]
+            row[f"{name}_mean"] = statistics.fmean(values)
+            row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        aggregated.append(row)
+    return sorted(aggregated, key=lambda r: (r["arch"], r["layer"], r["l0_mean"]))
+
+
+def seeds_table(aggregated: list[dict]) -> str:
+    lines = ["| setting | seeds | NMSE | explained var | L0 | dead frac |", "|---|---:|---:|---:|---:|---:|"]
+    for r in aggregated:
+        lines.append(f"| {r['setting']} | {r['n_seeds']} | {r['nmse_mean']:.4f} ± {r['nmse_std']:.4f} | "
+                     f"{r['explained_variance_mean']:.4f} ± {r['explained_variance_std']:.4f} | "
+                     f"{r['l0_mean']:.1f} ± {r['l0_std']:.1f} | "
+                     f"{r['dead_fraction_mean']:.3f} ± {r['dead_fraction_std']:.3f} |")
+    return "\n".join(lines)
+
+
+def _csv(rows: list[dict], columns: tuple[str, ...]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -49,14 +110,14 @@ def markdown_table(rows: list[dict]) -> str:
 
 def write_sweep_report(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
     rows = sorted(collect_rows(sweep_dir, store_fingerprint), key=lambda r: (r["arch"], r["layer"], r["l0"]))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomically(sweep_dir / "results.csv", text.getvalue())
+    aggregated = over_seeds(rows)
+    write_text_atomically(sweep_dir / "results.csv", _csv(rows, COLUMNS))
+    write_text_atomically(sweep_dir / "results-over-seeds.csv", _csv(aggregated, SEED_COLUMNS))
     table = markdown_table(rows)
     heading = f"Sweep {sweep_dir.name}: held-out chunks of the store"
-    write_text_atomically(sweep_dir / "results.md", f"{heading}\n\n{table}\n")
+    seeds = (f"\n\nOver seeds (mean ± sample standard deviation):\n\n{seeds_table(aggregated)}"
+             if any(r["n_seeds"] > 1 for r in aggregated) else "")
+    write_text_atomically(sweep_dir / "results.md", f"{heading}\n\n{table}{seeds}\n")
     if rows:
         layers = sorted({r["layer"] for r in rows})
         for r in rows:
@@ -64,5 +125,5 @@ def write_sweep_report(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
         plot_frontier(rows, "group", sweep_dir / "frontier.png", f"Sparsity–fidelity frontier ({sweep_dir.name})")
         for r in rows:
             del r["group"]
-    print(table)
+    print(table + seeds)
     return rows

@@ -1,0 +1,91 @@
+"""`instructsae dedup`: a dataset in, its rows without exact and near-duplicates out, as a parquet file in the
+`messages` format (or `text` for plain text) that every command reads. Rows stream through; memory holds the
+dedup index and one batch of kept rows."""
+
+import os
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from instructsae.errors import UserError
+from instructsae.extract.data import DatasetReader
+from instructsae.extract.rows import Record
+from instructsae.schemas.dataset import DedupConfig, DedupSettings
+
+BATCH_ROWS = 1000
+
+
+def _schema():
+    import pyarrow as pa
+
+    turn = pa.struct([("role", pa.string()), ("content", pa.string())])
+    # `text` holds plain-text rows (messages null); `conversation` keeps ShareGPT's grouping of split rows;
+    # `source_row` is the row's number in the input, so a kept row can be traced back.
+    return pa.schema([("messages", pa.list_(turn)), ("text", pa.string()), ("conversation", pa.string()),
+                      ("source_row", pa.int64())])
+
+
+def _row(record: Record) -> dict:
+    messages = None if record.messages is None else [
+        {"role": message.role, "content": message.content} for message in record.messages]
+    return {"messages": messages, "text": record.text, "conversation": record.conversation,
+            "source_row": record.source_row}
+
+
+def _check_out(cfg: DedupConfig) -> Path:
+    out = Path(cfg.out).expanduser()
+    if out.suffix != ".parquet":
+        raise UserError(f"--out {cfg.out}: dedup writes a .parquet file")
+    if out.is_dir():
+        raise UserError(f"--out {cfg.out} is a folder: dedup writes a .parquet file")
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"--out {cfg.out} exists (use --overwrite to replace it)")
+    if Path(cfg.dataset).expanduser().resolve() == out.resolve():
+        raise UserError(f"--out {cfg.out} is the dataset itself: write the deduplicated rows elsewhere")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {cfg.out}: folder {out.parent} does not exist")
+    return out
+
+
+def run_dedup(cfg: DedupConfig, show_progress: bool = True) -> dict:
+    """Write the kept rows to cfg.out (atomically: a killed run leaves no half file) and return the report."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = _check_out(cfg)
+    settings = DedupSettings(ngram=cfg.ngram, threshold=cfg.threshold, seed=cfg.seed, num_perm=cfg.num_perm)
+    reader = DatasetReader.from_options(cfg, settings)
+    partial = out.with_name(out.name + ".partial")
+    started = time.perf_counter()
+    batch: list[dict] = []
+    try:
+        with pq.ParquetWriter(partial, _schema()) as writer:
+            for record in tqdm(reader, desc="dedup", unit="row", disable=not show_progress, dynamic_ncols=True):
+                batch.append(_row(record))
+                if len(batch) == BATCH_ROWS:
+                    writer.write_table(pa.Table.from_pylist(batch, schema=_schema()))
+                    batch = []
+            if batch:
+                writer.write_table(pa.Table.from_pylist(batch, schema=_schema()))
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, out)
+    counts = reader.duplicates.counts
+    unusable = {reason: n for reason, n in reader.skipped.items() if reason not in ("duplicate", "near duplicate")}
+    return {
+        "dataset": cfg.dataset, "out": str(out), "rows_in": reader.rows_used + reader.rows_skipped,
+        "rows_unusable": sum(unusable.values()), "unusable_by_reason": unusable, "rows_out": reader.rows_used,
+        "duplicates": counts.duplicates, "near_duplicates": counts.near_duplicates, "clusters": counts.clusters,
+        "seconds": round(time.perf_counter() - started, 1), "settings": settings.model_dump(),
+    }
+
+
+def format_report(report: dict) -> str:
+    unusable = ", ".join(f"{n:,} {reason}" for reason, n in report["unusable_by_reason"].items())
+    return (f"dedup {report['dataset']}: {report['rows_in']:,} rows in, {report['rows_out']:,} out; removed "
+            f"{report['duplicates']:,} exact and {report['near_duplicates']:,} near duplicates in "
+            f"{report['clusters']:,} clusters"
+            + (f", skipped {report['rows_unusable']:,} unusable ({unusable})" if unusable else "")
+            + f"; {report['seconds']} s; wrote {report['out']}")
