@@ -44,8 +44,7 @@ def cut_after(model, layer: int):
 def bare_forward(lm, cfg: ExtractConfig, with_mask: bool) -> int:
     """The forward passes `run_extract` makes, and nothing else; returns the tokens it stores."""
     dataset = DatasetReader(cfg.dataset, cfg.split)
-    identity = extract_run.build_identity(cfg, lm, dataset_hash="")
-    instances = list(planned_instances(identity, lm.tokenizer, dataset))
+    instances = list(planned_instances(cfg, lm.tokenizer, dataset))
     chunk_tokens = cfg.chunk_tokens or default_chunk_tokens(lm.d_model, cfg.dtype)
     pad_id = lm.tokenizer.pad_token_id or 0
     start = time.perf_counter()

@@ -12,6 +12,8 @@ from helpers import run_cli
 
 import instructsae as isae
 from instructsae.errors import UserError
+from instructsae.evaluate.dialogues import replayed_instances
+from instructsae.lm.models import load_model
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -48,6 +50,11 @@ def test_extract_from_a_list_of_message_lists_equals_the_same_jsonl(tiny_model_d
     a, b = isae.open_store(str(tmp_path / "a")), isae.open_store(str(tmp_path / "b"))
     assert (a.read_column("token_id") == b.read_column("token_id")).all()
     torch.testing.assert_close(a.read_acts(1, 0, a.n_tokens), b.read_acts(1, 0, b.n_tokens))
+    # the LM view replays a store's dataset: dialogues held in Python must be given again as a file
+    with pytest.raises(UserError, match="dialogues given in Python .*pass --dataset"):
+        replayed_instances(a, None, None)
+    replayed = list(replayed_instances(a, load_model(str(tiny_model_dir)), str(dialogues_jsonl)))
+    assert sum(len(ids) - 1 for ids in replayed) == a.n_tokens  # the first token of each put back
 
 
 def test_extract_from_a_datasets_dataset(tiny_model_dir, dialogues_jsonl, tmp_path):
@@ -81,6 +88,27 @@ def test_bad_settings_are_the_clis_one_line(tmp_path):
         isae.train_sae(activations=[torch.randn(4)], out=str(tmp_path / "r"))
     with pytest.raises(UserError, match="not a list of messages"):
         isae.extract_activations(dialogues=["just a string"], out=str(tmp_path / "s"))
+    nan_acts = torch.randn(10, 4)
+    nan_acts[3, 1] = float("nan")
+    with pytest.raises(UserError, match="item 0 holds 1 NaN/inf values"):
+        isae.train_sae(activations=nan_acts, out=str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_sae_over_a_finished_run_as_train_does(tmp_path, capsys):
+    """Same config: its summary back, untrained; another config: refused naming what differs, unless overwrite."""
+    torch.manual_seed(0)
+    common = dict(activations=torch.randn(2000, 16), out=str(tmp_path / "r"), batch_size=100, tokens=2000,
+                  buffer_tokens=500)
+    first = isae.train_sae(sae={"arch": "topk", "k": 4, "expansion": 2}, **common)
+    capsys.readouterr()
+    again = isae.train_sae(sae={"arch": "topk", "k": 4, "expansion": 2}, **common)
+    assert again["config_key"] == first["config_key"] and "already trained" in capsys.readouterr().err
+    with pytest.raises(UserError, match="another config .*sae.k: 4 -> 6"):
+        isae.train_sae(sae={"arch": "topk", "k": 6, "expansion": 2}, **common)
+    replaced = isae.train_sae(sae={"arch": "topk", "k": 6, "expansion": 2}, overwrite=True, **common)
+    assert replaced["config_key"] != first["config_key"]
+    assert isae.load_sae(str(tmp_path / "r")).k == 6 and not (tmp_path / "r.partial").exists()
 
 
 def test_the_cli_and_the_api_write_the_same_sae(tiny_model_dir, dialogues_jsonl, tmp_path, monkeypatch, capsys):
@@ -98,7 +126,8 @@ def test_the_cli_and_the_api_write_the_same_sae(tiny_model_dir, dialogues_jsonl,
 
 
 def readme_python_example() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    # the one unindented Python block (the section "Python"); indented ones are snippets inside a list
+    blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
     assert len(blocks) == 1, "README.md has one Python example"
     return blocks[0]
 

@@ -2,7 +2,9 @@
 them is training on a store: the same stream, normalisation, held-out chunks, checkpoints and export.
 
 Each tensor of the iterator is one sequence (rows are tokens, in order); there are no token ids (-1) and every
-row has the role "text". The store's identity names the data by the sha256 of the activations' bytes.
+row has the role "text". The store's identity names the data by the sha256 of the activations' bytes. NaN or
+inf values are refused (an SAE trained on one has NaN weights), and the store is written holding its writer
+lock, as extract writes one.
 """
 
 import hashlib
@@ -13,8 +15,9 @@ import torch
 
 from instructsae import __version__
 from instructsae.errors import UserError
+from instructsae.locks import writer_lock
 from instructsae.schemas.manifest import ROLE_CODE, LayerStats, StoreIdentity, StoreManifest
-from instructsae.store.layout import TokenBlock, acts_to_storage, default_chunk_tokens
+from instructsae.store.layout import TokenBlock, acts_to_storage, default_chunk_tokens, default_shard_tokens
 from instructsae.store.location import location_is_occupied, remove_store
 from instructsae.store.writer import StoreWriter
 
@@ -29,12 +32,22 @@ def _batches(activations: torch.Tensor | Iterable[torch.Tensor]) -> Iterator[tor
         if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or len(batch) == 0:
             shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
             raise UserError(f"activations: item {index} is {shape}, not a non-empty [tokens, d_model] tensor")
-        yield batch.detach().float().cpu()
+        batch = batch.detach().float().cpu()
+        bad = int((~torch.isfinite(batch)).sum())
+        if bad:
+            raise UserError(f"activations: item {index} holds {bad:,} NaN/inf values; an SAE trained on them "
+                            "would have NaN weights")
+        yield batch
 
 
 def write_activation_store(activations: torch.Tensor | Iterable[torch.Tensor], out: str, layer: int = 0,
                            max_tokens: int | None = None, dtype: str = "float32") -> StoreManifest:
     """Write the activations (at most max_tokens rows) to a new store at `out`, labelled as `layer`."""
+    with writer_lock(out, "store"):
+        return _write(activations, out, layer, max_tokens, dtype)
+
+
+def _write(activations, out: str, layer: int, max_tokens: int | None, dtype: str) -> StoreManifest:
     if location_is_occupied(out):
         raise UserError(f"store location for the activations is not empty: {out}")
     batches = _batches(activations)
@@ -42,11 +55,12 @@ def write_activation_store(activations: torch.Tensor | Iterable[torch.Tensor], o
     if first is None:
         raise UserError("activations: nothing to train on (an empty iterator)")
     d_model = first.shape[1]
+    chunk_tokens = default_chunk_tokens(d_model, dtype)
     identity = StoreIdentity(
         model=SOURCE, tokenizer=SOURCE, chat_template_sha256=None, dataset=SOURCE, dataset_sha256="", split="",
         mode="fast", max_len=0, block_len=0, max_instances=None, skip_instances=0, max_tokens=max_tokens,
         keep_first_token=True, layers=(layer,), d_model=d_model, dtype=dtype, model_dtype="float32",
-        chunk_tokens=default_chunk_tokens(d_model, dtype))
+        chunk_tokens=chunk_tokens, shard_tokens=default_shard_tokens(d_model, dtype, chunk_tokens))
     manifest = StoreManifest(tool_version=__version__, identity=identity, fingerprint="", n_tokens=0)
     writer = StoreWriter.create(out, manifest)
     digest = hashlib.sha256()
@@ -66,7 +80,7 @@ def write_activation_store(activations: torch.Tensor | Iterable[torch.Tensor], o
         identity = identity.model_copy(update={"dataset_sha256": digest.hexdigest()})
         manifest = manifest.model_copy(update={"identity": identity, "fingerprint": identity.fingerprint(),
                                                "complete": True})
-        writer.commit(manifest)
+        writer.finish(manifest)  # the last, partial shards, then the final record
     except BaseException:
         remove_store(out)
         raise
@@ -87,7 +101,7 @@ def _block(batch_ND: torch.Tensor, manifest: StoreManifest, layer: int, dtype: s
         role=np.full(n, ROLE_CODE["text"], dtype=np.uint8),
         instance_start=np.array([manifest.n_tokens], dtype=np.int64), instance_length=np.array([n], dtype=np.int32),
         instance_source=np.array([manifest.n_instances], dtype=np.int64))
-    return block, (n, float(squared_N.sum()), float(squared_N.sqrt().sum()))
+    return block, (n, float(squared_N.sum()), float(squared_N.sqrt().sum()))  # finite: _batches refused the rest
 
 
 def _advanced(manifest: StoreManifest, block: TokenBlock, stats: tuple, layer: int) -> StoreManifest:

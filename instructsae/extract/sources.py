@@ -29,7 +29,8 @@ TEXT_FORMATS = (".json", ".jsonl", ".csv")  # the ones that may come compressed
 
 @dataclass(frozen=True)
 class Source:
-    """A resolved --dataset: kind is embedded | file | folder | disk | hub."""
+    """A resolved --dataset: kind is embedded | file | folder | disk | hub, or memory (dialogues given in Python,
+    extract/memory_data.py)."""
 
     name: str
     kind: str
