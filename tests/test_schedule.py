@@ -68,5 +68,5 @@ def test_a_short_default_run_trains(store, tmp_path, monkeypatch, capsys):
     assert (schedule["n_steps"], schedule["batch_size"], schedule["lr"]) == (292, 1024, 1e-3)
     assert (schedule["lr_warmup_steps"], schedule["sparsity_warmup_steps"]) == (14, 146)
     assert json.loads((run / "summary.json").read_text())["schedule"] == schedule
-    assert "run: 292 steps of 1024 tokens (fitted, default 4096); lr 0.001 (fitted, default 7e-05)" in err
+    assert "schedule: run: 292 steps of 1024 tokens (fitted, default 4096); lr 0.001 (fitted, default 7e-05)" in err
     assert "warning" not in err

@@ -226,7 +226,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
 def _print_schedules(configs: list[TrainConfig], schedules: list[dict]) -> None:
     """The effective schedule of each SAE, and a warning where a run would end inside a warm-up."""
     for cfg, schedule in zip(configs, schedules):
-        print(schedule_line(Path(cfg.out).name, schedule), file=sys.stderr, flush=True)
+        print(f"schedule: {schedule_line(Path(cfg.out).name, schedule)}", file=sys.stderr, flush=True)
         for warning in schedule["warnings"]:
             print(f"warning: {Path(cfg.out).name}: {warning}", file=sys.stderr, flush=True)
 
