@@ -116,3 +116,34 @@ def read_only_dir(tmp_path) -> Path:
             yield Path(candidate)
             return
     pytest.skip("running as root with no read-only mount to write into")
+
+
+S3_BUCKET = "instructsae-tests"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on loopback for the whole session; the AWS environment
+    points every S3 client (s3fs, zarr, boto) of this process at it. Yields the bucket's URL."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    pytest.importorskip("s3fs", reason="s3fs is not installed")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one request log line per S3 call otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    environment = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    import fsspec
+
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(S3_BUCKET)
+    yield f"s3://{S3_BUCKET}"
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

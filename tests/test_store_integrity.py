@@ -144,6 +144,24 @@ def test_every_reading_command_stops_at_a_flipped_byte(store, pristine, tmp_path
         assert_one_line_error(code, err, ACTS, "chunk 3", "checksum")
 
 
+@pytest.mark.parametrize("name", [ACTS, "token_id"])
+def test_a_truncated_array_description_is_one_line_everywhere(store, pristine, name, tmp_path, monkeypatch, capsys):
+    description = store / name / "zarr.json"
+    description.write_bytes(description.read_bytes()[:40])
+    code, out, _ = run_cli(monkeypatch, capsys, "verify", str(store))
+    problems = [line for line in out.splitlines() if line.startswith(name)]
+    assert code == 1 and len(problems) == 1 and ": damaged: " in problems[0] and "zarr.json" in problems[0], out
+    commands = {
+        "inspect": ["inspect", str(store)],
+        "train": ["train", "--store", str(store), "--out", str(tmp_path / "run"), "--layer", str(LAYER), "--sae",
+                  "standard", "--expansion", "2", "--batch-size", "32", "--tokens", "256", "--buffer-tokens", "128"],
+        "evaluate": ["evaluate", "--sae", str(pristine[1]), "--store", str(store)],
+    }
+    for command, args in commands.items():
+        code, _, err = run_cli(monkeypatch, capsys, *args)
+        assert_one_line_error(code, err, str(store), name, "zarr.json")
+
+
 def test_a_flipped_byte_in_a_token_column_is_caught_too(store):
     flip_byte(store, "token_id", 0)
     reader = open_store(store)

@@ -1,4 +1,5 @@
-"""One suite for every place a store can live: a local path, a file:// URL, fsspec's in-memory file system.
+"""One suite for every place a store can live: a local path, a file:// URL, fsspec's in-memory file system, and
+S3 (a real S3-compatible server, moto's, started on loopback by the tests).
 
 Extraction writes, resumes after a kill and refuses what it must in the same way everywhere, and training and
 evaluation read a store by its URL as they read a local one."""
@@ -16,25 +17,30 @@ from instructsae.errors import UserError
 from instructsae.evaluate.run import evaluate_sae_on_store
 from instructsae.extract import run as extract_run
 from instructsae.extract.run import run_extract
+from instructsae.locks import writer_lock
 from instructsae.store.layout import TOKEN_COLUMNS, layer_array_name
 from instructsae.store.location import location_exists, remove_store, zarr_location
-from instructsae.store.reader import open_store
+from instructsae.store.reader import StoreReader, open_store
+from instructsae.store.verify import verify_report
 from instructsae.schemas import OptimConfig, StandardConfig, TrainConfig
 from instructsae.train.run import run_training
 
-LOCATIONS = ("local path", "file URL", "memory URL")
+LOCATIONS = ("local path", "file URL", "memory URL", "S3 URL")
 
 
 @pytest.fixture(params=LOCATIONS)
 def place(request, tmp_path):
     """A function naming a fresh store location of this kind: place("a"), place("b"), ..."""
-    memory_root = f"memory://instructsae-tests/{uuid.uuid4().hex}"
+    if request.param == "S3 URL":
+        remote_root = f"{request.getfixturevalue('s3_server')}/{uuid.uuid4().hex}"
+    else:
+        remote_root = f"memory://instructsae-tests/{uuid.uuid4().hex}"
     named = {"local path": lambda name: str(tmp_path / name),
-             "file URL": lambda name: f"file://{tmp_path / name}",
-             "memory URL": lambda name: f"{memory_root}/{name}"}[request.param]
+             "file URL": lambda name: f"file://{tmp_path / name}"}.get(request.param,
+                                                                        lambda name: f"{remote_root}/{name}")
     yield named
-    if request.param == "memory URL":
-        remove_store(memory_root)
+    if request.param in ("memory URL", "S3 URL"):
+        remove_store(remote_root)
 
 
 def assert_same_store(a, b) -> None:
@@ -114,6 +120,36 @@ def test_train_and_evaluate_read_a_store_by_its_location(place, tiny_model_dir, 
     assert summary["tokens_seen"] == 320
     result = evaluate_sae_on_store(str(run), store)
     assert result["n_tokens"] == open_store(store).n_tokens and 0 < result["nmse"] < 2
+
+
+def test_verify_and_train_catch_a_flipped_byte_wherever_the_store_lives(place, tiny_model_dir, dialogues_jsonl,
+                                                                       tmp_path, monkeypatch, capsys):
+    store = place("store")
+    run_extract(config(tiny_model_dir, dialogues_jsonl, store, layers=(1,)), show_progress=False)
+    assert verify_report(store, show_progress=False)["ok"]
+    acts = StoreReader(store).arrays[layer_array_name(1)]
+    offset, length = acts._shard_index(0, 0)[0]
+    shard = acts.shard_path(0)
+    damaged = bytearray(acts.fs.cat_file(shard))
+    damaged[int(offset) + int(length) // 2] ^= 0x10
+    acts.fs.pipe_file(shard, bytes(damaged))
+
+    report = verify_report(store, show_progress=False)
+    assert [(p["array"], p["what"]) for p in report["problems"]] == [(layer_array_name(1), "checksum")], report
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--store", store, "--out", str(tmp_path / "run"),
+                           "--layer", "1", "--sae", "standard", "--expansion", "2", "--batch-size", "32",
+                           "--tokens", "256", "--buffer-tokens", "128")
+    assert_one_line_error(code, err, layer_array_name(1), "checksum")
+
+
+def test_a_second_writer_is_refused_wherever_the_store_lives(place):
+    store = place("store")
+    with writer_lock(store, "store"):
+        with pytest.raises(UserError, match=f"store {store} is being written by pid"):
+            with writer_lock(store, "store"):
+                pass
+    with writer_lock(store, "store"):  # released: the next writer gets it
+        pass
 
 
 def test_an_unknown_protocol_gives_one_line(monkeypatch, capsys):

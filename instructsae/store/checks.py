@@ -4,6 +4,7 @@ manifest, and the shard files against the shards the committed rows need (one li
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from instructsae.errors import first_line
 from instructsae.store.chunks import ShardedArray
 
 
@@ -38,7 +39,7 @@ def length_problems(reader) -> Iterator[Problem]:
         try:
             length = reader.group[name].shape[0]
         except Exception as error:  # absent, or its zarr.json damaged
-            yield Problem(name, None, None, "missing", f"the array cannot be opened: {str(error).splitlines()[0]}")
+            yield _unopenable(reader.arrays[name], name, error)
             continue
         committed = reader.committed_rows(spec.per)
         array = reader.arrays[name]
@@ -50,6 +51,14 @@ def length_problems(reader) -> Iterator[Problem]:
             chunks, rows = _span(array, committed, length)
             yield Problem(name, chunks, rows, "rows beyond the committed count",
                           f"the manifest commits {committed:,} rows (another writer appended?)")
+
+
+def _unopenable(array: ShardedArray, name: str, error: Exception) -> Problem:
+    description = f"{array.root.rstrip('/')}/{name}/zarr.json"
+    if not array.fs.exists(description):
+        return Problem(name, None, None, "missing", f"its description {description} is not there")
+    return Problem(name, None, None, "damaged", f"its description {description} cannot be read "
+                                                f"({first_line(error)})")
 
 
 def shard_file_problems(reader) -> Iterator[Problem]:

@@ -5,7 +5,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from instructsae.errors import UserError
+from instructsae.errors import UserError, first_line
 
 
 def filesystem(path: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -13,7 +13,7 @@ def filesystem(path: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         return fsspec.core.url_to_fs(str(path))
     except (ImportError, ValueError) as error:  # an unknown protocol, or one whose package is missing
-        raise UserError(f"cannot open store location {path}: {str(error).splitlines()[0]}") from None
+        raise UserError(f"cannot open store location {path}: {first_line(error)}") from None
 
 
 def zarr_location(path: str | Path) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import zarr
 
-from instructsae.errors import UserError
+from instructsae.errors import UserError, first_line
 from instructsae.schemas.manifest import FORMAT_VERSION, MANIFEST_KEY, StoreManifest
 from instructsae.store.checks import length_problems, shard_file_problems
 from instructsae.store.chunks import ShardedArray
@@ -41,7 +41,7 @@ def parse_manifest(attributes: dict, path: str | Path) -> StoreManifest:
     try:
         return StoreManifest.model_validate(raw)
     except Exception as error:
-        raise UserError(f"store {path} has an unreadable manifest: {str(error).splitlines()[0]}") from None
+        raise UserError(f"store {path} has an unreadable manifest: {first_line(error)}") from None
 
 
 def read_manifest(path: str | Path) -> StoreManifest:
@@ -104,7 +104,7 @@ def check_cheaply(reader: StoreReader) -> None:
     """Refuse a store whose arrays disagree with its manifest or whose shard files are missing or short,
     before a command spends any time on it (checksums are checked as chunks are read)."""
     problems = list(length_problems(reader))
-    if not any(problem.what == "missing" and problem.chunks is None for problem in problems):
+    if not any(problem.what in ("missing", "damaged") and problem.chunks is None for problem in problems):
         problems += shard_file_problems(reader)
     if problems:
         more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
