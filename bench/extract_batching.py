@@ -18,10 +18,10 @@ import torch
 
 from instructsae.extract import run as extract_run
 from instructsae.extract.data import DatasetReader
-from instructsae.extract.hooks import residuals_at_layers
 from instructsae.extract.instances import fast_instances
-from instructsae.extract.models import load_model
-from instructsae.extract.plan import length_batches
+from instructsae.lm.batches import length_batches
+from instructsae.lm.hooks import residuals_at_layers
+from instructsae.lm.models import load_model
 from instructsae.schemas import ExtractConfig
 
 

@@ -21,8 +21,9 @@ import torch
 
 from instructsae.extract import run as extract_run
 from instructsae.extract.data import DatasetReader
-from instructsae.extract.models import load_model
-from instructsae.extract.plan import grouped, length_batches
+from instructsae.extract.plan import grouped, planned_instances
+from instructsae.lm.batches import batch_budget, length_batches, padded_batch
+from instructsae.lm.models import load_model
 from instructsae.store.layout import default_chunk_tokens
 from instructsae.schemas import ExtractConfig
 
@@ -43,15 +44,15 @@ def cut_after(model, layer: int):
 def bare_forward(lm, cfg: ExtractConfig, with_mask: bool) -> int:
     """The forward passes `run_extract` makes, and nothing else; returns the tokens it stores."""
     dataset = DatasetReader(cfg.dataset, cfg.split)
-    instances = list(extract_run.planned_instances(cfg, lm, dataset))
+    instances = list(planned_instances(cfg, lm.tokenizer, dataset))
     chunk_tokens = cfg.chunk_tokens or default_chunk_tokens(lm.d_model, cfg.dtype)
     pad_id = lm.tokenizer.pad_token_id or 0
     start = time.perf_counter()
     with cut_after(lm.model, max(cfg.layers)) as truncated:
         for group in grouped(instances, extract_run.group_tokens(cfg, chunk_tokens)):
             lengths = [len(instance.token_ids) for instance in group]
-            for batch in length_batches(lengths, extract_run.batch_budget(cfg)):
-                input_ids_BS = extract_run.padded_batch(group, batch, pad_id)
+            for batch in length_batches(lengths, batch_budget(cfg.batch_tokens, cfg.device)):
+                input_ids_BS = padded_batch(group, batch, pad_id)
                 mask_BS = None
                 if with_mask:
                     mask_BS = (torch.arange(input_ids_BS.shape[1]) < torch.tensor([lengths[i] for i in batch])[:, None])
@@ -82,7 +83,7 @@ def main() -> None:
     fast = ExtractConfig(out=f"{folder}/fast", layers=(args.layer,), max_instances=args.dialogues)
     lm = load_model(fast.model, fast.model_dtype)
     print(f"first {args.dialogues} ShareGPT dialogues, layer {args.layer}, {torch.get_num_threads()} threads, "
-          f"batches of {extract_run.batch_budget(fast)} padded tokens")
+          f"batches of {batch_budget(fast.batch_tokens, fast.device)} padded tokens")
     results: dict[str, tuple[int, float]] = {}
     try:
         # alternated and repeated: this shared machine drifts by several percent over minutes

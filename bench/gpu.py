@@ -63,8 +63,9 @@ def timed(fn) -> tuple[object, float]:
 def bare_forward(lm, cfg, instances) -> int:
     """The forward passes run_extract makes (same groups, same batches), the model cut after the stored layer."""
     from instructsae.extract import run as extract_run
-    from instructsae.extract.models import decoder_layers
-    from instructsae.extract.plan import grouped, length_batches
+    from instructsae.extract.plan import grouped
+    from instructsae.lm.batches import batch_budget, length_batches, padded_batch
+    from instructsae.lm.models import decoder_layers
     from instructsae.store.layout import default_chunk_tokens
 
     layers = decoder_layers(lm.model)
@@ -76,8 +77,8 @@ def bare_forward(lm, cfg, instances) -> int:
     try:
         for group in grouped(instances, extract_run.group_tokens(cfg, chunk_tokens)):
             lengths = [len(instance.token_ids) for instance in group]
-            for batch in length_batches(lengths, extract_run.batch_budget(cfg)):
-                base(input_ids=extract_run.padded_batch(group, batch, pad_id).to(cfg.device), use_cache=False)
+            for batch in length_batches(lengths, batch_budget(cfg.batch_tokens, cfg.device)):
+                base(input_ids=padded_batch(group, batch, pad_id).to(cfg.device), use_cache=False)
     finally:
         setattr(base, attribute, layers)
     return sum(len(instance.token_ids) - 1 for instance in instances)
@@ -87,7 +88,9 @@ def extraction(model: str, dialogues: int, folder: str, clock: Clock) -> str | N
     """Sections 1 and 2; the FAST store's path for section 4."""
     from instructsae.extract import run as extract_run
     from instructsae.extract.data import DatasetReader
-    from instructsae.extract.models import load_model
+    from instructsae.extract.plan import planned_instances
+    from instructsae.lm.batches import batch_budget
+    from instructsae.lm.models import load_model
     from instructsae.schemas import ExtractConfig
 
     probe = ExtractConfig(model=model, out=f"{folder}/probe")
@@ -95,10 +98,10 @@ def extraction(model: str, dialogues: int, folder: str, clock: Clock) -> str | N
     lm = load_model(cfg.model, cfg.model_dtype, cfg.device)
     layer = lm.n_layers // 2
     fast = cfg.model_copy(update={"layers": (layer,), "max_instances": dialogues, "out": f"{folder}/fast"})
-    instances = list(extract_run.planned_instances(fast, lm, DatasetReader.from_options(fast)))
+    instances = list(planned_instances(fast, lm.tokenizer, DatasetReader.from_options(fast)))
     print(f"model {model}: {lm.n_layers} layers, d_model {lm.d_model}, layer {layer}, {cfg.model_dtype} on "
           f"{torch.cuda.get_device_name()}; {len(instances)} ShareGPT dialogues, batches of "
-          f"{extract_run.batch_budget(fast)} padded tokens", flush=True)
+          f"{batch_budget(fast.batch_tokens, fast.device)} padded tokens", flush=True)
     bare_forward(lm, fast, instances[:8])  # warm-up: kernels chosen, memory pools grown
     n_tokens, bare_s = timed(lambda: bare_forward(lm, fast, instances))
     print(f"bare truncated forward      {n_tokens:>9} tok {bare_s:7.1f} s {n_tokens / bare_s:9.0f} tok/s", flush=True)

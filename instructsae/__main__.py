@@ -1,4 +1,5 @@
-"""`python -m instructsae ...`: what torchrun launches (`torchrun ... -m instructsae extract ...`)."""
+"""`python -m instructsae ...` is the `instructsae` command (what torchrun launches: `torchrun ... -m instructsae
+extract ...`)."""
 
 from instructsae.cli import main
 

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from instructsae import __version__
 from instructsae.cli_options import build, options_from, read_yaml, split_list
 from instructsae.errors import UserError
 from instructsae.schemas.autointerp import AutointerpConfig
@@ -26,6 +27,7 @@ def _describe(model, field: str) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, "--version", prog_name="instructsae", message="%(prog)s %(version)s")
 def cli():
     """Sparse autoencoders for instruct models: extract activations once, train many SAEs on them."""
 
@@ -36,10 +38,10 @@ def cli():
 def extract(config_file, **options):
     """Run a causal LM over a dataset (FAST or BT) and store per-token activations in a zarr store."""
     from instructsae import distributed
-    from instructsae.extract.run import run_extract
+    from instructsae.api import extract_activations
 
     cfg = build(ExtractConfig, read_yaml(config_file), options)
-    manifest = run_extract(cfg)
+    manifest = extract_activations(cfg)
     if distributed.ranks().is_main:  # under torchrun, rank 0 speaks for the store
         click.echo(f"store {cfg.out}: {manifest.n_tokens:,} tokens, {manifest.n_instances:,} instances, "
                    f"layers {list(manifest.identity.layers)}, complete={manifest.complete}")
@@ -72,14 +74,14 @@ def dedup(**options):
 def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, k, resume, overwrite,
           **options):
     """Train one SAE on a store, streaming shuffled chunks through a mixing buffer."""
+    from instructsae.api import train_sae
     from instructsae.train.config import resolve_train_config
-    from instructsae.train.run import run_training
 
     sae_flags = {"arch": arch, "expansion": expansion, "sparsity_coeff": sparsity_coeff,
                  "bandwidth": bandwidth, "init_threshold": init_threshold, "k": k}
     optim_flags = {name: options.pop(name) for name in OptimConfig.model_fields}
     cfg = resolve_train_config(read_yaml(config_file), preset, options, sae_flags, optim_flags)
-    summary = run_training(cfg, resume=resume, overwrite=overwrite)
+    summary = train_sae(cfg, resume=resume, overwrite=overwrite)
     if summary is not None:  # under torchrun, rank 0 prints it
         click.echo(json.dumps(summary, indent=2))
 
@@ -91,9 +93,9 @@ def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_
 @click.option("--resume", is_flag=True, help="continue a killed sweep from its checkpoint")
 def sweep(config_file, resume, **options):
     """Train every SAE of a grid in one pass over a store; skip those already finished; report them all."""
-    from instructsae.train.sweep import run_sweep
+    from instructsae.api import train_sweep
 
-    run_sweep(build(SweepConfig, read_yaml(config_file), options), resume=resume)
+    train_sweep(build(SweepConfig, read_yaml(config_file), options), resume=resume)
 
 
 @cli.command()
@@ -105,11 +107,12 @@ def sweep(config_file, resume, **options):
               help="evaluate on at most this many tokens")
 @options_from(LMViewConfig)
 def evaluate(sae_dirs, store, as_json, max_tokens, **lm_options):
-    """Reconstruction (MSE, NMSE, explained variance, the seed's Eq. 7), L0 and dead fraction of an SAE on a
+    """Reconstruction (MSE, NMSE, explained variance, the FAST paper's Eq. 7), L0 and dead fraction of an SAE on a
     store, per token role too, and the LM's loss with the SAE spliced in (CE loss recovered, KL)."""
-    from instructsae.evaluate.run import evaluate_saes_on_store, format_role_table, format_table
+    from instructsae.api import evaluate_sae
+    from instructsae.evaluate.run import format_role_table, format_table
 
-    results = evaluate_saes_on_store(list(sae_dirs), store, max_tokens, build(LMViewConfig, lm_options))
+    results = evaluate_sae(list(sae_dirs), store, max_tokens=max_tokens, lm=build(LMViewConfig, lm_options))
     tables = f"{format_table(results)}\n\nper role (LM columns: the role of the token predicted)\n" \
              f"{format_role_table(results)}"
     # one SAE: its result object; several: a list of them
@@ -188,7 +191,7 @@ def steer(**options):
 @click.option("--config", "config_file", type=click.Path(), help="YAML file with any of the options below")
 @options_from(AutointerpConfig)
 def autointerp(config_file, **options):
-    """Explain and score sampled features (seed's 1-5 rubric) through an OpenAI-compatible endpoint."""
+    """Explain and score sampled features (the FAST paper's 1-5 rubric) through an OpenAI-compatible endpoint."""
     from instructsae.evaluate.autointerp import run_autointerp
 
     report = run_autointerp(build(AutointerpConfig, read_yaml(config_file), options))

@@ -141,8 +141,10 @@ def check_existing_run(root: Path, key: str, settings: dict, store_fingerprint: 
 
 def _describe_difference(paths: RunPaths, settings: dict, store_fingerprint: str) -> str:
     """'sae.arch: jumprelu -> topk, ...' as far as the old cfg.json tells."""
+    from instructsae.train.sae_folder import provenance  # here: sae_folder imports this module's names
+
     try:
-        metadata = json.loads(paths.cfg.read_text())["metadata"]
+        metadata = provenance(json.loads(paths.cfg.read_text()))
         old_settings = {name: value for name, value in metadata["train_config"].items() if name in settings}
         old_store = metadata["store_fingerprint"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

@@ -21,8 +21,10 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 def assert_one_line_error(code: int, err: str, *expected: str) -> None:
     assert code == 2, err
-    # progress bars redraw with carriage returns; the error itself is a plain line
-    lines = [line for line in err.split("\n") if line.strip() and "\r" not in line]
+    # progress bars redraw with carriage returns, and train states its schedule before it starts
+    # ("schedule: ..."); the error itself is a plain line
+    lines = [line for line in err.split("\n")
+             if line.strip() and "\r" not in line and not line.startswith("schedule: ")]
     assert len(lines) == 1, f"expected one line, got: {err!r}"
     assert lines[0].startswith("error: ")
     assert "Traceback" not in err

@@ -11,7 +11,7 @@ import pytest
 
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader
-from instructsae.extract.plan import instances_for
+from instructsae.extract.plan import planned_instances
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.manifest import ROLE_CODE
 
@@ -30,7 +30,7 @@ SPEAKERS = {"system": "system", "user": "human", "assistant": "gpt", "tool": "fu
 def tokens(tokenizer, dataset: str, **options) -> list[tuple[list[int], list[int]]]:
     cfg = ExtractConfig(dataset=dataset, out="unused", **options)
     reader = DatasetReader.from_options(cfg)
-    return [(i.token_ids.tolist(), i.roles.tolist()) for i in instances_for(cfg, tokenizer, reader)]
+    return [(i.token_ids.tolist(), i.roles.tolist()) for i in planned_instances(cfg, tokenizer, reader)]
 
 
 def jsonl_text(rows) -> str:

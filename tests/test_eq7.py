@@ -1,4 +1,4 @@
-"""The seed's Eq. 7 MSE / MSE_st and the per-role figures against a direct computation on a hand-built stream."""
+"""The FAST paper's Eq. 7 MSE / MSE_st and the per-role figures against a direct computation on a hand-built stream."""
 
 import math
 

@@ -8,8 +8,8 @@ from helpers import assert_one_line_error, run_cli
 
 from instructsae.errors import UserError
 from instructsae.evaluate.dialogues import stored_sequences
-from instructsae.extract.models import load_model
 from instructsae.extract.run import run_extract
+from instructsae.lm.models import load_model
 from instructsae.store.reader import StoreReader, open_complete_store
 from instructsae.schemas import ExtractConfig, OptimConfig, StandardConfig, TrainConfig
 from instructsae.train.run import run_training

@@ -1,6 +1,7 @@
 """The SAELens folder: its cfg.json and tensors, raw-activation weights, and one-line errors for bad folders."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from instructsae.errors import UserError
 from instructsae.schemas import JumpReLUConfig, StandardConfig
 from instructsae.schemas.train import BatchTopKConfig, TopKConfig
-from instructsae.train.export import load_sae, save_sae
+from instructsae.train.export import load_sae, saelens_metadata, save_sae
 from instructsae.train.sae import SAE_CLASSES, build_sae
 
 D_IN = 12
@@ -33,20 +34,39 @@ def sae(request):
 def test_cfg_and_tensors_follow_the_saelens_layout(sae, tmp_path):
     save_sae(tmp_path, sae, input_scale=0.5, metadata={"layer": 7, "store_fingerprint": "abc"})
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    assert cfg["architecture"] == sae.architecture
+    # BatchTopK runs as a JumpReLU with its threshold at inference: SAELens has no batchtopk inference class
+    assert cfg["architecture"] == ("jumprelu" if sae.architecture == "batchtopk" else sae.architecture)
     assert (cfg["d_in"], cfg["d_sae"]) == (D_IN, 2 * D_IN)
     assert (cfg["dtype"], cfg["device"], cfg["normalize_activations"]) == ("float32", "cpu", "none")
-    assert cfg["hook_name"] == "blocks.7.hook_resid_post"
-    assert cfg["metadata"] == {"layer": 7, "store_fingerprint": "abc"}
+    metadata = cfg["metadata"]
+    assert metadata["hook_name"] == "blocks.7.hook_resid_post" and metadata["sae_lens_version"].startswith("6.")
+    assert metadata["prepend_bos"] is False
+    own = metadata["instructsae"]
+    assert (own["layer"], own["store_fingerprint"], own["architecture"]) == (7, "abc", sae.architecture)
     tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
     expected = {"W_enc": (D_IN, 2 * D_IN), "W_dec": (2 * D_IN, D_IN), "b_enc": (2 * D_IN,), "b_dec": (D_IN,)}
     if sae.architecture in ("jumprelu", "batchtopk"):
         expected["threshold"] = (2 * D_IN,)
     if sae.architecture in ("topk", "batchtopk"):
-        assert (cfg["k"], cfg["aux_k"], cfg["aux_coeff"]) == (5, sae.aux_k, 1 / 32)
+        assert (own["settings"]["k"], own["settings"]["aux_k"], own["settings"]["aux_coeff"]) == (5, sae.aux_k, 1 / 32)
+    if sae.architecture == "topk":
+        assert cfg["k"] == 5  # SAELens's own field
     assert {name: tuple(t.shape) for name, t in tensors.items()} == expected
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert not list(tmp_path.glob("*.partial")), "temporary files were left behind"
+
+
+def test_saelens_metadata_comes_from_the_store_identity(tmp_path):
+    identity = SimpleNamespace(model="smollm2", mode="fast", max_len=8192, block_len=2048, keep_first_token=False,
+                               dataset="sharegpt")
+    metadata = saelens_metadata(15, identity)
+    assert metadata["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (metadata["hook_name"], metadata["context_size"], metadata["seqpos_slice"]) == \
+        ("blocks.15.hook_resid_post", 8192, [1, None])
+    assert (metadata["prepend_bos"], metadata["dataset_path"]) == (False, "sharegpt")
+    kept = saelens_metadata(3, SimpleNamespace(**{**vars(identity), "keep_first_token": True, "mode": "bt",
+                                                   "model": "org/other"}))
+    assert (kept["seqpos_slice"], kept["context_size"], kept["model_name"]) == ([None], 2048, "org/other")
 
 
 def test_loaded_sae_acts_on_raw_activations(sae, tmp_path):
@@ -72,7 +92,7 @@ def test_saving_again_replaces_the_folder_contents(sae, tmp_path):
         sae.W_dec.mul_(2.0)
     save_sae(tmp_path, sae, input_scale=1.0, metadata={"layer": 2})
     loaded, cfg = load_sae(tmp_path)
-    assert cfg["metadata"]["layer"] == 2
+    assert cfg["metadata"]["instructsae"]["layer"] == 2
     torch.testing.assert_close(loaded.W_dec, sae.W_dec.detach())
 
 

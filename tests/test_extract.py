@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from instructsae.extract import run as extract_run
-from instructsae.extract.hooks import residuals_at_layers
-from instructsae.extract.models import load_model
 from instructsae.extract.run import run_extract
+from instructsae.lm.hooks import residuals_at_layers
+from instructsae.lm.models import load_model
 from instructsae.store.reader import open_store
 from instructsae.schemas import ExtractConfig
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from instructsae.errors import UserError
-from instructsae.extract.hooks import residuals_at_layers
-from instructsae.extract.models import load_model, resolve_model
+from instructsae.lm.hooks import residuals_at_layers
+from instructsae.lm.models import load_model, resolve_model
 
 
 def test_embedded_gguf_loads_with_its_chat_template():

@@ -5,7 +5,7 @@ import torch
 
 from instructsae.schemas import JumpReLUConfig, StandardConfig
 from instructsae.schemas.train import BatchTopKConfig, SAEConfig, TopKConfig
-from instructsae.train.export import load_sae, save_sae
+from instructsae.train.export import SAELENS_ARCHITECTURE, load_sae, provenance, save_sae
 from instructsae.train.sae import SAE_CLASSES, build_sae
 from instructsae.train.sae.jumprelu import JumpReLUSAE
 
@@ -59,8 +59,10 @@ def test_saved_folder_round_trips(sae, tmp_path):
     sae.eval()  # a loaded SAE is in eval mode (BatchTopK then keeps latents above its threshold)
     save_sae(tmp_path / "sae", sae, input_scale=1.0, metadata={"layer": 3})
     loaded, cfg = load_sae(tmp_path / "sae")
-    assert cfg["architecture"] == sae.architecture and cfg["d_in"] == D_IN and cfg["metadata"]["layer"] == 3
-    assert cfg["hook_name"] == "blocks.3.hook_resid_post"
+    assert cfg["architecture"] == SAELENS_ARCHITECTURE[sae.architecture] and cfg["d_in"] == D_IN
+    assert provenance(cfg)["layer"] == 3 and provenance(cfg)["architecture"] == sae.architecture
+    assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
+    assert type(loaded) is type(sae)
     x_BD = torch.randn(8, D_IN)
     torch.testing.assert_close(loaded(x_BD), sae(x_BD).detach())
     assert set(sae.state_dict()) == set(loaded.state_dict())

@@ -8,7 +8,7 @@ from instructsae.evaluate.dialogues import StoredSequence
 from instructsae.evaluate.splice import QUANTITIES, final_hidden, lm_view, zero_replacement
 from instructsae.extract.data import Message
 from instructsae.extract.instances import tokenize_dialogue
-from instructsae.extract.models import load_model
+from instructsae.lm.models import load_model
 from instructsae.schemas import StandardConfig
 from instructsae.train.sae import build_sae
 from instructsae.train.sae.standard import StandardSAE

@@ -10,7 +10,7 @@ from instructsae.errors import UserError
 from instructsae.evaluate.steering import (
     greedy_generate, prompt_ids, residual_added, side_by_side, steering_direction,
 )
-from instructsae.extract.models import decoder_layers, load_model
+from instructsae.lm.models import decoder_layers, load_model
 from instructsae.schemas import StandardConfig
 from instructsae.train.export import save_sae
 from instructsae.train.sae import build_sae

@@ -10,10 +10,10 @@ import torch
 from helpers import assert_one_line_error, run_cli
 
 from instructsae.errors import UserError
-from instructsae.evaluate.metrics import reconstruction_metrics
+from instructsae.metrics import reconstruction_metrics
 from instructsae.schemas import JumpReLUConfig, LayerStats, OptimConfig, StandardConfig, TrainConfig
 from instructsae.schemas.train import BatchTopKConfig, TopKConfig
-from instructsae.train.export import load_sae
+from instructsae.train.export import load_sae, provenance
 from instructsae.train.run import run_training, split_chunks
 from instructsae.train.sae import SAE_CLASSES, build_sae
 
@@ -37,7 +37,8 @@ class FakeReader:
         self.layers, self.d_model = tuple(layers), D_MODEL
         stats = LayerStats(count=self.n_tokens, sum_sq_norm=float(self.acts_ND.double().pow(2).sum()))
         self.manifest = SimpleNamespace(
-            identity=SimpleNamespace(layers=self.layers, d_model=D_MODEL, model="fake-model"),
+            identity=SimpleNamespace(layers=self.layers, d_model=D_MODEL, model="fake-model", mode="fast",
+                                     max_len=CHUNK, block_len=CHUNK, keep_first_token=False, dataset="fake-data"),
             layer_stats={str(layer): stats for layer in layers}, fingerprint="f1ngerprint", complete=complete)
         self.reads: list[tuple[int, int]] = []
         self.fail_after: int | None = None
@@ -93,9 +94,9 @@ def test_a_run_writes_a_finished_folder(arch, tmp_path, monkeypatch):
 
     # the summary is measured on raw activations with the exported SAE
     sae, cfg = load_sae(tmp_path / "run")
-    assert cfg["metadata"]["store_fingerprint"] == "f1ngerprint" and cfg["metadata"]["layer"] == 3
+    assert provenance(cfg)["store_fingerprint"] == "f1ngerprint" and provenance(cfg)["layer"] == 3
     mean_sq_norm = reader.manifest.layer_stats["3"].mean_sq_norm
-    assert cfg["metadata"]["input_scale"] == pytest.approx(1 / math.sqrt(mean_sq_norm))
+    assert provenance(cfg)["input_scale"] == pytest.approx(1 / math.sqrt(mean_sq_norm))
     direct = reconstruction_metrics(sae, [reader.acts_ND[4 * CHUNK:]])
     assert summary["nmse"] == pytest.approx(direct["nmse"]) and summary["l0"] == pytest.approx(direct["l0"])
 

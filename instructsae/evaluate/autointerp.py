@@ -1,7 +1,7 @@
 """`instructsae autointerp`: an LLM explains sampled features from their top contexts and scores them.
 
-The seed's procedure: one call per feature shows the strongest contexts with their activations and asks for
-a brief explanation and a 1-5 monosemanticity score under its "Activation Consistency" rubric; the seed
+The FAST paper's procedure: one call per feature shows the strongest contexts with their activations and asks for
+a brief explanation and a 1-5 monosemanticity score under its "Activation Consistency" rubric; the FAST paper
 samples 128 live features per SAE and compares the share that scores in the top range (5).
 """
 

@@ -1,6 +1,6 @@
-"""Reconstruction error per sequence (the seed's Eq. 7) and per token role, streamed with the store's ids.
+"""Reconstruction error per sequence (the FAST paper's Eq. 7) and per token role, streamed with the store's ids.
 
-Eq. 7 of the seed averages the squared error over the tokens of each sequence, then over sequences, then
+Eq. 7 of the FAST paper averages the squared error over the tokens of each sequence, then over sequences, then
 over the H elements of a vector: MSE = (1/(N·H)) Σ_i (1/L_i) Σ_j Σ_k (y−ŷ)². MSE_st is the same over the
 special/template tokens only (role 'template'); sequences with none of them are left out of its mean.
 Only per-instance sums are kept, so a store larger than memory streams through. They are also handed out per

@@ -13,16 +13,16 @@ import numpy as np
 
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader
-from instructsae.extract.models import LoadedModel
-from instructsae.extract.run import planned_instances
+from instructsae.extract.memory_data import PREFIX as IN_MEMORY
+from instructsae.extract.plan import planned_instances
+from instructsae.lm.models import LoadedModel
 from instructsae.store.reader import StoreReader
-from instructsae.schemas.extract import ExtractConfig
 
 
 @dataclass(frozen=True)
 class StoredSequence:
     instance: int
-    token_ids: np.ndarray  # int32 [n]: what the model runs (the name extract's padded_batch reads)
+    token_ids: np.ndarray  # int32 [n]: what the model runs (the name lm.batches.padded_batch reads)
     roles: np.ndarray  # uint8 [n - first_stored]: roles of the stored tokens
 
 
@@ -51,17 +51,13 @@ def stored_tokens(reader: StoreReader, max_tokens: int) -> Iterator[tuple[int, n
 def replayed_instances(reader: StoreReader, lm: LoadedModel, dataset: str | None) -> Iterator[np.ndarray]:
     """Token ids of the store's instances as extract planned them (first token included), from the dataset."""
     identity = reader.manifest.identity
-    cfg = ExtractConfig(
-        model=lm.name, dataset=dataset or identity.dataset, split=identity.split, mode=identity.mode,
-        layers=identity.layers, out=reader.path, max_instances=identity.max_instances,
-        skip_instances=identity.skip_instances, max_tokens=identity.max_tokens, max_len=identity.max_len,
-        block_len=identity.block_len, keep_first_token=identity.keep_first_token, column=identity.column,
-        role_key=identity.role_key, content_key=identity.content_key, dedup=identity.dedup is not None,
-        **({f"dedup_{name}": getattr(identity.dedup, name) for name in ("ngram", "threshold", "seed")}
-           if identity.dedup else {}),
-    )
-    reader = DatasetReader.from_options(cfg, cfg.dedup_settings())
-    return (instance.token_ids for instance in planned_instances(cfg, lm, reader))
+    dataset = dataset or identity.dataset
+    if dataset.startswith(IN_MEMORY):
+        raise UserError(f"store {reader.path} was extracted from dialogues given in Python ({dataset}): pass "
+                        "--dataset a file with the same dialogues to replay its dropped first tokens")
+    records = DatasetReader(dataset, identity.split, identity.column, identity.role_key, identity.content_key,
+                            identity.dedup)
+    return (instance.token_ids for instance in planned_instances(identity, lm.tokenizer, records))
 
 
 def stored_sequences(reader: StoreReader, lm: LoadedModel, max_tokens: int,

@@ -19,9 +19,9 @@ from instructsae.evaluate.contexts import context_windows, gather_column, token_
 from instructsae.evaluate.dashboard import render_dashboard
 from instructsae.evaluate.feature_stats import FeatureStats
 from instructsae.evaluate.run import open_sae_and_store
-from instructsae.extract.models import load_tokenizer
 from instructsae.store.reader import StoreReader
 from instructsae.fileio import write_atomically, write_text_atomically
+from instructsae.lm.models import load_tokenizer
 from instructsae.schemas.features import FeaturesConfig
 from instructsae.schemas.manifest import ROLE_CODE, ROLES
 from instructsae.train.sae import SparseAutoencoder

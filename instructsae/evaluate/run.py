@@ -1,6 +1,6 @@
 """`instructsae evaluate`: an exported SAE against a store it was not trained on.
 
-One streaming pass over the store gives the reconstruction metrics, the seed's Eq. 7 MSE / MSE_st and the
+One streaming pass over the store gives the reconstruction metrics, the FAST paper's Eq. 7 MSE / MSE_st and the
 per-role figures; the LM view (evaluate/splice.py) then runs the model on the store's first sequences.
 """
 
@@ -14,15 +14,15 @@ from instructsae.devices import resolve_device
 from instructsae.errors import UserError
 from instructsae.evaluate.breakdown import SequenceRoleSums
 from instructsae.evaluate.dialogues import first_stored_position, stored_sequences
-from instructsae.evaluate.metrics import ReconstructionSums
 from instructsae.evaluate.splice import lm_view
-from instructsae.extract.models import load_model
-from instructsae.extract.run import batch_budget
 from instructsae.store.reader import StoreReader, open_complete_store
 from instructsae.fileio import write_text_atomically
+from instructsae.lm.batches import batch_budget
+from instructsae.lm.models import load_model
+from instructsae.metrics import ReconstructionSums
 from instructsae.run_folder import RunPaths
 from instructsae.schemas.evaluate import LMViewConfig
-from instructsae.train.export import load_sae
+from instructsae.train.sae_folder import load_sae, sae_layer
 from instructsae.train.sae import SparseAutoencoder
 
 
@@ -66,15 +66,8 @@ def lm_metrics(saes: list[SparseAutoencoder], reader: StoreReader, layer: int, c
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     # the same runtime knob as extract's, with the same default per device
     results = lm_view(lm.model, layer, [sae.to(cfg.device) for sae in saes], sequences,
-                      first_stored_position(reader), batch_budget(cfg), pad_id, cfg.device)
+                      first_stored_position(reader), batch_budget(cfg.batch_tokens, cfg.device), pad_id, cfg.device)
     return [{"model": lm.name, "n_sequences": len(sequences), **result} for result in results]
-
-
-def sae_layer(cfg: dict, sae_dir: str) -> int:
-    layer = cfg.get("metadata", {}).get("layer")
-    if layer is None:
-        raise UserError(f"SAE {sae_dir} does not say which layer it reads (cfg.json metadata.layer)")
-    return int(layer)
 
 
 def open_sae_and_store(sae_dir: str, store: str) -> tuple[SparseAutoencoder, dict, StoreReader, int]:

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from instructsae.evaluate.dialogues import StoredSequence
-from instructsae.extract.models import decoder_layers
-from instructsae.extract.plan import length_batches
-from instructsae.extract.run import padded_batch
+from instructsae.lm.batches import length_batches, padded_batch
+from instructsae.lm.models import decoder_layers
 from instructsae.schemas.manifest import ROLES
 
 Replacement = Callable[[torch.Tensor], torch.Tensor]  # residual x_ND -> what the model gets instead

@@ -1,6 +1,6 @@
 """`instructsae steer`: add α × a feature's decoder direction to the residual stream while the model generates.
 
-The seed's special-token steering experiment: the vector is added after the SAE's decoder layer (the hook
+The FAST paper's special-token steering experiment: the vector is added after the SAE's decoder layer (the hook
 site the stores were extracted from, resid_post) at every position, prompt and generated tokens alike, and
 decoding is greedy so each run is reproducible.
 """
@@ -15,16 +15,15 @@ import torch
 from tqdm import tqdm
 
 from instructsae.errors import UserError
-from instructsae.evaluate.run import sae_layer
-from instructsae.extract.models import LoadedModel, decoder_layers, load_model
 from instructsae.fileio import write_text_atomically
+from instructsae.lm.models import LoadedModel, decoder_layers, load_model
 from instructsae.schemas.steer import SteerConfig
-from instructsae.train.export import load_sae
+from instructsae.train.sae_folder import load_sae, sae_layer, sae_model
 
 
 def steering_direction(W_dec_FD: torch.Tensor, feature: int) -> torch.Tensor:
     """The feature's decoder row scaled to unit norm: saved weights fold in the training scale, so the raw
-    row's norm is arbitrary, while α × a unit vector is in residual-stream units as in the seed."""
+    row's norm is arbitrary, while α × a unit vector is in residual-stream units as in the FAST paper."""
     if not 0 <= feature < W_dec_FD.shape[0]:
         raise UserError(f"feature {feature} is out of range: the SAE has {W_dec_FD.shape[0]} features "
                         f"(0..{W_dec_FD.shape[0] - 1})")
@@ -94,9 +93,9 @@ def steer_generations(loaded: LoadedModel, layer: int, direction_D: torch.Tensor
 
 
 def _model_of(cfg: dict, sae_dir: str, model_flag: str | None) -> str:
-    model = model_flag or (cfg.get("metadata") or {}).get("model")
+    model = model_flag or sae_model(cfg)
     if model is None:
-        raise UserError(f"SAE {sae_dir} does not name its model (cfg.json metadata.model): pass --model")
+        raise UserError(f"SAE {sae_dir} does not name its model (cfg.json metadata.model_name): pass --model")
     return str(model)
 
 

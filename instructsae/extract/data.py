@@ -51,6 +51,10 @@ class DatasetReader:
         self.truncated_tail = False
         self.duplicates = DuplicateFilter(self.dedup) if self.dedup else None
 
+    def sha256(self) -> str:
+        """What identifies the rows read (the store records it): the source's bytes, or a hub snapshot's."""
+        return source_sha256(self.source)
+
     @property
     def rows_skipped(self) -> int:
         return sum(self.skipped.values())

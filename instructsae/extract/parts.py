@@ -20,7 +20,7 @@ from instructsae import __version__, distributed
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader
 from instructsae.extract.instances import TokenizedInstance
-from instructsae.extract.models import LoadedModel
+from instructsae.lm.models import LoadedModel
 from instructsae.extract.plan import work_units
 from instructsae.store.location import location_is_occupied, remove_store, zarr_location
 from instructsae.store.parts import existing_parts, part_location, part_name

@@ -1,10 +1,29 @@
-"""Pure functions that decide which tokens go where: token budget, groups of instances, length-bucketed batches."""
+"""Which tokens go where: the instances a store holds, its token budget, groups of instances.
+
+`planned_instances` is the one definition of a store's contents from its config (or the identity it recorded):
+extract writes it, its preflight check reads it, and the LM view of evaluate replays it to recover the first token
+of each sequence that the store drops.
+"""
 
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 from instructsae.extract.instances import TokenizedInstance, bt_blocks, fast_instances
+from instructsae.schemas.extract import ExtractConfig
+from instructsae.schemas.manifest import StoreIdentity
+
+
+def planned_instances(plan: ExtractConfig | StoreIdentity, tokenizer, records: Iterable) -> Iterator[TokenizedInstance]:
+    """The deterministic sequence of instances a store holds, from its config (or the identity it recorded) and
+    the dataset's records (a DatasetReader); a resumed run replays and skips it."""
+    stop = None if plan.max_instances is None else plan.skip_instances + plan.max_instances
+    chosen = itertools.islice(iter(records), plan.skip_instances, stop)
+    if plan.mode == "fast":
+        instances = fast_instances(chosen, tokenizer, plan.max_len)
+    else:
+        instances = bt_blocks(chosen, tokenizer, plan.block_len)
+    return within_budget(instances, plan.max_tokens, plan.keep_first_token)
 
 
 def stored_length(instance: TokenizedInstance, keep_first_token: bool) -> int:
@@ -64,28 +83,3 @@ def grouped(instances: Iterable[TokenizedInstance], group_tokens: int) -> Iterat
             group, size = [], 0
     if group:
         yield group
-
-
-def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices batched longest first so padding stays small: a batch's padded size is at most batch_tokens
-    (a single sequence longer than that runs alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for index in order:
-        # the first (longest) member of the current batch sets its padded length
-        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= batch_tokens:
-            batches[-1].append(index)
-        else:
-            batches.append([index])
-    return batches
-
-
-def instances_for(cfg, tokenizer, records: Iterable) -> Iterator[TokenizedInstance]:
-    """The deterministic sequence of instances an ExtractConfig stores from `records` (a DatasetReader)."""
-    stop = None if cfg.max_instances is None else cfg.skip_instances + cfg.max_instances
-    chosen = itertools.islice(iter(records), cfg.skip_instances, stop)
-    if cfg.mode == "fast":
-        instances = fast_instances(chosen, tokenizer, cfg.max_len)
-    else:
-        instances = bt_blocks(chosen, tokenizer, cfg.block_len)
-    return within_budget(instances, cfg.max_tokens, cfg.keep_first_token)

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader
-from instructsae.extract.plan import instances_for
+from instructsae.extract.plan import planned_instances
 from instructsae.schemas.extract import ExtractConfig
 
 
@@ -20,7 +20,7 @@ def check_rows_used(cfg: ExtractConfig, tokenizer, dataset: DatasetReader, show_
     bar = tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc="checking dataset", delay=2,
                disable=not show_progress, dynamic_ncols=True)
     with bar:
-        for instance in instances_for(cfg, tokenizer, dataset):
+        for instance in planned_instances(cfg, tokenizer, dataset):
             tokens += len(instance.token_ids)
             bar.update(len(instance.token_ids))
     if tokens == 0:

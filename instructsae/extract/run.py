@@ -2,7 +2,7 @@
 
 import hashlib
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,12 +12,10 @@ from tqdm import tqdm
 from instructsae import __version__, distributed
 from instructsae.devices import resolve_device, resolve_model_dtype
 from instructsae.errors import UserError
-from instructsae.extract.data import DatasetReader, source_sha256
-from instructsae.extract.hooks import residuals_at_layers
+from instructsae.extract.data import DatasetReader
 from instructsae.extract.instances import TokenizedInstance
-from instructsae.extract.models import LoadedModel, load_model, load_tokenizer, model_sha256
 from instructsae.extract.parts import run_parts
-from instructsae.extract.plan import grouped, instances_for, length_batches
+from instructsae.extract.plan import grouped, planned_instances
 from instructsae.extract.preflight import check_rows_used
 from instructsae.store.layout import (
     TokenBlock, acts_to_storage, count_nonfinite, default_chunk_tokens, default_shard_tokens,
@@ -26,6 +24,9 @@ from instructsae.store.location import location_is_occupied, remove_store
 from instructsae.store.reader import is_store, read_manifest
 from instructsae.store.writer import StoreWriter
 from instructsae.extract.writer_thread import BackgroundWriter
+from instructsae.lm.batches import batch_budget, length_batches, padded_batch
+from instructsae.lm.hooks import residuals_at_layers
+from instructsae.lm.models import LoadedModel, load_model, load_tokenizer, model_sha256
 from instructsae.locks import local_path
 from instructsae.run_folder import refuse_enclosing_cwd
 from instructsae.schemas.base import differing_fields
@@ -51,7 +52,7 @@ def build_identity(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader) 
     return StoreIdentity(
         model=cfg.model, tokenizer=cfg.model, model_sha256=model_sha256(cfg.model),
         chat_template_sha256=hashlib.sha256(template.encode()).hexdigest() if template else None,
-        dataset=cfg.dataset, dataset_sha256=source_sha256(dataset.source), split=dataset.split,
+        dataset=cfg.dataset, dataset_sha256=dataset.sha256(), split=dataset.split,
         dataset_revision=dataset.source.revision, column=cfg.column, role_key=cfg.role_key,
         content_key=cfg.content_key, dedup=cfg.dedup_settings(), mode=cfg.mode,
         max_len=cfg.max_len, block_len=cfg.block_len, max_instances=cfg.max_instances,
@@ -81,11 +82,6 @@ def check_layers(layers: tuple[int, ...], lm: LoadedModel) -> None:
                         f"(0..{lm.n_layers - 1})")
 
 
-def planned_instances(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader) -> Iterator[TokenizedInstance]:
-    """The deterministic sequence of instances this config stores; a resumed run replays and skips it."""
-    return instances_for(cfg, lm.tokenizer, dataset)
-
-
 def open_writer(cfg: ExtractConfig, identity: StoreIdentity, chat_template: str | None) -> StoreWriter | None:
     """Create, resume or refuse; None when the store is already complete."""
     out = cfg.out
@@ -105,25 +101,9 @@ def open_writer(cfg: ExtractConfig, identity: StoreIdentity, chat_template: str 
     return StoreWriter.create(out, manifest)
 
 
-def batch_budget(cfg: ExtractConfig) -> int:
-    """Padded tokens per forward pass. On 2 CPU cores only small batches keep up (BENCHMARKS.md)."""
-    if cfg.batch_tokens is not None:
-        return cfg.batch_tokens
-    return 1024 if cfg.device == "cpu" else 16384
-
-
 def group_tokens(cfg: ExtractConfig, chunk_tokens: int) -> int:
     """Tokens computed, then written and committed, at a time: whole chunks, and at least one forward batch."""
-    return max(batch_budget(cfg), 4 * chunk_tokens)
-
-
-def padded_batch(group: list[TokenizedInstance], batch: list[int], pad_id: int) -> torch.Tensor:
-    """[len(batch), longest] token ids, right-padded."""
-    lengths = [len(group[index].token_ids) for index in batch]
-    input_ids_BS = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
-    for row, index in enumerate(batch):
-        input_ids_BS[row, : lengths[row]] = torch.from_numpy(group[index].token_ids.astype(np.int64))
-    return input_ids_BS
+    return max(batch_budget(cfg.batch_tokens, cfg.device), 4 * chunk_tokens)
 
 
 @dataclass
@@ -143,7 +123,7 @@ def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractC
     sq_norms: dict[int, list] = {layer: [None] * len(group) for layer in cfg.layers}
     store_dtype = STORE_TORCH_DTYPES[cfg.dtype]
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    for batch in length_batches(lengths, batch_budget(cfg)):
+    for batch in length_batches(lengths, batch_budget(cfg.batch_tokens, cfg.device)):
         input_ids_BS = padded_batch(group, batch, pad_id).to(cfg.device)
         # No attention mask: with right padding and causal attention no real token ever sees a pad, and
         # without a mask SDPA may pick its causal kernel (on this CPU no faster, BENCHMARKS.md, nor slower).
@@ -233,10 +213,11 @@ def multi_rank(cfg: ExtractConfig) -> bool:
     return not cfg.overwrite and is_store(cfg.out) and read_manifest(cfg.out).part_tokens is not None
 
 
-def run_extract(cfg: ExtractConfig, show_progress: bool = True) -> StoreManifest:
+def run_extract(cfg: ExtractConfig, show_progress: bool = True, dialogues=None) -> StoreManifest:
     """Extract into cfg.out, holding its writer lock; what the arguments alone show is checked before the model
     loads (the location: its file system package, writable, not the working directory; an existing store's
-    config). Under torchrun rank 0 holds the lock for every rank (distributed.lock_on_main)."""
+    config). Under torchrun rank 0 holds the lock for every rank (distributed.lock_on_main). `dialogues`: rows
+    given in Python (extract/memory_data.InMemoryDialogues) instead of cfg.dataset."""
     cfg = resolved(cfg)
     local = local_path(cfg.out)
     if local is not None:
@@ -247,11 +228,14 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = True) -> StoreManifest
     with distributed.lock_on_main(cfg.out, "store"):
         if is_store(cfg.out):
             refuse_another_config(cfg, read_manifest(cfg.out), identity_from_arguments(cfg))
-        return _run_extract(cfg, show_progress, ranked)
+        return _run_extract(cfg, show_progress, ranked, dialogues)
 
 
-def _run_extract(cfg: ExtractConfig, show_progress: bool, ranked: bool) -> StoreManifest:
-    dataset = DatasetReader.from_options(cfg, cfg.dedup_settings())
+def _run_extract(cfg: ExtractConfig, show_progress: bool, ranked: bool, dialogues=None) -> StoreManifest:
+    if dialogues is not None:
+        dataset = dialogues.reader(cfg, cfg.dedup_settings())
+    else:
+        dataset = DatasetReader.from_options(cfg, cfg.dedup_settings())
     # dataset errors before the model loads (under torchrun every rank reads the same rows; rank 0 shows it)
     check_rows_used(cfg, load_tokenizer(cfg.model), dataset, show_progress and distributed.ranks().is_main)
     lm = load_model(cfg.model, cfg.model_dtype, cfg.device)
@@ -259,7 +243,7 @@ def _run_extract(cfg: ExtractConfig, show_progress: bool, ranked: bool) -> Store
     identity = build_identity(cfg, lm, dataset)
     if ranked:
         return run_parts(cfg, lm, dataset, identity, getattr(lm.tokenizer, "chat_template", None),
-                         planned_instances(cfg, lm, dataset), show_progress)
+                         planned_instances(cfg, lm.tokenizer, dataset), show_progress)
     writer = open_writer(cfg, identity, getattr(lm.tokenizer, "chat_template", None))
     if writer is None:
         manifest = read_manifest(cfg.out)
@@ -297,7 +281,7 @@ def _extract_into(writer: StoreWriter, cfg: ExtractConfig, lm: LoadedModel, data
                   show_progress: bool) -> StoreManifest:
     manifest = writer.manifest
     done = manifest.n_instances
-    instances = itertools.islice(planned_instances(cfg, lm, dataset), done, None)
+    instances = itertools.islice(planned_instances(cfg, lm.tokenizer, dataset), done, None)
     first = next(instances, None)
     if first is None and done == 0:
         raise UserError(f"dataset '{cfg.dataset}' gave no usable instances "

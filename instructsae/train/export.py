@@ -1,78 +1,88 @@
-"""Save and load an SAE folder in the SAELens layout: cfg.json + sae_weights.safetensors (raw-activation space)."""
+"""Save and load an SAE folder as SAELens 6 writes it: cfg.json + sae_weights.safetensors (raw-activation space).
+
+cfg.json carries SAELens's own fields (architecture, d_in, d_sae, dtype, device, apply_b_dec_to_input,
+normalize_activations, reshape_activations, `k` for TopK) and its `metadata` block (sae_lens_version,
+model_name, hook_name, context_size, prepend_bos, seqpos_slice, dataset_path, ...). Without
+`sae_lens_version` SAELens takes its pre-6.0 path and drops the metadata block, so it is always written.
+Our own provenance (store, its fingerprint, the train config, the input scale, settings SAELens has no field
+for) lives under `metadata.instructsae`, which SAELens keeps as it is.
+
+BatchTopK has no inference class in SAELens: at inference it keeps every latent above one threshold, which is
+a JumpReLU, so it is exported as `architecture: jumprelu` with that threshold, and `metadata.instructsae`
+says it was trained as BatchTopK (our loader rebuilds that class; SAELens runs the JumpReLU, the same maths).
+"""
 
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from instructsae.errors import UserError, first_line
 from instructsae.fileio import write_atomically, write_text_atomically
-from instructsae.run_folder import CFG_FILE, WEIGHTS_FILE
-from instructsae.train.sae import SAE_CLASSES, SparseAutoencoder
+from instructsae.lm.models import hub_id
+from instructsae.schemas.manifest import StoreIdentity
+from instructsae.train.sae import SparseAutoencoder
+from instructsae.train.sae_folder import CFG_FILE, PROVENANCE_KEY, WEIGHTS_FILE, load_sae, provenance  # noqa: F401
+
+# The cfg format written: SAELens >= 6.0 reads a folder by its 6.x path when metadata.sae_lens_version says so.
+# It names the format, not a SAELens that trained this SAE (sae_lens_training_version stays null).
+SAELENS_FORMAT_VERSION = "6.0.0"
+# What SAELens runs at inference for each of our architectures.
+SAELENS_ARCHITECTURE = {"standard": "standard", "jumprelu": "jumprelu", "topk": "topk", "batchtopk": "jumprelu"}
 
 
-def sae_cfg(sae: SparseAutoencoder, metadata: dict) -> dict:
-    layer = metadata.get("layer")
+def hook_name(layer: int | None) -> str | None:
+    """TransformerLens's name for the residual stream after a block: where extract reads (resid_post)."""
+    return None if layer is None else f"blocks.{layer}.hook_resid_post"
+
+
+def saelens_metadata(layer: int | None, identity: StoreIdentity | None) -> dict:
+    """SAELens's metadata block, from the store the SAE was trained on (what is known of it)."""
+    metadata = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
+                "hook_name": hook_name(layer), "hook_head_index": None, "prepend_bos": False,
+                "model_from_pretrained_kwargs": {}, "neuronpedia_id": None}
+    if identity is not None:
+        metadata.update({
+            "model_name": hub_id(identity.model),
+            "model_class_name": "HookedTransformer",
+            # the chat template already opens each dialogue; nothing is prepended
+            "context_size": identity.max_len if identity.mode == "fast" else identity.block_len,
+            # extract drops each sequence's first token (the attention sink) unless told to keep it
+            "seqpos_slice": [None] if identity.keep_first_token else [1, None],
+            "dataset_path": identity.dataset,
+        })
+    return metadata
+
+
+def sae_cfg(sae: SparseAutoencoder, own: dict, identity: StoreIdentity | None = None) -> dict:
+    """cfg.json: SAELens's fields and metadata, our provenance under metadata.instructsae."""
+    architecture = SAELENS_ARCHITECTURE[sae.architecture]
+    settings = {name: getattr(sae, name) for name in sae.exported_settings}
     cfg = {
-        "architecture": sae.architecture,
+        "architecture": architecture,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,  # encode((x - b_dec) W_enc + b_enc), as trained
         "normalize_activations": "none",  # the training normalisation is folded into the weights
-        "hook_name": f"blocks.{layer}.hook_resid_post" if layer is not None else None,
-        "hook_layer": layer,
-        "metadata": metadata,
+        "reshape_activations": "none",
     }
-    cfg.update({name: getattr(sae, name) for name in sae.exported_settings})  # e.g. SAELens's `k` for topk
+    if architecture == "topk":
+        cfg.update({"k": sae.k, "rescale_acts_by_decoder_norm": False})
+    metadata = saelens_metadata(own.get("layer"), identity)
+    metadata[PROVENANCE_KEY] = {**own, "architecture": sae.architecture, "settings": settings}
+    cfg["metadata"] = metadata
     return cfg
 
 
-def save_sae(folder: str | Path, sae: SparseAutoencoder, input_scale: float, metadata: dict) -> None:
+def save_sae(folder: str | Path, sae: SparseAutoencoder, input_scale: float, metadata: dict,
+             identity: StoreIdentity | None = None) -> None:
+    """Write the folder; `metadata` is our provenance (layer, store, ...), `identity` the training store's."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = sae.export_tensors(input_scale)
+    if sae.architecture == "batchtopk":  # a threshold not estimated yet (-1) means a plain ReLU: write that
+        tensors["threshold"] = tensors["threshold"].clamp_min(0)
     write_atomically(folder / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
-    cfg = json.dumps(sae_cfg(sae, metadata), indent=2, default=str)
+    cfg = json.dumps(sae_cfg(sae, metadata, identity), indent=2, default=str)
     write_text_atomically(folder / CFG_FILE, cfg)
-
-
-def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
-    """The SAE a folder holds, acting on raw activations, and its cfg."""
-    folder = Path(folder)
-    if not (folder / CFG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise UserError(f"not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE}): {folder}")
-    try:
-        cfg = json.loads((folder / CFG_FILE).read_text())
-        tensors = load_file(str(folder / WEIGHTS_FILE))
-    except Exception as error:
-        raise UserError(f"SAE folder {folder} is unreadable: {first_line(error)}") from None
-    architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
-    if architecture not in SAE_CLASSES:
-        raise UserError(f"SAE folder {folder} has unknown architecture {architecture!r} "
-                        f"(known: {', '.join(SAE_CLASSES)})")
-    if tensors.get("W_enc") is None or tensors["W_enc"].dim() != 2:
-        raise UserError(f"SAE folder {folder} has no 2-D W_enc in {WEIGHTS_FILE}")
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise UserError(f"SAE folder {folder} has {bad:,} NaN/inf values in {name} ({WEIGHTS_FILE}): "
-                            f"its training diverged or the file is damaged")
-    sae_class = SAE_CLASSES[architecture]
-    # settings with a default may be absent (SAELens's own jumprelu folders carry no bandwidth); TopK's k may not
-    settings = {name: cfg[name] for name in sae_class.exported_settings if name in cfg}
-    try:
-        sae = sae_class(*tensors["W_enc"].shape, **settings)
-    except (TypeError, ValueError) as error:
-        raise UserError(f"SAE folder {folder}: cfg.json does not describe a {architecture} SAE ({error})") from None
-    try:
-        sae.load_state_dict(tensors)
-    except RuntimeError as error:
-        raise UserError(f"SAE folder {folder} has weights that do not fit its architecture: "
-                        f"{first_line(error)}") from None
-    if (cfg.get("d_in"), cfg.get("d_sae")) != (sae.d_in, sae.d_sae):
-        raise UserError(f"SAE folder {folder}: cfg.json says d_in {cfg.get('d_in')}, d_sae {cfg.get('d_sae')} "
-                        f"but the weights are {sae.d_in} x {sae.d_sae}")
-    return sae.eval().requires_grad_(False), cfg

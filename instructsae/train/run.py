@@ -17,8 +17,8 @@ from instructsae import __version__, distributed
 from instructsae.charts import plot_training_curves
 from instructsae.devices import resolve_device
 from instructsae.errors import UserError
-from instructsae.evaluate.metrics import ReconstructionSums
 from instructsae.fileio import move_folder_into_place, write_text_atomically
+from instructsae.metrics import ReconstructionSums
 from instructsae.run_folder import (
     RunPaths, check_existing_run, prepare_building_folder, refuse_enclosing_cwd, refuse_unless_ours,
 )
@@ -31,6 +31,7 @@ from instructsae.train.init import geometric_median
 from instructsae.train.metrics_log import MetricsLog
 from instructsae.train.parallel import DataParallel, check_splittable
 from instructsae.train.sae import build_sae
+from instructsae.train.schedule import describe_schedule, fitted_batch_size, fitted_optim, schedule_line
 from instructsae.train.stream import ShuffledStream, prefetch_depth
 from instructsae.train.trainer import Trainee, train
 
@@ -153,11 +154,17 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
             prepare_building_folder(run.building)
 
     tokens = first.tokens or view.train_tokens()
-    n_steps = max(1, tokens // first.batch_size)
+    batch_size = fitted_batch_size(configs, tokens)  # the defaults fitted to a short run (train/schedule.py)
+    n_steps = max(1, tokens // batch_size)
+    optims = [fitted_optim(cfg.optim, n_steps) for cfg in configs]
+    schedules = [describe_schedule(cfg.optim, optim, n_steps, hasattr(cfg.sae, "sparsity_coeff"), batch_size,
+                                   first.batch_size) for cfg, optim in zip(configs, optims)]
+    if writes:  # data-parallel: rank 0 speaks for the run
+        _print_schedules(configs, schedules)
     # On a CPU the reader and the SAE share the same cores, and a reader thread cost more than it hid
     # (bench/train_stream.py); with an accelerator the thread reads while the device computes.
     depth = 0 if first.device == "cpu" else prefetch_depth(first.buffer_tokens, reader.chunk_tokens)
-    stream = ShuffledStream(view.read_chunk, view.train_chunks, reader.chunk_tokens, first.batch_size,
+    stream = ShuffledStream(view.read_chunk, view.train_chunks, reader.chunk_tokens, batch_size,
                             first.buffer_tokens, first.seed, tokens, depth,
                             pin_memory=device.type == "cuda")
     if saved is None and first.geometric_median_tokens:
@@ -167,17 +174,17 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     logs = [MetricsLog(run.building.metrics, cfg, run.root.name,
                        keep_before_step=first_step if saved is not None else None) if writes else _NoLog()
             for cfg, run in zip(configs, runs)]
-    trainees = [Trainee(sae.to(cfg.device), cfg.optim, sparsity_coeff(cfg),
+    trainees = [Trainee(sae.to(cfg.device), optim, sparsity_coeff(cfg),
                         DeadFeatureTracker(sae.d_sae, cfg.dead_threshold, cfg.dead_window), log.write,
                         layers.index(layer), parallel)
-                for sae, cfg, log, layer in zip(saes, configs, logs, member_layers)]
+                for sae, cfg, optim, log, layer in zip(saes, configs, optims, logs, member_layers)]
     if saved is not None:
         for trainee, state in zip(trainees, saved["trainees"]):
             trainee.load_state_dict(state)
         stream.load_state_dict(saved["stream"])
         torch.set_rng_state(saved["torch_rng"])
 
-    every_steps = max(1, first.checkpoint_every // first.batch_size)
+    every_steps = max(1, first.checkpoint_every // batch_size)
 
     def after_step(step: int, tokens_so_far: int) -> None:
         if writes and (step + 1) % every_steps == 0 and step + 1 < n_steps:
@@ -200,8 +207,9 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     exported = [_export(cfg, run, key, trainee.sae, layer, view) for cfg, run, key, trainee, layer
                 in zip(configs, runs, keys, trainees, member_layers)]
     metrics = _heldout_metrics(exported, member_layers, view)
-    summaries = [_summary(run, key, trainee, layer, view, stats, result) for run, key, trainee, layer, result
-                 in zip(runs, keys, trainees, member_layers, metrics)]
+    summaries = [_summary(run, key, trainee, layer, view, {**stats, "schedule": schedule}, result)
+                 for run, key, trainee, layer, result, schedule
+                 in zip(runs, keys, trainees, member_layers, metrics, schedules)]
     checkpoint_path.unlink(missing_ok=True)  # every SAE is finished: nothing to resume
     for run in runs:
         move_folder_into_place(run.building.root, run.root)
@@ -254,6 +262,14 @@ class _NoLog:
         pass
 
 
+def _print_schedules(configs: list[TrainConfig], schedules: list[dict]) -> None:
+    """The effective schedule of each SAE, and a warning where a run would end inside a warm-up."""
+    for cfg, schedule in zip(configs, schedules):
+        print(f"schedule: {schedule_line(Path(cfg.out).name, schedule)}", file=sys.stderr, flush=True)
+        for warning in schedule["warnings"]:
+            print(f"warning: {Path(cfg.out).name}: {warning}", file=sys.stderr, flush=True)
+
+
 def _initialise_decoder_bias(saes, member_layers: list[int], view: StoreView, cfg: TrainConfig) -> None:
     """b_dec at the geometric median of a sample of each SAE's layer (one sample per layer)."""
     samples = {}
@@ -281,10 +297,10 @@ def _initial_sample(view: StoreView, layer: int, cfg: TrainConfig) -> torch.Tens
 def _export(cfg: TrainConfig, run: RunPaths, key: str, sae, layer: int, view: StoreView):
     """Save the SAE (raw activation space) and its curves; the exported SAE, as a user will load it."""
     root, reader = run.building.root, view.reader
-    metadata = {"layer": layer, "store": cfg.store, "store_fingerprint": reader.manifest.fingerprint,
-                "model": reader.manifest.identity.model, "input_scale": view.scales[layer],
-                "train_config": cfg.model_dump(mode="json"), "config_key": key, "instructsae_version": __version__}
-    save_sae(root, sae.cpu(), view.scales[layer], metadata)
+    own = {"layer": layer, "store": cfg.store, "store_fingerprint": reader.manifest.fingerprint,
+           "model": reader.manifest.identity.model, "input_scale": view.scales[layer],
+           "train_config": cfg.model_dump(mode="json"), "config_key": key, "instructsae_version": __version__}
+    save_sae(root, sae.cpu(), view.scales[layer], own, reader.manifest.identity)
     plot_training_curves(MetricsLog.read(run.building.metrics), run.building.curves, title=run.root.name)
     return load_sae(root)[0]
 

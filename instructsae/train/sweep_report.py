@@ -13,6 +13,7 @@ from pathlib import Path
 from instructsae.charts import plot_frontier
 from instructsae.fileio import write_text_atomically
 from instructsae.run_folder import SUMMARY_FILE, RunPaths, is_building_folder
+from instructsae.train.sae_folder import provenance
 
 COLUMNS = ("name", "setting", "seed", "arch", "layer", "expansion", "d_sae", "sparsity", "lr", "nmse",
            "explained_variance", "l0", "dead_fraction", "tokens")
@@ -33,12 +34,13 @@ def collect_rows(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
             summary = json.loads(summary_file.read_text())
         except (OSError, ValueError):
             continue  # not a finished SAE of ours (a folder the user put there, or one a kill cut short)
-        if cfg.get("metadata", {}).get("store_fingerprint") != store_fingerprint:
+        if provenance(cfg).get("store_fingerprint") != store_fingerprint:
             continue
-        train = cfg["metadata"]["train_config"]
+        train = provenance(cfg)["train_config"]
         sae = train["sae"]
         rows.append({
-            "name": folder.name, "setting": setting_name(train), "seed": _sae_seed(train), "arch": sae["arch"], "layer": summary["layer"], "expansion": sae["expansion"],
+            "name": folder.name, "setting": setting_name(train), "seed": _sae_seed(train), "arch": sae["arch"],
+            "layer": summary["layer"], "expansion": sae["expansion"],
             "d_sae": summary["d_sae"],
             "sparsity": f"k={sae['k']}" if "k" in sae else f"coeff={sae['sparsity_coeff']:g}",
             "lr": train["optim"]["lr"], "nmse": summary["nmse"], "explained_variance": summary["explained_variance"],

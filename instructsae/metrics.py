@@ -1,10 +1,15 @@
-"""Reconstruction and sparsity metrics, accumulated in float64 over a stream of batches."""
+"""Reconstruction and sparsity metrics, accumulated in float64 over a stream of batches.
+
+On the floor beneath the stages: training's held-out summary and evaluate both use these sums.
+"""
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
-from instructsae.train.sae import SparseAutoencoder
+if TYPE_CHECKING:  # only for the annotation: the floor does not import a stage
+    from instructsae.train.sae import SparseAutoencoder
 
 
 class ReconstructionSums:
@@ -44,7 +49,7 @@ class ReconstructionSums:
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SparseAutoencoder, batches: Iterable[torch.Tensor]) -> dict:
+def reconstruction_metrics(sae: "SparseAutoencoder", batches: Iterable[torch.Tensor]) -> dict:
     """ReconstructionSums.result over a stream of activation batches."""
     sums = ReconstructionSums(sae.d_in, sae.d_sae)
     for x_BD in batches:

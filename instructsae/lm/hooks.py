@@ -2,7 +2,7 @@
 
 import torch
 
-from instructsae.extract.models import decoder_layers
+from instructsae.lm.models import decoder_layers
 
 
 class _StopForward(Exception):

@@ -1,0 +1,123 @@
+"""The Python front door: what `import instructsae as isae` gives. The CLI calls these same functions.
+
+Each takes the config the CLI builds (a pydantic model, or a dict of the same fields), and keyword settings on
+top of it, validated the same way (a bad value raises UserError with the CLI's one line). Beyond the CLI,
+`extract_activations` takes dialogues held in Python and `train_sae` activations held in Python.
+"""
+
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from instructsae.cli_options import build
+from instructsae.errors import UserError
+from instructsae.schemas.evaluate import LMViewConfig
+from instructsae.schemas.extract import ExtractConfig
+from instructsae.schemas.manifest import StoreManifest
+from instructsae.schemas.sweep import SweepConfig
+from instructsae.schemas.train import TrainConfig
+
+
+def _fields(model: type, config) -> dict:
+    """The fields `config` (a `model`, a dict, or None) sets; a model keeps only those set explicitly."""
+    if config is None:
+        return {}
+    if isinstance(config, model):
+        return config.model_dump(exclude_unset=True)
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise UserError(f"expected a {model.__name__} or a dict of its fields, not a {type(config).__name__}")
+
+
+def _config(model: type, config, settings: dict):
+    """`config` with `settings` over it, as one validated `model`."""
+    if isinstance(config, model) and not settings:
+        return config  # as given: the fields it had set explicitly stay the only explicit ones
+    return build(model, _fields(model, config), settings)
+
+
+def extract_activations(config: ExtractConfig | Mapping | None = None, /, *, dialogues: Iterable | None = None,
+                        show_progress: bool = True, **settings) -> StoreManifest:
+    """Run the LM over a dataset and store per-token activations (`instructsae extract`); the store's manifest.
+
+    dialogues: instead of `dataset`, a list of message lists ([{"role": "user", "content": "..."}, ...]), a
+    `datasets.Dataset` or any iterable of rows in a format `dataset` files may use.
+    """
+    from instructsae.extract.memory_data import InMemoryDialogues
+    from instructsae.extract.run import run_extract
+
+    source = None if dialogues is None else InMemoryDialogues(dialogues)
+    if source is not None:
+        settings = {**settings, "dataset": source.name}
+    return run_extract(_config(ExtractConfig, config, settings), show_progress, source)
+
+
+def train_sae(config: TrainConfig | Mapping | None = None, /, *, activations: torch.Tensor | Iterable | None = None,
+              resume: bool = False, overwrite: bool = False, **settings) -> dict | None:
+    """Train one SAE on a store (`instructsae train`); its summary. The SAE folder is `out`: if it holds this very
+    SAE already (same config, same store) its summary comes back untrained; one of another config is replaced
+    only with `overwrite`. Under torchrun (data-parallel) rank 0 returns the summary, the other ranks None.
+
+    activations: instead of `store`, a [tokens, d_model] tensor or an iterator of such tensors (one per sequence),
+    written to a store first (in memory unless `store` names a location for it) and trained on like any store;
+    `layer` labels which layer they come from (default 0). A store made here in memory is dropped afterwards.
+    """
+    from instructsae.train.run import run_training
+
+    if activations is None:
+        return run_training(_config(TrainConfig, config, settings), resume=resume, overwrite=overwrite)
+    from instructsae.extract.from_tensors import write_activation_store
+    from instructsae.store.location import remove_store
+
+    given = {**_fields(TrainConfig, config), **{key: value for key, value in settings.items() if value is not None}}
+    in_memory = "store" not in given
+    store = given.setdefault("store", f"memory://instructsae/activations-{uuid.uuid4().hex}")
+    cfg = build(TrainConfig, given)
+    layer = 0 if cfg.layer is None else cfg.layer
+    write_activation_store(activations, store, layer)
+    try:
+        return run_training(cfg, resume=resume, overwrite=overwrite)
+    finally:
+        if in_memory:
+            remove_store(store)
+
+
+def train_sweep(config: SweepConfig | Mapping, /, *, resume: bool = False, **settings) -> list[dict]:
+    """Train every SAE of a grid in one pass over a store (`instructsae sweep`); one row per finished SAE."""
+    from instructsae.train.sweep import run_sweep
+
+    return run_sweep(_config(SweepConfig, config, settings), resume=resume)
+
+
+def evaluate_sae(sae: str | list[str], store: str, *, max_tokens: int | None = None,
+                 lm: LMViewConfig | Mapping | None = None, **lm_settings) -> dict | list[dict]:
+    """Reconstruction, Eq. 7, per-role figures and (with lm_tokens > 0) the LM view (`instructsae evaluate`).
+
+    One SAE folder gives its result; a list gives one result per folder, sharing store reads and LM runs.
+    Without `lm` or lm settings, the LM view is skipped.
+    """
+    from instructsae.evaluate.run import evaluate_saes_on_store
+
+    view = None if lm is None and not lm_settings else _config(LMViewConfig, lm, lm_settings)
+    single = isinstance(sae, (str, os.PathLike))
+    results = evaluate_saes_on_store([str(sae)] if single else [str(s) for s in sae], str(store), max_tokens, view)
+    return results[0] if single else results
+
+
+def open_store(path: str):
+    """A complete or partial store to read: `.manifest`, `.read_acts(layer, start, stop)`, `.read_column(name)`."""
+    from instructsae.store.reader import open_store as open_reader
+
+    return open_reader(str(path))
+
+
+def load_sae(path: str):
+    """The SAE of a folder (ours or SAELens's), on raw activations: `.encode`, `.decode`, `forward`, and `.cfg`
+    (cfg.json as a dict)."""
+    from instructsae.train.sae_folder import load_sae as load
+
+    sae, cfg = load(path)
+    sae.cfg = cfg
+    return sae
