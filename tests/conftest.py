@@ -5,6 +5,10 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import: tests never touch a hub
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import tempfile  # noqa: E402
+
+# the digest cache (instructsae/digests.py) of this test session, never the user's
+os.environ["INSTRUCTSAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="instructsae-test-cache-")
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402

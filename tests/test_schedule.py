@@ -70,3 +70,10 @@ def test_a_short_default_run_trains(store, tmp_path, monkeypatch, capsys):
     assert json.loads((run / "summary.json").read_text())["schedule"] == schedule
     assert "schedule: run: 292 steps of 1024 tokens (fitted, default 4096); lr 0.001 (fitted, default 7e-05)" in err
     assert "warning" not in err
+
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--store", str(store), "--out", str(run), "--tokens", "300000")
+    assert code == 0 and "already trained" in err
+    # the default lr given explicitly is not the lr this run was fitted to: another SAE, so not "already trained"
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--store", str(store), "--out", str(run), "--tokens", "300000",
+                           "--lr", "7e-5")
+    assert code == 2 and "already trained" not in err and "fitted_to_run" in err, err

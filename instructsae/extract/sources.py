@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from instructsae.digests import cached_digest
 from instructsae.errors import UserError
 from instructsae.extract.json_array import TruncatedTail, iter_json_array
 from instructsae.lm.models import package_folder
@@ -257,13 +258,17 @@ def source_rows(source: Source) -> Iterator[dict | TruncatedTail]:
 
 
 def hash_files(files: list[Path] | tuple[Path, ...]) -> str:
-    """sha256 over the files' bytes in the given order (names are not hashed: a rename changes nothing)."""
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()
+    """sha256 over the files' bytes in the given order (names are not hashed: a rename changes nothing); read once
+    while the files stay unchanged (digests.py)."""
+    def compute() -> str:
+        digest = hashlib.sha256()
+        for file in files:
+            with open(file, "rb") as handle:
+                while block := handle.read(1 << 22):
+                    digest.update(block)
+        return digest.hexdigest()
+
+    return cached_digest("dataset files", files, compute)
 
 
 def _builder_sha256(source: Source) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from instructsae.devices import checked_device
+from instructsae.digests import cached_digest
 from instructsae.errors import UserError, first_line
 
 # Embedded defaults ship inside PyPI wheels, so nothing is fetched from a hub at run time.
@@ -194,10 +195,14 @@ def model_sha256(spec: str) -> str | None:
     if kind != "folder":
         return None
     files = sorted({path for pattern in DIGESTED_FILES for path in folder.glob(pattern) if path.is_file()})
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()
+
+    def compute() -> str:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode() + b"\0")
+            with open(path, "rb") as handle:
+                while block := handle.read(1 << 22):
+                    digest.update(block)
+        return digest.hexdigest()
+
+    return cached_digest("model folder", files, compute)  # a 7B folder is ~15 GB: read once, not every run

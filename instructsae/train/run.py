@@ -31,7 +31,7 @@ from instructsae.train.init import geometric_median
 from instructsae.train.metrics_log import MetricsLog
 from instructsae.train.parallel import DataParallel, check_splittable
 from instructsae.train.sae import build_sae
-from instructsae.train.schedule import describe_schedule, fitted_batch_size, fitted_optim, schedule_line
+from instructsae.train.schedule import describe_schedule, fitted_batch_size, fitted_optim, left_to_fit, schedule_line
 from instructsae.train.stream import ShuffledStream, prefetch_depth
 from instructsae.train.trainer import Trainee, train
 
@@ -47,6 +47,9 @@ def key_settings(cfg: TrainConfig) -> dict:
     settings = cfg.model_dump(mode="json", exclude=RUNTIME_FIELDS)
     if settings["sae_seed"] in (None, cfg.seed):  # the same weights as no sae_seed: the same SAE (and old keys hold)
         del settings["sae_seed"]
+    fitted = left_to_fit(cfg)
+    if fitted:  # absent when every schedule setting is given, so such configs keep the keys they had
+        settings["fitted_to_run"] = fitted
     return settings
 
 

@@ -27,6 +27,13 @@ SPARSITY_WARMUP_SHARE = 0.5
 FITTED_FIELDS = {"lr_warmup_steps": LR_WARMUP_SHARE, "sparsity_warmup_steps": SPARSITY_WARMUP_SHARE}
 
 
+def left_to_fit(cfg: TrainConfig) -> list[str]:
+    """The settings of cfg that the run fits (left unset): part of what the SAE is, since `--lr 7e-5` given
+    explicitly trains another SAE than the lr fitted from the 7e-5 default."""
+    names = [] if "batch_size" in cfg.model_fields_set else ["batch_size"]
+    return names + [name for name in ("lr", *FITTED_FIELDS) if name not in cfg.optim.model_fields_set]
+
+
 def fitted_batch_size(configs: list[TrainConfig], tokens: int) -> int:
     """The batch of a run of `tokens` (every SAE trained together shares it): the default halved for short runs."""
     batch = configs[0].batch_size
