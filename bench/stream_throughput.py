@@ -81,7 +81,7 @@ def build_store(path: Path, gb: float, d_model: int, mean_sq_norm: float) -> dic
         writing += time.perf_counter() - started
         if index % 16 == 0:
             print(f"  writing {index + 1}/{n_blocks} blocks", flush=True)
-    writer.commit(manifest.model_copy(update={"complete": True}))
+    writer.finish(manifest.model_copy(update={"complete": True}))  # writes the last, partial shards too
     n_bytes = n_blocks * BLOCK_TOKENS * d_model * 2
     return {"writer_MBps": n_bytes / writing / 1e6, "raw_write_MBps": raw_write_rate(path, min(n_bytes, 2 * 10**9))}
 
