@@ -106,3 +106,27 @@ def test_a_store_made_with_another_config_is_refused(tiny_model_dir, dialogues_j
     # runtime knobs are not part of a store's identity
     assert run_extract(cfg.model_copy(update={"batch_tokens": 64}), show_progress=False).n_tokens == 50
     assert run_extract(changed.model_copy(update={"overwrite": True}), show_progress=False).n_tokens == 60
+
+
+def test_a_resumed_extraction_does_not_check_the_rows_again(tiny_model_dir, dialogues_jsonl, tmp_path, monkeypatch):
+    """The first run reads every row it will use before writing; a resume over the same bytes skips that pass."""
+    checks, real_check = [], extract_run.check_rows_used
+    monkeypatch.setattr(extract_run, "check_rows_used", lambda *a, **k: checks.append(1) or real_check(*a, **k))
+    cfg = config(tiny_model_dir, dialogues_jsonl, tmp_path / "store", batch_tokens=64, shard_mb=0.001)
+    real_forward, calls = extract_run.forward_group, []
+
+    def dying_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # a kill after some shards were committed
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(extract_run, "forward_group", dying_forward)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(cfg, show_progress=False)
+    assert checks == [1] and open_store(cfg.out).n_tokens > 0
+    monkeypatch.setattr(extract_run, "forward_group", real_forward)
+    run_extract(cfg, show_progress=False)
+    assert checks == [1] and open_store(cfg.out).manifest.complete
+    run_extract(cfg.model_copy(update={"overwrite": True}), show_progress=False)
+    assert checks == [1, 1]  # --overwrite starts afresh: the rows are checked again

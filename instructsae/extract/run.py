@@ -237,7 +237,8 @@ def _run_extract(cfg: ExtractConfig, show_progress: bool, ranked: bool, dialogue
     else:
         dataset = DatasetReader.from_options(cfg, cfg.dedup_settings())
     # dataset errors before the model loads (under torchrun every rank reads the same rows; rank 0 shows it)
-    check_rows_used(cfg, load_tokenizer(cfg.model), dataset, show_progress and distributed.ranks().is_main)
+    if not distributed.decided_on_main(lambda: rows_checked_before(cfg, dataset)):
+        check_rows_used(cfg, load_tokenizer(cfg.model), dataset, show_progress and distributed.ranks().is_main)
     lm = load_model(cfg.model, cfg.model_dtype, cfg.device)
     check_layers(cfg.layers, lm)
     identity = build_identity(cfg, lm, dataset)
@@ -256,6 +257,14 @@ def _run_extract(cfg: ExtractConfig, show_progress: bool, ranked: bool, dialogue
         if fresh and writer.manifest.n_tokens == 0:
             remove_store(cfg.out)  # nothing committed: leave nothing behind
         raise
+
+
+def rows_checked_before(cfg: ExtractConfig, dataset: DatasetReader) -> bool:
+    """A store of this config over these very bytes is being continued: its first run read every row it uses
+    before writing anything, so a resume need not tokenise them all again (the dataset's digest is cached)."""
+    if cfg.overwrite or not is_store(cfg.out):
+        return False
+    return read_manifest(cfg.out).identity.dataset_sha256 == dataset.sha256()
 
 
 def write_instances(writer: StoreWriter, instances: Iterable[TokenizedInstance], cfg: ExtractConfig,
