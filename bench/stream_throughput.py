@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from instructsae import __version__
-from instructsae.store.layout import TokenBlock
+from instructsae.store.layout import TokenBlock, default_shard_tokens
 from instructsae.store.reader import StoreReader, is_store, open_store, read_manifest
 from instructsae.store.writer import StoreWriter
 from instructsae.schemas.manifest import LayerStats, StoreIdentity, StoreManifest
@@ -40,7 +40,8 @@ def identity(d_model: int, gb: float, chunk_tokens: int) -> StoreIdentity:
                          dataset=f"random bf16, {gb} GB", dataset_sha256="0" * 64, split="train", mode="fast",
                          max_len=BLOCK_TOKENS, block_len=BLOCK_TOKENS, max_instances=None, skip_instances=0,
                          max_tokens=None, keep_first_token=True, layers=(LAYER,), d_model=d_model, dtype="bfloat16",
-                         model_dtype="float32", chunk_tokens=chunk_tokens)
+                         model_dtype="float32", chunk_tokens=chunk_tokens,
+                         shard_tokens=default_shard_tokens(d_model, "bfloat16", chunk_tokens))
 
 
 def random_rows(n: int, d_model: int, mean_sq_norm: float, seed: int) -> torch.Tensor:
@@ -131,14 +132,14 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def array_files(store: Path, first_rows: int, chunk_rows: int) -> list[Path]:
-    """The activation array's files holding rows below first_rows (chunk files, or the shards holding them)."""
+def array_files(store: Path, first_rows: int, shard_rows: int) -> list[Path]:
+    """The activation array's shard files holding rows below first_rows."""
     folder = store / "acts" / f"layer_{LAYER}" / "c"
     files = []
     for path in folder.rglob("*"):
         if path.is_file():
             first_coordinate = int(path.relative_to(folder).parts[0])
-            if first_coordinate * chunk_rows < first_rows:
+            if first_coordinate * shard_rows < first_rows:
                 files.append(path)
     return sorted(files)
 
@@ -168,7 +169,7 @@ def run_phase(name: str, reader: StoreReader, store: Path, n_chunks: int, args, 
     bytes_per_token = reader.d_model * 2
     chunks = list(range(n_chunks))
     rows = min(n_chunks * reader.chunk_tokens, reader.n_tokens)
-    files = array_files(store, rows, reader.chunk_tokens)
+    files = array_files(store, rows, reader.manifest.identity.shard_tokens)
     depth = prefetch_depth(args.buffer_tokens, reader.chunk_tokens)
     order = [chunks[i] for i in np.random.default_rng(0).permutation(len(chunks))]
 
