@@ -42,7 +42,6 @@ def cached_digest(kind: str, files: Sequence[Path], compute: Callable[[], str]) 
     newest = max((modified for _, _, modified, _ in stamp[1:]), default=0)
     if newest > time.time_ns() - RACY_NS:
         return digest
-    entries.pop(key, None)
     entries[key] = digest
     _write_cache(dict(list(entries.items())[-MAX_ENTRIES:]))  # the oldest entries go first
     return digest

@@ -32,3 +32,20 @@ def assert_one_line_error(code: int, err: str, *expected: str) -> None:
         assert text in lines[0], lines[0]
 
 
+
+
+def interrupt_extraction_at(monkeypatch, group: int):
+    """Make extraction's forward pass raise KeyboardInterrupt (a kill between groups) at its `group`-th call;
+    returns the real forward pass, for the test to put back before the rerun."""
+    from instructsae.extract import run as extract_run
+
+    real_forward, calls = extract_run.forward_group, []
+
+    def dying_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == group:
+            raise KeyboardInterrupt
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(extract_run, "forward_group", dying_forward)
+    return real_forward

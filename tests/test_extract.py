@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import interrupt_extraction_at
+
 from instructsae.extract import run as extract_run
 from instructsae.extract.run import run_extract
 from instructsae.lm.hooks import residuals_at_layers
@@ -113,15 +115,7 @@ def test_a_resumed_extraction_does_not_check_the_rows_again(tiny_model_dir, dial
     checks, real_check = [], extract_run.check_rows_used
     monkeypatch.setattr(extract_run, "check_rows_used", lambda *a, **k: checks.append(1) or real_check(*a, **k))
     cfg = config(tiny_model_dir, dialogues_jsonl, tmp_path / "store", batch_tokens=64, shard_mb=0.001)
-    real_forward, calls = extract_run.forward_group, []
-
-    def dying_forward(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt  # a kill after some shards were committed
-        return real_forward(*args, **kwargs)
-
-    monkeypatch.setattr(extract_run, "forward_group", dying_forward)
+    real_forward = interrupt_extraction_at(monkeypatch, 6)  # a kill after some shards were committed
     with pytest.raises(KeyboardInterrupt):
         run_extract(cfg, show_progress=False)
     assert checks == [1] and open_store(cfg.out).n_tokens > 0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, interrupt_extraction_at, run_cli
 from test_extract import config
 
 from instructsae.errors import UserError
@@ -65,15 +65,7 @@ def test_a_killed_extraction_resumes_to_the_same_store(place, tiny_model_dir, di
     reference = config(tiny_model_dir, dialogues_jsonl, tmp_path / "reference", batch_tokens=64)
     run_extract(reference, show_progress=False)
     interrupted = reference.model_copy(update={"out": place("interrupted")})
-    real_forward, calls = extract_run.forward_group, []
-
-    def dying_forward(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # stands in for a kill between groups
-        return real_forward(*args, **kwargs)
-
-    monkeypatch.setattr(extract_run, "forward_group", dying_forward)
+    real_forward = interrupt_extraction_at(monkeypatch, 3)  # stands in for a kill between groups
     with pytest.raises(KeyboardInterrupt):
         run_extract(interrupted, show_progress=False)
     monkeypatch.setattr(extract_run, "forward_group", real_forward)
