@@ -44,6 +44,7 @@ def test_what_is_set_explicitly_is_kept_and_a_run_inside_a_warmup_is_named():
 def test_topk_has_no_sparsity_warmup_to_report():
     schedule = describe_schedule(OptimConfig(), fitted_optim(OptimConfig(), 100), 100, has_penalty=False)
     assert "sparsity_warmup_steps" not in schedule and schedule["warnings"] == []
+    assert "sparsity_warmup_steps" not in schedule["fitted"]  # fitted for a penalty TopK does not have
 
 
 @pytest.fixture

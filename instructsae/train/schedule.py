@@ -58,7 +58,8 @@ def fitted_optim(optim: OptimConfig, n_steps: int) -> OptimConfig:
 def describe_schedule(given: OptimConfig, fitted: OptimConfig, n_steps: int, has_penalty: bool,
                       batch_size: int | None = None, default_batch_size: int | None = None) -> dict:
     """What summary.json records: the effective schedule, which warm-ups were fitted, and warnings."""
-    fitted_names = [name for name in ("lr", *FITTED_FIELDS) if getattr(fitted, name) != getattr(given, name)]
+    fitted_names = [name for name in ("lr", *FITTED_FIELDS) if getattr(fitted, name) != getattr(given, name)
+                    and (has_penalty or name != "sparsity_warmup_steps")]  # TopK has no penalty to warm up
     warnings = []
     if fitted.lr_warmup_steps >= n_steps:
         warnings.append(f"the run ends inside the lr warm-up ({n_steps} steps, warm-up {fitted.lr_warmup_steps}): "
