@@ -78,3 +78,15 @@ def test_a_short_default_run_trains(store, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "train", "--store", str(store), "--out", str(run), "--tokens", "300000",
                            "--lr", "7e-5")
     assert code == 2 and "already trained" not in err and "fitted_to_run" in err, err
+
+
+def test_saes_with_one_schedule_share_its_line(capsys):
+    from instructsae.train.run import _print_schedules
+
+    configs = [TrainConfig(store="runs/store", out=f"runs/sae-{i}") for i in range(3)]
+    same = describe_schedule(OptimConfig(), fitted_optim(OptimConfig(), 100), 100, has_penalty=True)
+    other = describe_schedule(OptimConfig(), fitted_optim(OptimConfig(), 10), 10, has_penalty=True)
+    _print_schedules(configs, [same, same, other])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("schedule: ")]
+    assert lines[0].startswith("schedule: 2 SAEs (sae-0, ...): 100 steps")
+    assert lines[1].startswith("schedule: sae-2: 10 steps") and len(lines) == 2

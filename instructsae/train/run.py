@@ -266,11 +266,17 @@ class _NoLog:
 
 
 def _print_schedules(configs: list[TrainConfig], schedules: list[dict]) -> None:
-    """The effective schedule of each SAE, and a warning where a run would end inside a warm-up."""
+    """The effective schedule of each SAE, and a warning where a run would end inside a warm-up; SAEs with the
+    same schedule share one line (a sweep of 18 SAEs printed 18 identical ones)."""
+    groups: dict[tuple, list[str]] = {}
     for cfg, schedule in zip(configs, schedules):
-        print(f"schedule: {schedule_line(Path(cfg.out).name, schedule)}", file=sys.stderr, flush=True)
-        for warning in schedule["warnings"]:
-            print(f"warning: {Path(cfg.out).name}: {warning}", file=sys.stderr, flush=True)
+        key = (schedule_line("", schedule), tuple(schedule["warnings"]))
+        groups.setdefault(key, []).append(Path(cfg.out).name)
+    for (line, warnings), names in groups.items():
+        who = names[0] if len(names) == 1 else f"{len(names)} SAEs ({names[0]}, ...)"
+        print(f"schedule: {who}{line}", file=sys.stderr, flush=True)
+        for warning in warnings:
+            print(f"warning: {who}: {warning}", file=sys.stderr, flush=True)
 
 
 def _initialise_decoder_bias(saes, member_layers: list[int], view: StoreView, cfg: TrainConfig) -> None:
