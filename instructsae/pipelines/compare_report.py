@@ -16,7 +16,7 @@ WHY_THEY_DIFFER = (
     "each sequence first and then over sequences, so every dialogue weighs the same and short ones, where chat "
     "template and special tokens are a large share, count far more. A method that mostly mends the template "
     "tokens (what FAST changes: block training cuts and mixes them) therefore moves Eq. 7 and MSE_st much more "
-    "than NMSE, and Eq. 7 is an unnormalised MSE on a log2 scale, not a fraction of the signal.")
+    "than NMSE, and Eq. 7, an unnormalised MSE on a log2 scale, is not a fraction of the signal as NMSE is.")
 
 BOOTSTRAP = (
     "Each interval is a percentile bootstrap over two sources at once: the training seeds (each grid point's "
