@@ -91,3 +91,17 @@ def test_a_bad_grid_is_refused_before_any_extraction(grid, expected, tiny_model_
                            "--model", str(tiny_model_dir), "--out", str(tmp_path / "out"))
     assert_one_line_error(code, err, expected)
     assert not (tmp_path / "out" / "stores").exists()
+
+
+def test_readme_verdict_tables_come_from_the_committed_report():
+    """The README's verdict tables are summary_tables of docs/compare/verdicts.json, as report.md shows them."""
+    import json
+    from pathlib import Path
+
+    from instructsae.pipelines.compare_report import summary_tables
+
+    root = Path(__file__).parent.parent
+    tables = summary_tables(json.loads((root / "docs/compare/verdicts.json").read_text()), 0.95)
+    assert "| jumprelu | NMSE |" in tables
+    assert tables in (root / "docs/compare/report.md").read_text()
+    assert tables in (root / "README.md").read_text()

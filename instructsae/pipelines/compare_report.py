@@ -54,6 +54,33 @@ def verdict_table(rows: list[dict], keys: set[str] | None, level: float) -> str:
     return "\n".join(lines)
 
 
+OVERALL = ("nmse", "explained_variance", "log2_eq7", "log2_mse_st", "ce_recovered")
+
+
+def summary_tables(verdicts: dict, level: float) -> str:
+    """FAST − BT(F) and FAST − BT(P) on the overall metrics, one column per held-out set: the verdict at a glance
+    (verdicts: verdicts.json's content, {held-out name: {"rows", "n_sequences", ...}}). The README's table."""
+    names = list(verdicts)
+    tables = []
+    for other in ("bt-f", "bt-p"):
+        held_out = ", ".join(f"{name} ({verdicts[name]['n_sequences']} sequences)" for name in names)
+        lines = [f"FAST − {LABELS[other]} at matched L0 [{level:.0%} CI], held out: {held_out}", "",
+                 "| arch | metric | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+        cells: dict[tuple[str, str], dict[str, str]] = {}
+        for name in names:
+            for row in verdicts[name]["rows"]:
+                if row["other"] != other or row["metric"] not in OVERALL:
+                    continue
+                text = (f"not compared: {row['refused']}" if "refused" in row else
+                        f"{format_interval(row['delta'], row['interval'], DIGITS[row['metric']])} "
+                        f"**{row['verdict']}**")
+                cells.setdefault((row["arch"], row["label"]), {})[name] = text
+        for (arch, label), by_name in cells.items():
+            lines.append(f"| {arch} | {label} | " + " | ".join(by_name.get(name, "–") for name in names) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
 def _mean_std(values: list[float], spec: str) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -89,7 +116,7 @@ def role_counts(results: list[dict]) -> str:
 
 
 def render_report(cfg: CompareConfig, command: str, results: list[dict], analyses: dict) -> str:
-    overall = {"nmse", "explained_variance", "log2_eq7", "log2_mse_st", "ce_recovered"}
+    overall = set(OVERALL)
     sections = []
     for name, analysis in analyses.items():
         members = [r for r in results if r["heldout"] == name]
@@ -138,6 +165,10 @@ the interval excludes zero, "indistinguishable" that it does not.
 NMSE is Σ‖x−x̂‖² / Σ‖x‖²; log2 MSE is the FAST paper's Eq. 7 (per sequence, then over sequences, per element)
 and MSE_st the same on template/special tokens; CE recovered = (CE zero-ablated − CE with the SAE) /
 (CE zero-ablated − CE clean), over the predicted tokens of the LM view.
+
+## At a glance
+
+{summary_tables(analyses, cfg.confidence)}
 
 {body}
 ## Frontiers
