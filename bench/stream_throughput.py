@@ -167,13 +167,13 @@ def raw_read(files: list[Path], threads: int) -> int:
 
 def measure(label: str, fn, n_bytes_per_token: int, results: dict) -> None:
     reset_peak_rss()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), sum(os.times()[:2])
     n_bytes = fn()
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, sum(os.times()[:2]) - cpu_started
     tokens = n_bytes / n_bytes_per_token
     results[label] = tokens / seconds
     print(f"{label:<40} {tokens / seconds / 1e6:7.3f} M tok/s  {n_bytes / seconds / 1e9:6.2f} GB/s  "
-          f"{seconds:7.1f} s  peak RSS {peak_rss_gb():5.2f} GB", flush=True)
+          f"{seconds:7.1f} s  CPU {cpu_seconds / seconds:4.2f} cores  peak RSS {peak_rss_gb():5.2f} GB", flush=True)
 
 
 def run_phase(name: str, reader: StoreReader, store: Path, n_chunks: int, args, cold: bool) -> dict:
