@@ -45,9 +45,11 @@ def read_local_range(path: str, start: int, length: int) -> np.ndarray:
     """Bytes [start, start + length) of a local file, read straight into new writable memory: fsspec's
     cat_file, a slice and the copy torch needs of read-only bytes cost ~10x the CPU of this one read."""
     payload = np.empty(length, dtype=np.uint8)
+    n_read = 0
     with open(path, "rb", buffering=0) as source:
         source.seek(start)
-        n_read = source.readinto(payload)
+        while n_read < length and (got := source.readinto(memoryview(payload)[n_read:])):  # a read may be short
+            n_read += got
     return payload[:n_read]
 
 
