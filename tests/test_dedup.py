@@ -1,5 +1,6 @@
 """Exact and near-duplicate removal (word n-gram MinHash LSH): planted copies go, everything else stays."""
 
+import itertools
 import json
 import random
 
@@ -126,3 +127,20 @@ def test_extract_dedup_matches_extract_of_the_deduplicated_file(monkeypatch, cap
 def test_bad_settings_are_one_line(monkeypatch, capsys, tmp_path, flag):
     code, _, err = run_cli(monkeypatch, capsys, "dedup", "--out", str(tmp_path / "o.parquet"), flag, "0")
     assert_one_line_error(code, err, flag.strip("-"))
+
+
+def test_a_second_pass_reuses_each_rows_verdict(tmp_path, monkeypatch):
+    """extract reads the rows twice (the pre-check, then the extraction): the filter sees each row once, and the
+    second pass keeps and skips exactly the rows the first did."""
+    reader = DatasetReader(str(write_jsonl(tmp_path / "d.jsonl", planted_rows())), dedup=DedupSettings())
+    checked = []
+    original = DuplicateFilter.check
+    monkeypatch.setattr(DuplicateFilter, "check",
+                        lambda self, index, text: checked.append(index) or original(self, index, text))
+    first = [record.source_row for record in itertools.islice(reader, 25)]  # a pass that stops early
+    second = [record.source_row for record in reader]
+    assert first == list(range(25)) and second == list(range(40))
+    assert sorted(checked) == sorted(set(checked))  # no row checked twice
+    assert dict(reader.skipped) == {"duplicate": 5, "near duplicate": 5}
+    counts = reader.duplicates.counts
+    assert (counts.duplicates, counts.near_duplicates, counts.clusters) == (5, 5, 10)

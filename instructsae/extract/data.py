@@ -26,8 +26,10 @@ class DatasetReader:
     rows_used counts the rows read so far that gave a Record; `skipped` counts the others by reason (a
     truncated last row counts as 'cut off'); truncated_tail says the file ended before its JSON array closed.
     With `dedup`, rows that repeat an earlier kept row are skipped as 'duplicate' or 'near duplicate'.
-    Iterating again starts over and resets the counts. Errors of the files (not UTF-8, not JSON, not parquet)
-    are one UserError naming the file and line.
+    Iterating again starts over and resets the skip counts; each row's duplicate verdict is computed once per
+    reader (extract's pre-check and the extraction itself read the same rows in the same order, and a row's
+    verdict depends only on the rows before it), so `duplicates.counts` counts each row checked once. Errors of
+    the files (not UTF-8, not JSON, not parquet) are one UserError naming the file and line.
     """
 
     def __init__(self, dataset: str, split: str | None = None, column: str | None = None,
@@ -38,6 +40,9 @@ class DatasetReader:
         self.column, self.role_key, self.content_key = column, role_key, content_key
         self.dedup = dedup
         self.format: RowFormat | None = None
+        self.duplicates = DuplicateFilter(dedup) if dedup else None
+        self._checked_through = -1  # rows up to this index have their duplicate verdict
+        self._duplicate_rows: dict[int, str] = {}  # index: verdict, for the rows found to be duplicates
         self._reset()
 
     @classmethod
@@ -49,7 +54,6 @@ class DatasetReader:
         self.skipped: Counter = Counter()
         self.unknown_roles: Counter = Counter()
         self.truncated_tail = False
-        self.duplicates = DuplicateFilter(self.dedup) if self.dedup else None
 
     def sha256(self) -> str:
         """What identifies the rows read (the store records it): the source's bytes, or a hub snapshot's."""
@@ -98,12 +102,23 @@ class DatasetReader:
                     self.unknown_roles[record.detail] += 1
                 continue
             if self.duplicates is not None:
-                verdict = self.duplicates.check(index, record_text(record))
+                verdict = self._duplicate_verdict(index, record)
                 if verdict is not None:
                     self.skipped[verdict] += 1
                     continue
             self.rows_used += 1
             yield record
+
+    def _duplicate_verdict(self, index: int, record: Record) -> str | None:
+        """The filter's verdict on this row, computed at its first reading; rows arrive in ascending order, so a
+        row not checked yet comes after every row the filter has seen."""
+        if index <= self._checked_through:
+            return self._duplicate_rows.get(index)
+        verdict = self.duplicates.check(index, record_text(record))
+        self._checked_through = index
+        if verdict is not None:
+            self._duplicate_rows[index] = verdict
+        return verdict
 
     def skip_report(self) -> str | None:
         """One line: how many rows were skipped and why (None when none were)."""
