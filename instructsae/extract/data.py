@@ -38,12 +38,15 @@ class DatasetReader:
         self.dataset = dataset
         self.split = self.source.split
         self.column, self.role_key, self.content_key = column, role_key, content_key
-        self.dedup = dedup
         self.format: RowFormat | None = None
+        self._start_dedup(dedup)
+        self._reset()
+
+    def _start_dedup(self, dedup: DedupSettings | None) -> None:
+        self.dedup = dedup
         self.duplicates = DuplicateFilter(dedup) if dedup else None
         self._checked_through = -1  # rows up to this index have their duplicate verdict
         self._duplicate_rows: dict[int, str] = {}  # index: verdict, for the rows found to be duplicates
-        self._reset()
 
     @classmethod
     def from_options(cls, options: DatasetOptions, dedup: DedupSettings | None = None) -> "DatasetReader":

@@ -60,8 +60,8 @@ class InMemoryReader(DatasetReader):
         self.dataset = dialogues.name
         self.split = "train"
         self.column, self.role_key, self.content_key = options.column, options.role_key, options.content_key
-        self.dedup = dedup
         self.format = None
+        self._start_dedup(dedup)
         self._reset()
 
     def sha256(self) -> str:
