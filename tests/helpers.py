@@ -32,8 +32,6 @@ def assert_one_line_error(code: int, err: str, *expected: str) -> None:
         assert text in lines[0], lines[0]
 
 
-
-
 def interrupt_extraction_at(monkeypatch, group: int):
     """Make extraction's forward pass raise KeyboardInterrupt (a kill between groups) at its `group`-th call;
     returns the real forward pass, for the test to put back before the rerun."""

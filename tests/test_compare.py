@@ -2,9 +2,12 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from helpers import assert_one_line_error, run_cli
+
+from instructsae.pipelines.compare_report import summary_tables
 
 
 def write_jsonl(path, rows) -> str:
@@ -95,11 +98,6 @@ def test_a_bad_grid_is_refused_before_any_extraction(grid, expected, tiny_model_
 
 def test_readme_verdict_tables_come_from_the_committed_report():
     """The README's verdict tables are summary_tables of docs/compare/verdicts.json, as report.md shows them."""
-    import json
-    from pathlib import Path
-
-    from instructsae.pipelines.compare_report import summary_tables
-
     root = Path(__file__).parent.parent
     tables = summary_tables(json.loads((root / "docs/compare/verdicts.json").read_text()), 0.95)
     assert "| jumprelu | NMSE |" in tables

@@ -29,6 +29,11 @@ BOOTSTRAP = (
     "bound on the real uncertainty, not a guarantee.")
 
 
+def difference(row: dict) -> str:
+    """FAST minus the other method and its interval, to the digits of the metric (per role: of the figure)."""
+    return format_interval(row["delta"], row["interval"], DIGITS.get(row["metric"].split(":")[0], 4))
+
+
 def verdict_table(rows: list[dict], keys: set[str] | None, level: float) -> str:
     """One row per (architecture, metric): FAST − BT(F) and FAST − BT(P) with interval and verdict."""
     lines = [f"| arch | metric | common L0 (vs BT(F)) | FAST − BT(F) [{level:.0%} CI] | verdict | "
@@ -38,7 +43,7 @@ def verdict_table(rows: list[dict], keys: set[str] | None, level: float) -> str:
     for row in rows:
         if keys is None or row["metric"] in keys:
             grouped.setdefault((row["arch"], row["metric"]), {"label": row["label"]})[row["other"]] = row
-    for (arch, metric), group in grouped.items():
+    for (arch, _metric), group in grouped.items():
         cells = []
         for other in ("bt-f", "bt-p"):
             row = group.get(other)
@@ -47,9 +52,7 @@ def verdict_table(rows: list[dict], keys: set[str] | None, level: float) -> str:
             elif "refused" in row:
                 cells.append(f"– | not compared: {row['refused']} | –")
             else:
-                digits = DIGITS.get(metric.split(":")[0], 4)
-                cells.append(f"{row['l0_low']:.1f}–{row['l0_high']:.1f} | "
-                             f"{format_interval(row['delta'], row['interval'], digits)} | **{row['verdict']}**")
+                cells.append(f"{row['l0_low']:.1f}–{row['l0_high']:.1f} | {difference(row)} | **{row['verdict']}**")
         lines.append(f"| {arch} | {group['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -72,8 +75,7 @@ def summary_tables(verdicts: dict, level: float) -> str:
                 if row["other"] != other or row["metric"] not in OVERALL:
                     continue
                 text = (f"not compared: {row['refused']}" if "refused" in row else
-                        f"{format_interval(row['delta'], row['interval'], DIGITS[row['metric']])} "
-                        f"**{row['verdict']}**")
+                        f"{difference(row)} **{row['verdict']}**")
                 cells.setdefault((row["arch"], row["label"]), {})[name] = text
         for (arch, label), by_name in cells.items():
             lines.append(f"| {arch} | {label} | " + " | ".join(by_name.get(name, "–") for name in names) + " |")

@@ -84,6 +84,9 @@ class ShardedArray:
     def _error(self, chunk: int, what: str, detail: str) -> ChunkError:
         return ChunkError(self.store, self.spec.name, chunk, self.chunk_rows(chunk), what, detail)
 
+    def _missing_shard(self, chunk: int, path: str) -> ChunkError:
+        return self._error(chunk, "missing", f"its shard file {path} is not there")
+
     def _shard_index(self, shard: int, chunk: int) -> np.ndarray:
         index = self._indexes.get(shard)
         if index is not None:
@@ -92,7 +95,7 @@ class ShardedArray:
         try:
             raw = self.fs.cat_file(path, start=-self.index_bytes)
         except FileNotFoundError:
-            raise self._error(chunk, "missing", f"its shard file {path} is not there") from None
+            raise self._missing_shard(chunk, path) from None
         if len(raw) < self.index_bytes or not crc32c_ok(raw):
             size = self.fs.size(path)
             expected = self.expected_shard_size(shard, self.n_rows)
@@ -133,7 +136,7 @@ class ShardedArray:
         try:
             return read_local_range(path, start, length)
         except FileNotFoundError:
-            raise self._error(chunk, "missing", f"its shard file {path} is not there") from None
+            raise self._missing_shard(chunk, path) from None
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of the committed rows, gathered from the chunks they span."""
