@@ -70,7 +70,7 @@ def stream_parts(reader) -> None:
         return wrapper
 
     buffer_class = stream.MixingBuffer
-    originals = {name: getattr(buffer_class, name) for name in ("add", "take", "shuffle_out")}
+    originals = {name: getattr(buffer_class, name) for name in ("place", "add_placed", "take", "shuffle_out")}
     for name, fn in originals.items():
         setattr(buffer_class, name, timed(name, fn))
     try:

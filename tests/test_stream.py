@@ -242,3 +242,21 @@ def test_reader_threads_end_when_the_consumer_stops_early():
     time.sleep(0.05)  # let the pool run ahead
     stream.close()  # what a run does when it stops early
     assert reader_threads() == before, "a reader thread outlived its stream"
+
+
+def test_a_stream_closed_with_reads_in_flight_goes_on_with_the_same_batches_in_the_same_storage():
+    read_chunk, n_tokens = labelled_chunks(23)
+    settings = dict(batch_size=16, buffer_tokens=96, seed=2, max_tokens=2 * n_tokens + 8, prefetch_chunks=4,
+                    read_threads=3)
+    whole = list(iter_batches(slow_in_random_order(read_chunk), range(23), **settings))
+    stream = iter_batches(slow_in_random_order(read_chunk, seed=1), range(23), **settings)
+    got = [stream.next_batch() for _ in range(5)]
+    for _ in range(3):  # each close drops the reads ahead; their slots must come back, or the storage grows
+        stream.close()
+        got += [stream.next_batch() for _ in range(5)]
+    storage_rows = len(stream.buffer.rows)
+    got += list(stream)
+    assert len(got) == len(whole)
+    for expected, batch in zip(whole, got):
+        assert torch.equal(batch, expected)
+    assert len(stream.buffer.rows) == storage_rows == 96 + (4 + 2) * CHUNK, "rows in flight outgrew the reserve"

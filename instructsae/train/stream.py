@@ -7,6 +7,7 @@ activations, and a resumed stream hands out exactly the batches the uninterrupte
 
 import itertools
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -68,44 +69,79 @@ class MixingBuffer:
     whatever dtype they come in (the store's: bf16 is half the bytes to move). They are written once into slots
     of one storage tensor and gathered once into their batch: the mixing itself moves only slot numbers (an
     earlier version concatenated and re-gathered the whole buffer at each shuffle, into fresh memory: 4-5 copies
-    of each row). With `pin_memory` each batch is gathered into page-locked memory, so its copy to a CUDA
-    device can run without blocking.
+    of each row). A stream's reader threads `place` each chunk's rows into free slots as soon as they have read
+    it, while its bytes are still in their CPU cache and beside the consumer's work; the consumer then only
+    `add_placed`s their slots (the same batches as `add`). `reserve_tokens` is the storage kept beyond the
+    capacity for rows placed and not yet added. With `pin_memory` each batch is gathered into page-locked memory,
+    so its copy to a CUDA device can run without blocking.
     """
 
     def __init__(self, capacity_tokens: int, batch_size: int, generator: torch.Generator,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, reserve_tokens: int = 0):
         self.capacity = max(capacity_tokens, 2 * batch_size)
         self.batch_size = batch_size
         self.generator = generator
         self.pin_memory = pin_memory
+        self.reserve = reserve_tokens
         self.rows: torch.Tensor | None = None  # [slots, ...] storage, made at the first rows
         self.ids = torch.empty(0, dtype=torch.long)  # the id of the row in each slot
         self.free = torch.empty(0, dtype=torch.long)  # slots holding no row
         self.freed: list[torch.Tensor] = []  # slots of the batches handed out since, to join `free`
+        self.unadded: dict[int, torch.Tensor] = {}  # slots placed and not yet added, by id(slots)
+        self.lock = threading.Condition()  # over the slot lists and the storage, against placing threads
+        self.writers = 0  # threads writing rows into the storage now; it grows only when none is
         self.waiting: list[torch.Tensor] = []  # slots of the rows waiting to be mixed, in order
         self.size = 0
         # slots set aside by the last shuffle, handed out batch by batch: out[cursor:]
         self.out, self.cursor = torch.empty(0, dtype=torch.long), 0
 
     def add(self, rows_N: torch.Tensor, ids_N: torch.Tensor) -> None:
-        if len(rows_N) == 0:
-            return
-        slots_N = self._free_slots(len(rows_N), rows_N)
-        # numpy writes each row as one block of bytes; torch's index_copy_ ran ~3x (one thread) to ~30x (two
-        # threads on a busy machine) slower on bf16 rows
-        as_records(self.rows)[slots_N.numpy()] = as_records(rows_N.contiguous())
-        self.ids[slots_N] = ids_N
-        self.waiting.append(slots_N)
-        self.size += len(rows_N)
+        self.add_placed(self.place(rows_N), ids_N)
+
+    def place(self, rows_N: torch.Tensor) -> torch.Tensor:
+        """Write rows into free slots (any thread); the slots, for `add_placed` on the consumer's thread."""
+        if len(rows_N) == 0:  # no storage made from an empty part: its shape may not be the rows'
+            slots_N, storage = torch.empty(0, dtype=torch.long), None
+        with self.lock:
+            if len(rows_N):
+                slots_N = self._free_slots(len(rows_N), rows_N)
+                storage, self.writers = self.rows, self.writers + 1
+        try:  # outside the lock: the consumer gathers and other readers write while this one writes
+            if storage is not None:
+                # numpy writes each row as one block of bytes; torch's index_copy_ ran ~3x (one thread) to ~30x
+                # (two threads on a busy machine) slower on bf16 rows
+                as_records(storage)[slots_N.numpy()] = as_records(rows_N.contiguous())
+        finally:
+            with self.lock:
+                self.unadded[id(slots_N)] = slots_N
+                if storage is not None:
+                    self.writers -= 1
+                    self.lock.notify_all()
+        return slots_N
+
+    def add_placed(self, slots_N: torch.Tensor, ids_N: torch.Tensor) -> None:
+        with self.lock:
+            del self.unadded[id(slots_N)]
+            self.ids[slots_N] = ids_N
+        if len(slots_N):
+            self.waiting.append(slots_N)
+            self.size += len(slots_N)
+
+    def release_unadded(self) -> None:
+        """Free the slots of rows placed and never added (a stream closed with reads in flight)."""
+        with self.lock:
+            self.freed.extend(self.unadded.values())
+            self.unadded.clear()
 
     def _free_slots(self, n: int, like_N: torch.Tensor) -> torch.Tensor:
         if self.freed:
             self.free, self.freed = torch.cat([self.free, *self.freed]), []
         if self.rows is None:
-            self.rows = hugepage_empty((self.capacity + n, *like_N.shape[1:]), like_N.dtype)
+            self.rows = hugepage_empty((self.capacity + max(self.reserve, n), *like_N.shape[1:]), like_N.dtype)
             self.ids = torch.empty(len(self.rows), dtype=torch.long)
             self.free = torch.arange(len(self.rows))
-        if len(self.free) < n:  # a restore, or a chunk larger than the first: grow (rare)
+        if len(self.free) < n:  # a restore, or more rows in flight than reserved: grow (rare)
+            self.lock.wait_for(lambda: self.writers == 0)  # a row written into the old storage would be lost
             grown = hugepage_empty((len(self.rows) + n, *self.rows.shape[1:]), self.rows.dtype)
             grown[:len(self.rows)] = self.rows
             self.free = torch.cat([self.free, torch.arange(len(self.rows), len(grown))])
@@ -141,7 +177,8 @@ class MixingBuffer:
         else:  # numpy gathers whole rows on one thread: steadier than torch's threads on a busy CPU
             gathered = as_records(self.rows)[slots.numpy()]
             batch = torch.from_numpy(gathered.view(np.uint8)).view(self.rows.dtype).view(-1, *self.rows.shape[1:])
-        self.freed.append(slots)  # the batch is a copy: its slots may take new rows
+        with self.lock:
+            self.freed.append(slots)  # the batch is a copy: its slots may take new rows
         return batch, self.ids[slots]
 
     def state_ids(self) -> dict:
@@ -151,7 +188,7 @@ class MixingBuffer:
 
     def restore(self, waiting: tuple[torch.Tensor, torch.Tensor], pending: tuple[torch.Tensor, torch.Tensor],
                 generator_state: torch.Tensor) -> None:
-        self.rows, self.waiting, self.size, self.freed = None, [], 0, []
+        self.rows, self.waiting, self.size, self.freed, self.unadded = None, [], 0, [], {}
         self.out, self.cursor = torch.empty(0, dtype=torch.long), 0
         if len(pending[0]):
             self.add(*pending)  # into the first slots, then set aside as the last shuffle would have
@@ -181,7 +218,11 @@ class ShuffledStream:
         self.read_chunk, self.chunk_ids, self.chunk_tokens = read_chunk, np.asarray(chunk_ids), chunk_tokens
         self.seed, self.max_tokens, self.prefetch_chunks = seed, max_tokens, prefetch_chunks
         self.read_threads = read_threads if prefetch_chunks else 0
-        self.buffer = MixingBuffer(buffer_tokens, batch_size, torch.Generator().manual_seed(seed), pin_memory)
+        # rows placed and not yet added: the reads ahead (read_ahead submits one beyond its depth) and the one
+        # chunk the consumer holds
+        in_flight = (max(self.prefetch_chunks, 1) + 2) * chunk_tokens
+        self.buffer = MixingBuffer(buffer_tokens, batch_size, torch.Generator().manual_seed(seed), pin_memory,
+                                   reserve_tokens=in_flight)
         self.epoch, self.cursor, self.tokens_seen = 0, 0, 0  # cursor: chunks of this epoch taken in
         self.seconds = 0.0  # spent reading and shuffling, for the benchmarks
         self._chunks: Iterator | None = None
@@ -196,12 +237,13 @@ class ShuffledStream:
             yield epoch, None, None
 
     def _read(self, planned: tuple[int, int | None, int | None]) -> tuple:
-        """(epoch, cursor after it, rows, ids) for a chunk, (epoch, None, None, None) at an epoch's end."""
+        """(epoch, cursor after it, slots, ids) for a chunk read and placed in the buffer, (epoch, None, None,
+        None) at an epoch's end."""
         epoch, cursor, index = planned
         if index is None:
             return epoch, None, None, None
-        rows = self.read_chunk(index)
-        return epoch, cursor, rows, torch.arange(len(rows)) + index * self.chunk_tokens
+        slots = self.buffer.place(self.read_chunk(index))
+        return epoch, cursor, slots, torch.arange(len(slots)) + index * self.chunk_tokens
 
     def next_batch(self) -> torch.Tensor | None:
         """The next batch, or None when the budget (or the one epoch) is spent."""
@@ -224,14 +266,14 @@ class ShuffledStream:
             item = next(self._chunks, None)
             if item is None:  # the one epoch is over
                 return None
-            epoch, cursor, rows, ids = item
-            if rows is None:  # an epoch's end: hand out what is left, then go on to the next epoch
+            epoch, cursor, slots, ids = item
+            if slots is None:  # an epoch's end: hand out what is left, then go on to the next epoch
                 self.epoch, self.cursor = epoch + 1, 0
                 if self.buffer.size:
                     self.buffer.shuffle_out(everything=True)
                 continue
             self.epoch, self.cursor = epoch, cursor
-            self.buffer.add(rows, ids)
+            self.buffer.add_placed(slots, ids)
         batch = taken[0]
         if self.max_tokens is not None:
             batch = batch[: self.max_tokens - self.tokens_seen]
@@ -249,6 +291,7 @@ class ShuffledStream:
         if self._chunks is not None:
             self._chunks.close()  # cancels the reads not started, waits for those under way
             self._chunks = None
+            self.buffer.release_unadded()
 
     def state_dict(self) -> dict:
         """Where the stream is, as ids: enough to hand out exactly the same batches after a restart."""
