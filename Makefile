@@ -69,6 +69,7 @@ bench: $(STAMP)
 	$(PY) bench/sae_step.py --store $(STORE)
 	$(PY) bench/train_stream.py --store $(STORE)
 	$(PY) bench/sweep_vs_sequential.py --store $(STORE)
+	$(PY) bench/lm_view.py --store $(HELDOUT) --sae runs/demo/saes/jumprelu --sae runs/demo/saes/standard --copies 2
 	$(PY) bench/extract_batching.py
 	$(PY) bench/store_write.py
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from instructsae.evaluate.dialogues import StoredSequence
+from instructsae.evaluate import splice
 from instructsae.evaluate.splice import QUANTITIES, final_hidden, lm_view, zero_replacement
 from instructsae.extract.data import Message
 from instructsae.extract.instances import tokenize_dialogue
-from instructsae.lm.models import load_model
+from instructsae.lm.models import decoder_layers, load_model
 from instructsae.schemas import StandardConfig
 from instructsae.train.sae import build_sae
 from instructsae.train.sae.standard import StandardSAE
@@ -121,3 +122,66 @@ def test_several_saes_share_one_view_and_get_their_own_results(lm):
         clean = QUANTITIES.index("ce_clean")
         assert per_sequence["sums_IQR"][:, clean].sum() / shared["n_tokens"] == pytest.approx(shared["ce_clean"])
     assert together[0]["ce_loss_recovered"] == 1.0 and together[1]["ce_loss_recovered"] == 0.0
+
+
+def without_sequences(results: list[dict]) -> list[dict]:
+    return [{name: value for name, value in result.items() if name != "per_sequence"} for result in results]
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_skipping_the_layers_below_the_splice_changes_no_figure(lm, layer, monkeypatch):
+    torch.manual_seed(2)
+    saes = [identity_sae(lm.d_model), build_sae(StandardConfig(expansion=2), lm.d_model).eval()]
+    first_layer = decoder_layers(lm.model)[0]
+    computed, layer_forward = [], type(first_layer).forward
+
+    def counted(module, *args, **kwargs):
+        computed.append(module is first_layer)
+        return layer_forward(module, *args, **kwargs)
+
+    monkeypatch.setattr(type(first_layer), "forward", counted)
+    views, first_layer_runs = [], []
+    for reuse in (True, False):
+        monkeypatch.setattr(splice, "lower_layers_can_be_reused", lambda *args, reuse=reuse: reuse)
+        computed.clear()
+        views.append(lm_view(lm.model, layer, saes, sequences(lm.tokenizer, 1), 1, 256, lm.tokenizer.pad_token_id))
+        first_layer_runs.append(sum(computed))
+    assert without_sequences(views[0]) == without_sequences(views[1])
+    assert first_layer_runs[0] * 4 == first_layer_runs[1], "layer 0 ran for more than the clean run"
+    assert all("forward" not in vars(module) for module in decoder_layers(lm.model)), "a layer kept its stand-in"
+
+
+def test_lower_layers_are_skipped_only_where_that_gives_the_clean_run(lm, monkeypatch):
+    """A model whose top reads what layer 0 left behind (as layers sharing a KV cache do) runs whole when the
+    splice is at layer 1."""
+    input_ids_BS = torch.from_numpy(sequences(lm.tokenizer, 1)[0].token_ids.astype(np.int64))[None]
+    assert splice.lower_layers_can_be_reused(lm.model, 1, input_ids_BS, *splice.clean_run(lm.model, 1, input_ids_BS))
+    left_behind = {}
+    keep = lambda _module, _inputs, output: left_behind.update(output=output)  # noqa: E731
+    handles = [decoder_layers(lm.model)[0].register_forward_hook(keep),
+               lm.model.base_model.norm.register_forward_pre_hook(
+                   lambda _m, args: (args[0] + 0.5 * left_behind["output"], *args[1:]))]
+    try:
+        assert not splice.lower_layers_can_be_reused(lm.model, 1, input_ids_BS,
+                                                     *splice.clean_run(lm.model, 1, input_ids_BS))
+        saes = [zero_sae(lm.d_model)]
+        figures = lm_view(lm.model, 1, saes, sequences(lm.tokenizer, 1), 1, 256, lm.tokenizer.pad_token_id)
+        monkeypatch.setattr(splice, "lower_layers_can_be_reused", lambda *args: False)
+        whole = lm_view(lm.model, 1, saes, sequences(lm.tokenizer, 1), 1, 256, lm.tokenizer.pad_token_id)
+        assert without_sequences(figures) == without_sequences(whole)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_an_instance_forward_comes_back_after_the_view(lm):
+    """accelerate puts its own forward on a module instance; the view must leave it there."""
+    layer = decoder_layers(lm.model)[0]
+    original = layer.forward
+    layer.forward = lambda *args, **kwargs: original(*args, **kwargs)
+    own = layer.forward
+    try:
+        run(lm, identity_sae(lm.d_model))
+        assert vars(layer)["forward"] is own
+    finally:
+        del layer.forward

@@ -8,7 +8,8 @@ position and predicts a stored token, so each counted prediction is one the spli
 that of the token predicted.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -53,6 +54,66 @@ def final_hidden(model: torch.nn.Module, layer: int, input_ids_BS: torch.Tensor,
     finally:
         if handle is not None:
             handle.remove()
+
+
+@torch.no_grad()
+def clean_run(model: torch.nn.Module, layer: int, input_ids_BS: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The clean final hidden states, and for `reused_lower_layers` whether each decoder layer below `layer`
+    returned a tuple and what `layer` returned."""
+    layers = decoder_layers(model)[:layer + 1]
+    outputs: list = []
+
+    def keep(module, _inputs, output):
+        outputs.append(output if module is layers[-1] else isinstance(output, tuple))
+
+    handles = [module.register_forward_hook(keep) for module in layers]
+    try:
+        return model.base_model(input_ids=input_ids_BS, use_cache=False).last_hidden_state, outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def copy_of(output):
+    """A layer's output (a tensor, or a tuple starting with one) with its hidden states copied: the runs that
+    reuse it must not see each other's changes."""
+    return (output[0].clone(), *output[1:]) if isinstance(output, tuple) else output.clone()
+
+
+@contextmanager
+def reused_lower_layers(model: torch.nn.Module, layer: int, clean_outputs: list) -> Iterator[None]:
+    """Inside, decoder layers below `layer` hand their input on untouched and `layer` returns what it returned
+    in the clean run of the same batch: nothing a run changes at `layer`'s output can change them, so a spliced
+    run computes only the layers above (about half the model at a middle layer)."""
+    layers = decoder_layers(model)[:layer + 1]
+    saved = [module.__dict__.get("forward") for module in layers]  # an instance's own forward (accelerate's)
+
+    def passing_on(returns_tuple: bool):
+        return lambda hidden_states, *args, **kwargs: (hidden_states,) if returns_tuple else hidden_states
+
+    for module, returns_tuple in zip(layers[:-1], clean_outputs[:-1]):
+        module.forward = passing_on(returns_tuple)
+    layers[-1].forward = lambda *args, **kwargs: copy_of(clean_outputs[-1])
+    try:
+        yield
+    finally:
+        for module, forward in zip(layers, saved):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+def lower_layers_can_be_reused(model: torch.nn.Module, layer: int, input_ids_BS: torch.Tensor,
+                               clean_BSD: torch.Tensor, clean_outputs: list) -> bool:
+    """Does a run reusing the lower layers give the clean run's hidden states? Not for a model whose upper
+    layers read more than the layer below hands them (layers sharing a KV cache, say): it then runs whole."""
+    try:
+        with reused_lower_layers(model, layer, clean_outputs):
+            again_BSD = model.base_model(input_ids=input_ids_BS, use_cache=False).last_hidden_state
+    except Exception:  # any architecture this cannot skip layers of: run it whole, as before
+        return False
+    return again_BSD.shape == clean_BSD.shape and torch.allclose(again_BSD, clean_BSD, rtol=1e-4, atol=1e-5)
 
 
 def log_probs(model: torch.nn.Module, hidden_ND: torch.Tensor) -> torch.Tensor:
@@ -104,20 +165,26 @@ def summarize_by_role(sums_QR: np.ndarray, count_R: np.ndarray) -> dict:
 def lm_view(model: torch.nn.Module, layer: int, saes: list[torch.nn.Module], sequences: list[StoredSequence],
             first_stored: int, batch_tokens: int, pad_id: int, device: str = "cpu") -> list[dict]:
     """Per SAE: CE clean / spliced / ablated, CE loss recovered and KLs over the sequences, overall and per
-    role, and under 'per_sequence' the sums behind them per sequence and role (numpy arrays). The clean and ablated runs are shared by all the SAEs (of one layer), so K SAEs cost K + 2 forward
-    passes per batch, not 3K."""
+    role, and under 'per_sequence' the sums behind them per sequence and role (numpy arrays). The clean and
+    ablated runs are shared by all the SAEs (of one layer), so K SAEs cost K + 2 forward passes per batch, not
+    3K; and all runs but the clean one compute only the layers above the splice."""
     # per sequence (the order of `sequences`) and role of the predicted token, for a bootstrap over sequences
     sums_SIQR = np.zeros((len(saes), len(sequences), len(QUANTITIES), len(ROLES)))
     count_IR = np.zeros((len(sequences), len(ROLES)), dtype=np.int64)
     lengths = [len(sequence.token_ids) for sequence in sequences]
+    reuse = None  # whether the spliced runs may skip the layers below the splice: checked on the first batch
     with tqdm(total=sum(len(s.roles) for s in sequences), desc="LM view", unit="tok", unit_scale=True,
               dynamic_ncols=True) as bar:
         for batch in length_batches(lengths, batch_tokens):
             input_ids_BS = padded_batch(sequences, batch, pad_id).to(device)
-            clean_BSD, ablated_BSD = (final_hidden(model, layer, input_ids_BS, first_stored, replace)
-                                      for replace in (None, zero_replacement))
-            spliced_SBSD = [final_hidden(model, layer, input_ids_BS, first_stored, sae_replacement(sae))
-                            for sae in saes]
+            clean_BSD, clean_outputs = clean_run(model, layer, input_ids_BS)
+            if reuse is None:
+                reuse = lower_layers_can_be_reused(model, layer, input_ids_BS, clean_BSD, clean_outputs)
+            with reused_lower_layers(model, layer, clean_outputs) if reuse else nullcontext():
+                ablated_BSD = final_hidden(model, layer, input_ids_BS, first_stored, zero_replacement)
+                spliced_SBSD = [final_hidden(model, layer, input_ids_BS, first_stored, sae_replacement(sae))
+                                for sae in saes]
+            del clean_outputs
             for row, index in enumerate(batch):
                 # predictions made at stored positions first_stored .. n-2 of the stored tokens 1 ..
                 made_at = slice(first_stored, lengths[index] - 1)
