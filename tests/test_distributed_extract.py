@@ -1,7 +1,7 @@
 """`extract` under torchrun (gloo, 2 ranks): one store from its ranks' parts, equal per instance to a single-process
-extraction, also after a rank is SIGKILLed and the command rerun on 1 or 2 ranks; its writer lock; `verify` of
-every part. Each torchrun start costs ~10-20 s of imports on 2 cores, so the tests share what they can: one
-2-rank store, one killed store copied for both reruns, reruns on 1 rank in this process."""
+extraction, also after a rank is SIGKILLed and the command rerun on 1 or 2 ranks, and into an s3:// store; its
+writer lock; `verify` of every part. Each torchrun start costs ~10-20 s of imports on 2 cores, so the tests share
+what they can: one 2-rank store, one killed store copied for both reruns, reruns on 1 rank in this process."""
 
 import os
 import shutil
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import numpy as np
 import psutil
@@ -28,7 +29,6 @@ from instructsae.schemas import ExtractConfig, JumpReLUConfig, OptimConfig, Trai
 from instructsae.store.reader import StoreReader
 from instructsae.train.run import run_training, split_chunks
 
-# Shards of 2 chunks: a part (400 tokens) commits as it goes, so a killed rank leaves a part to resume midway.
 # Shards of 2 chunks: a part (250 tokens) commits as it goes, so a killed rank leaves a part to resume midway.
 SETTINGS = dict(dataset="chatterbot", layers=(0, 1), max_instances=60, dtype="float32", chunk_tokens=32,
                 batch_tokens=64, shard_mb=0.02)
@@ -111,6 +111,15 @@ def test_two_ranks_write_one_store_equal_to_one_process(tiny_model_dir, single, 
     train_chunks, _ = split_chunks(reader.n_chunks, 0.05)
     train_tokens = sum(stop - start for start, stop in map(reader.chunk_bounds, train_chunks))
     assert summary["tokens_seen"] == train_tokens // 64 * 64  # one epoch of the training chunks, whole batches
+
+
+def test_two_ranks_write_one_store_into_object_storage(tiny_model_dir, single, s3_server, monkeypatch, capsys):
+    """The same 2-rank extraction into an s3:// store (the loopback S3 server's environment reaches the ranks)."""
+    out = f"{s3_server}/{uuid.uuid4().hex}/store"
+    instructsae(*args(tiny_model_dir, out), ranks=2)
+    assert_same_instances(single, out)
+    code, stdout, _ = run_cli(monkeypatch, capsys, "verify", out)
+    assert code == 0, stdout
 
 
 def test_verify_reads_every_part_and_names_a_damaged_chunk(two_ranks, tmp_path, monkeypatch, capsys):
