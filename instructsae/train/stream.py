@@ -101,22 +101,22 @@ class MixingBuffer:
     def place(self, rows_N: torch.Tensor) -> torch.Tensor:
         """Write rows into free slots (any thread); the slots, for `add_placed` on the consumer's thread."""
         if len(rows_N) == 0:  # no storage made from an empty part: its shape may not be the rows'
-            slots_N, storage = torch.empty(0, dtype=torch.long), None
-        with self.lock:
-            if len(rows_N):
-                slots_N = self._free_slots(len(rows_N), rows_N)
-                storage, self.writers = self.rows, self.writers + 1
-        try:  # outside the lock: the consumer gathers and other readers write while this one writes
-            if storage is not None:
-                # numpy writes each row as one block of bytes; torch's index_copy_ ran ~3x (one thread) to ~30x
-                # (two threads on a busy machine) slower on bf16 rows
-                as_records(storage)[slots_N.numpy()] = as_records(rows_N.contiguous())
-        finally:
+            slots_N = torch.empty(0, dtype=torch.long)
             with self.lock:
                 self.unadded[id(slots_N)] = slots_N
-                if storage is not None:
-                    self.writers -= 1
-                    self.lock.notify_all()
+            return slots_N
+        with self.lock:
+            slots_N = self._free_slots(len(rows_N), rows_N)
+            self.unadded[id(slots_N)] = slots_N  # so release_unadded frees them, written or not
+            storage, self.writers = self.rows, self.writers + 1
+        try:  # outside the lock: the consumer gathers and other readers write while this one writes
+            # numpy writes each row as one block of bytes; torch's index_copy_ ran ~3x (one thread) to ~30x
+            # (two threads on a busy machine) slower on bf16 rows
+            as_records(storage)[slots_N.numpy()] = as_records(rows_N.contiguous())
+        finally:
+            with self.lock:
+                self.writers -= 1
+                self.lock.notify_all()
         return slots_N
 
     def add_placed(self, slots_N: torch.Tensor, ids_N: torch.Tensor) -> None:
