@@ -155,7 +155,8 @@ def test_lower_layers_are_skipped_only_where_that_gives_the_clean_run(lm, monkey
     """A model whose top reads what layer 0 left behind (as layers sharing a KV cache do) runs whole when the
     splice is at layer 1."""
     input_ids_BS = torch.from_numpy(sequences(lm.tokenizer, 1)[0].token_ids.astype(np.int64))[None]
-    assert splice.lower_layers_can_be_reused(lm.model, 1, input_ids_BS, *splice.clean_run(lm.model, 1, input_ids_BS))
+    clean = splice.clean_run(lm.model, 1, input_ids_BS)
+    assert splice.lower_layers_can_be_reused(lm.model, 1, input_ids_BS, *clean)
     left_behind = {}
     keep = lambda _module, _inputs, output: left_behind.update(output=output)  # noqa: E731
     handles = [decoder_layers(lm.model)[0].register_forward_hook(keep),
