@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from instructsae.evaluate.dialogues import StoredSequence
 from instructsae.evaluate import splice
+from instructsae.evaluate.dialogues import StoredSequence
 from instructsae.evaluate.splice import QUANTITIES, final_hidden, lm_view, zero_replacement
 from instructsae.extract.data import Message
 from instructsae.extract.instances import tokenize_dialogue

@@ -68,7 +68,7 @@ def clean_run(model: torch.nn.Module, layer: int, input_ids_BS: torch.Tensor) ->
 
     handles = [module.register_forward_hook(keep) for module in layers]
     try:
-        return model.base_model(input_ids=input_ids_BS, use_cache=False).last_hidden_state, outputs
+        return final_hidden(model, layer, input_ids_BS, 0, None), outputs
     finally:
         for handle in handles:
             handle.remove()
@@ -110,7 +110,7 @@ def lower_layers_can_be_reused(model: torch.nn.Module, layer: int, input_ids_BS:
     layers read more than the layer below hands them (layers sharing a KV cache, say): it then runs whole."""
     try:
         with reused_lower_layers(model, layer, clean_outputs):
-            again_BSD = model.base_model(input_ids=input_ids_BS, use_cache=False).last_hidden_state
+            again_BSD = final_hidden(model, layer, input_ids_BS, 0, None)
     except Exception:  # any architecture this cannot skip layers of: run it whole, as before
         return False
     return again_BSD.shape == clean_BSD.shape and torch.allclose(again_BSD, clean_BSD, rtol=1e-4, atol=1e-5)
