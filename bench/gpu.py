@@ -127,7 +127,7 @@ def sae_training(d_model: int, clock: Clock, steps: int = 50) -> None:
     """Section 3: the trainer's step on synthetic unit-norm batches already on the GPU."""
     from instructsae.schemas import JumpReLUConfig, OptimConfig, TopKConfig
     from instructsae.train.dead import DeadFeatureTracker
-    from instructsae.train.sae import build_sae
+    from instructsae.sae import build_sae
     from instructsae.train.trainer import Trainee
 
     batch_BD = torch.nn.functional.normalize(torch.randn(4096, d_model, device="cuda"), dim=1) * d_model ** 0.5

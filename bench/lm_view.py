@@ -17,7 +17,7 @@ from instructsae.evaluate import splice
 from instructsae.evaluate.dialogues import first_stored_position, stored_sequences
 from instructsae.lm.models import load_model
 from instructsae.store.reader import open_complete_store
-from instructsae.train.sae_folder import load_sae, sae_layer
+from instructsae.sae.folder import load_sae, sae_layer
 
 
 def main() -> None:

@@ -5,23 +5,27 @@
 Part 1 times one full optimiser step (forward, backward, Adam, decoder renormalisation) on real layer-15
 activations at three sparsity states: fresh weights (about half the latents fire) and thresholds set so that
 ~64 and ~16 latents fire per token, as after training. "plain autograd" is the loss as Gemma Scope's
-pseudo-code writes it (instructsae/train/sae/jumprelu_reference.py); "ours" is JumpReLUSAE.training_loss.
+pseudo-code writes it (tests/reference_jumprelu.py); "ours" is JumpReLUSAE.training_loss.
 Part 2 trains a fresh SAE for real (`instructsae train` code path, the demo's settings at expansion 16 and
 batch 4096) and reports its tokens/s over the whole run and after the sparsity warm-up.
 """
 
 import argparse
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from instructsae.store.reader import open_store
 from instructsae.schemas import JumpReLUConfig, OptimConfig, TrainConfig
+from instructsae.sae import build_sae
 from instructsae.train.run import run_training
-from instructsae.train.sae import build_sae
-from instructsae.train.sae.jumprelu_reference import reference_jumprelu_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the reference lives with the tests
+from reference_jumprelu import reference_jumprelu_loss  # noqa: E402
 
 D_MODEL, EXPANSION, BATCH = 576, 16, 4096
 

@@ -21,7 +21,7 @@ from instructsae.store.reader import open_store
 from instructsae.schemas import JumpReLUConfig, OptimConfig
 from instructsae.train import stream
 from instructsae.train.dead import DeadFeatureTracker
-from instructsae.train.sae import build_sae
+from instructsae.sae import build_sae
 from instructsae.train.trainer import Trainee, train
 from sae_step import set_sparsity
 

@@ -116,7 +116,7 @@ def open_store(path: str):
 def load_sae(path: str):
     """The SAE of a folder (ours or SAELens's), on raw activations: `.encode`, `.decode`, `forward`, and `.cfg`
     (cfg.json as a dict)."""
-    from instructsae.train.sae_folder import load_sae as load
+    from instructsae.sae.folder import load_sae as load
 
     sae, cfg = load(path)
     sae.cfg = cfg

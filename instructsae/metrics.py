@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # only for the annotation: the floor does not import a stage
-    from instructsae.train.sae import SparseAutoencoder
+    from instructsae.sae import SparseAutoencoder
 
 
 class ReconstructionSums:

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from instructsae.errors import UserError
+from instructsae.sae.folder import CFG_FILE, WEIGHTS_FILE, provenance
 from instructsae.schemas.base import differing_fields
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
-CFG_FILE = "cfg.json"  # the SAELens layout: cfg.json + sae_weights.safetensors
-WEIGHTS_FILE = "sae_weights.safetensors"
 CURVES_FILE = "training_curves.png"
 CHECKPOINT_FILE = "checkpoint.pt"
 EVAL_DIR = "eval"  # where `instructsae evaluate` writes its results
@@ -141,8 +140,6 @@ def check_existing_run(root: Path, key: str, settings: dict, store_fingerprint: 
 
 def _describe_difference(paths: RunPaths, settings: dict, store_fingerprint: str) -> str:
     """'sae.arch: jumprelu -> topk, ...' as far as the old cfg.json tells."""
-    from instructsae.train.sae_folder import provenance  # here: sae_folder imports this module's names
-
     try:
         metadata = provenance(json.loads(paths.cfg.read_text()))
         old_settings = {name: value for name, value in metadata["train_config"].items() if name in settings}

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from instructsae.errors import UserError
 from instructsae.schemas import JumpReLUConfig, StandardConfig
 from instructsae.schemas.train import BatchTopKConfig, TopKConfig
-from instructsae.train.export import load_sae, saelens_metadata, save_sae
-from instructsae.train.sae import SAE_CLASSES, build_sae
+from instructsae.sae.export import load_sae, saelens_metadata, save_sae
+from instructsae.sae import SAE_CLASSES, build_sae
 
 D_IN = 12
 CONFIGS = {"standard": StandardConfig(expansion=2), "jumprelu": JumpReLUConfig(expansion=2, init_threshold=0.02),

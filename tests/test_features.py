@@ -19,7 +19,7 @@ from instructsae.evaluate.feature_stats import FeatureStats, merge_top_n
 from instructsae.extract.run import run_extract
 from instructsae.store.reader import open_complete_store
 from instructsae.schemas import ROLES, ExtractConfig, OptimConfig, StandardConfig, TrainConfig
-from instructsae.train.export import load_sae
+from instructsae.sae.export import load_sae
 from instructsae.train.run import run_training
 
 CHROMIUM = Path("/usr/bin/chromium")

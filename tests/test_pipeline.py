@@ -6,8 +6,8 @@ import pytest
 from helpers import assert_one_line_error, run_cli
 
 from instructsae.schemas import StandardConfig
-from instructsae.train.export import save_sae
-from instructsae.train.sae import build_sae
+from instructsae.sae.export import save_sae
+from instructsae.sae import build_sae
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ import torch
 
 from instructsae.schemas import JumpReLUConfig, StandardConfig
 from instructsae.schemas.train import BatchTopKConfig, SAEConfig, TopKConfig
-from instructsae.train.export import SAELENS_ARCHITECTURE, load_sae, provenance, save_sae
-from instructsae.train.sae import SAE_CLASSES, build_sae
-from instructsae.train.sae.jumprelu import JumpReLUSAE
+from instructsae.sae.export import SAELENS_ARCHITECTURE, load_sae, provenance, save_sae
+from instructsae.sae import SAE_CLASSES, build_sae
+from instructsae.sae.jumprelu import JumpReLUSAE
 
 D_IN = 16
 CONFIGS = {"standard": StandardConfig(expansion=4), "jumprelu": JumpReLUConfig(expansion=4, init_threshold=0.05),

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from instructsae.schemas import JumpReLUConfig, StandardConfig
-from instructsae.train.sae import build_sae, sparse_products
-from instructsae.train.sae.jumprelu_reference import reference_jumprelu_loss
+from instructsae.sae import build_sae, sparse_products
+from reference_jumprelu import reference_jumprelu_loss
 
 
 def gradients(sae, loss):

@@ -8,10 +8,10 @@ from helpers import assert_one_line_error, run_cli
 
 from instructsae.errors import UserError
 from instructsae.schemas.train import BatchTopKConfig, TopKConfig
-from instructsae.train.export import load_sae
-from instructsae.train.sae import build_sae, check_sae_config
-from instructsae.train.sae.batchtopk import THRESHOLD_DECAY, BatchTopKSAE
-from instructsae.train.sae.topk import TopKSAE
+from instructsae.sae.export import load_sae
+from instructsae.sae import build_sae, check_sae_config
+from instructsae.sae.batchtopk import THRESHOLD_DECAY, BatchTopKSAE
+from instructsae.sae.topk import TopKSAE
 
 D_IN, D_SAE, K = 16, 64, 5
 

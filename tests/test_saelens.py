@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from instructsae.errors import UserError
 from instructsae.schemas import JumpReLUConfig, StandardConfig
 from instructsae.schemas.train import BatchTopKConfig, TopKConfig
-from instructsae.train.export import load_sae, save_sae
-from instructsae.train.sae import SAE_CLASSES, build_sae
-from instructsae.train.sae_folder import layer_from_hook_name, sae_layer, sae_model
+from instructsae.sae.export import load_sae, save_sae
+from instructsae.sae import SAE_CLASSES, build_sae
+from instructsae.sae.folder import layer_from_hook_name, sae_layer, sae_model
 
 D_IN = 64  # the tiny model's d_model
 

@@ -11,8 +11,8 @@ from instructsae.extract.data import Message
 from instructsae.extract.instances import tokenize_dialogue
 from instructsae.lm.models import decoder_layers, load_model
 from instructsae.schemas import StandardConfig
-from instructsae.train.sae import build_sae
-from instructsae.train.sae.standard import StandardSAE
+from instructsae.sae import build_sae
+from instructsae.sae.standard import StandardSAE
 
 LAYER = 0
 

@@ -12,8 +12,8 @@ from instructsae.evaluate.steering import (
 )
 from instructsae.lm.models import decoder_layers, load_model
 from instructsae.schemas import StandardConfig
-from instructsae.train.export import save_sae
-from instructsae.train.sae import build_sae
+from instructsae.sae.export import save_sae
+from instructsae.sae import build_sae
 
 LAYER = 1
 PROMPT = "Tell me a story about a robot."

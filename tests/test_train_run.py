@@ -13,9 +13,9 @@ from instructsae.errors import UserError
 from instructsae.metrics import reconstruction_metrics
 from instructsae.schemas import JumpReLUConfig, LayerStats, OptimConfig, StandardConfig, TrainConfig
 from instructsae.schemas.train import BatchTopKConfig, TopKConfig
-from instructsae.train.export import load_sae, provenance
+from instructsae.sae.export import load_sae, provenance
 from instructsae.train.run import run_training, split_chunks
-from instructsae.train.sae import SAE_CLASSES, build_sae
+from instructsae.sae import SAE_CLASSES, build_sae
 
 D_MODEL, CHUNK = 8, 64
 RUN_FILES = {"cfg.json", "sae_weights.safetensors", "metrics.jsonl", "summary.json", "training_curves.png"}

@@ -5,7 +5,7 @@ import torch
 from instructsae.schemas import JumpReLUConfig, OptimConfig, StandardConfig
 from instructsae.train.dead import DeadFeatureTracker
 from instructsae.train.init import geometric_median
-from instructsae.train.sae import build_sae
+from instructsae.sae import build_sae
 from instructsae.train.trainer import Trainee, learning_rate, sparsity_coefficient, train
 
 

@@ -24,7 +24,7 @@ from instructsae.fileio import write_atomically, write_text_atomically
 from instructsae.lm.models import load_tokenizer
 from instructsae.schemas.features import FeaturesConfig
 from instructsae.schemas.manifest import ROLE_CODE, ROLES
-from instructsae.train.sae import SparseAutoencoder
+from instructsae.sae import SparseAutoencoder
 
 LATENT_BUDGET = 1 << 24  # latents per encoded batch (64 MB of float32), whatever d_sae is
 OUTPUT_FILES = ("features.json", "features.parquet", "special_token_features.json", "dashboard.html")

@@ -22,8 +22,8 @@ from instructsae.lm.models import load_model
 from instructsae.metrics import ReconstructionSums
 from instructsae.run_folder import RunPaths
 from instructsae.schemas.evaluate import LMViewConfig
-from instructsae.train.sae_folder import load_sae, sae_layer
-from instructsae.train.sae import SparseAutoencoder
+from instructsae.sae.folder import load_sae, sae_layer
+from instructsae.sae import SparseAutoencoder
 
 
 def store_batches(reader: StoreReader, layer: int, max_tokens: int | None):

@@ -18,7 +18,7 @@ from instructsae.errors import UserError
 from instructsae.fileio import write_text_atomically
 from instructsae.lm.models import LoadedModel, decoder_layers, load_model
 from instructsae.schemas.steer import SteerConfig
-from instructsae.train.sae_folder import load_sae, sae_layer, sae_model
+from instructsae.sae.folder import load_sae, sae_layer, sae_model
 
 
 def steering_direction(W_dec_FD: torch.Tensor, feature: int) -> torch.Tensor:

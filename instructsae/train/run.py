@@ -26,11 +26,11 @@ from instructsae.schemas.train import TrainConfig
 from instructsae.store.reader import StoreReader, open_complete_store
 from instructsae.train import checkpoint, memory
 from instructsae.train.dead import DeadFeatureTracker
-from instructsae.train.export import load_sae, save_sae
+from instructsae.sae.export import load_sae, save_sae
 from instructsae.train.init import geometric_median
 from instructsae.train.metrics_log import MetricsLog
 from instructsae.train.parallel import DataParallel, check_splittable
-from instructsae.train.sae import build_sae
+from instructsae.sae import build_sae
 from instructsae.train.schedule import describe_schedule, fitted_batch_size, fitted_optim, left_to_fit, schedule_line
 from instructsae.train.stream import ShuffledStream, prefetch_depth
 from instructsae.train.trainer import Trainee, train

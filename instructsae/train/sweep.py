@@ -25,7 +25,7 @@ from instructsae.train.config import resolve_train_config
 from instructsae.run_folder import RunPaths, is_finished, refuse_a_file_as_out
 from instructsae.train.run import choose_layer, config_key, train_saes
 from instructsae.train.memory import sae_bytes
-from instructsae.train.sae import check_sae_config
+from instructsae.sae import check_sae_config
 from instructsae.train.sweep_report import write_sweep_report
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from instructsae.charts import plot_frontier
 from instructsae.fileio import write_text_atomically
 from instructsae.run_folder import SUMMARY_FILE, RunPaths, is_building_folder
-from instructsae.train.sae_folder import provenance
+from instructsae.sae.folder import provenance
 
 COLUMNS = ("name", "setting", "seed", "arch", "layer", "expansion", "d_sae", "sparsity", "lr", "nmse",
            "explained_variance", "l0", "dead_fraction", "tokens")

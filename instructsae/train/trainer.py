@@ -11,7 +11,7 @@ from tqdm import tqdm
 from instructsae.schemas.train import OptimConfig
 from instructsae.train.dead import DeadFeatureTracker
 from instructsae.train.parallel import DataParallel
-from instructsae.train.sae import SparseAutoencoder
+from instructsae.sae import SparseAutoencoder
 
 
 def learning_rate(step: int, n_steps: int, cfg: OptimConfig) -> float:

@@ -2,11 +2,11 @@
 
 from instructsae.errors import UserError
 from instructsae.schemas.train import SAEConfig
-from instructsae.train.sae.base import LossOutput, SparseAutoencoder
-from instructsae.train.sae.batchtopk import BatchTopKSAE
-from instructsae.train.sae.jumprelu import JumpReLUSAE
-from instructsae.train.sae.standard import StandardSAE
-from instructsae.train.sae.topk import TopKSAE
+from instructsae.sae.base import LossOutput, SparseAutoencoder
+from instructsae.sae.batchtopk import BatchTopKSAE
+from instructsae.sae.jumprelu import JumpReLUSAE
+from instructsae.sae.standard import StandardSAE
+from instructsae.sae.topk import TopKSAE
 
 SAE_CLASSES: dict[str, type[SparseAutoencoder]] = {
     cls.architecture: cls for cls in (StandardSAE, JumpReLUSAE, TopKSAE, BatchTopKSAE)}

@@ -6,7 +6,7 @@ so the decoder needs no norm constraint.
 
 import torch
 
-from instructsae.train.sae.base import LossOutput, SparseAutoencoder
+from instructsae.sae.base import LossOutput, SparseAutoencoder
 
 
 class StandardSAE(SparseAutoencoder):

@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 
 from instructsae.errors import UserError, first_line
 from instructsae.lm.models import model_spec_from_hub_id
-from instructsae.run_folder import CFG_FILE, WEIGHTS_FILE
-from instructsae.train.sae import SAE_CLASSES, SparseAutoencoder
+from instructsae.sae import SAE_CLASSES, SparseAutoencoder
 
+CFG_FILE = "cfg.json"  # the SAELens layout: cfg.json + sae_weights.safetensors
+WEIGHTS_FILE = "sae_weights.safetensors"
 PROVENANCE_KEY = "instructsae"  # our own block inside SAELens's metadata
 # The residual stream after decoder layer L, as hook names spell it: TransformerLens's and HF module paths.
 RESID_POST = (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), re.compile(r"^(?:model\.)?layers\.(\d+)$"),

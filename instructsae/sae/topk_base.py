@@ -9,8 +9,8 @@ Subclasses only say which latents are active (`select`).
 
 import torch
 
-from instructsae.train.sae.base import LossOutput, SparseAutoencoder
-from instructsae.train.sae.sparse_codes import decode_codes, gather_codes, scatter_codes
+from instructsae.sae.base import LossOutput, SparseAutoencoder
+from instructsae.sae.sparse_codes import decode_codes, gather_codes, scatter_codes
 
 
 def row_topk_coordinates(scores_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,9 +8,9 @@ rectangle kernel K of width ε (the bandwidth): d/dθ JumpReLU = −(θ/ε) K((p
 import torch
 from torch import nn
 
-from instructsae.train.sae import sparse_products
-from instructsae.train.sae.base import LossOutput, SparseAutoencoder
-from instructsae.train.sae.jumprelu_sparse import SparseJumpReLUStep, near_threshold
+from instructsae.sae import sparse_products
+from instructsae.sae.base import LossOutput, SparseAutoencoder
+from instructsae.sae.jumprelu_sparse import SparseJumpReLUStep, near_threshold
 
 
 class _JumpReLUWithL0(torch.autograd.Function):

@@ -10,7 +10,7 @@ within a row), as CSR wants them. Gradients equal plain autograd's (tests/test_s
 
 import torch
 
-from instructsae.train.sae.sparse_products import csr_from_coordinates, sampled_product
+from instructsae.sae.sparse_products import csr_from_coordinates, sampled_product
 
 
 class _GatherCodes(torch.autograd.Function):

@@ -10,7 +10,7 @@ leaves unchanged, so it is exported as it is.
 
 import torch
 
-from instructsae.train.sae.topk_base import TopKBase
+from instructsae.sae.topk_base import TopKBase
 
 THRESHOLD_DECAY = 0.99  # of the running mean; short enough to settle within a demo's few hundred steps
 

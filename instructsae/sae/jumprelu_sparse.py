@@ -10,7 +10,7 @@ module picks this path while latents stay sparse (bench/sae_step.py measures bot
 
 import torch
 
-from instructsae.train.sae.sparse_products import csr_from_coordinates, sampled_product
+from instructsae.sae.sparse_products import csr_from_coordinates, sampled_product
 
 
 def near_threshold(pre_BF: torch.Tensor, threshold_F: torch.Tensor, bandwidth: float):

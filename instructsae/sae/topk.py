@@ -6,7 +6,7 @@ so L0 is fixed by construction and needs no penalty or warm-up. Inference is the
 
 import torch
 
-from instructsae.train.sae.topk_base import TopKBase, row_topk_coordinates
+from instructsae.sae.topk_base import TopKBase, row_topk_coordinates
 
 
 class TopKSAE(TopKBase):

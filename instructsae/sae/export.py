@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from instructsae.fileio import write_atomically, write_text_atomically
 from instructsae.lm.models import hub_id
 from instructsae.schemas.manifest import StoreIdentity
-from instructsae.train.sae import SparseAutoencoder
-from instructsae.train.sae_folder import CFG_FILE, PROVENANCE_KEY, WEIGHTS_FILE, load_sae, provenance  # noqa: F401
+from instructsae.sae import SparseAutoencoder
+from instructsae.sae.folder import CFG_FILE, PROVENANCE_KEY, WEIGHTS_FILE, load_sae, provenance  # noqa: F401
 
 # The cfg format written: SAELens >= 6.0 reads a folder by its 6.x path when metadata.sae_lens_version says so.
 # It names the format, not a SAELens that trained this SAE (sae_lens_training_version stays null).

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from instructsae.train.sae import sparse_products
+from instructsae.sae import sparse_products
 
 
 @dataclass
