@@ -143,7 +143,8 @@ def test_report_holds_each_features_explanation_and_score_and_the_mean(server, f
         assert sent["path"] == "/v1/chat/completions" and sent["auth"] == "Bearer sk-test"
         assert sent["body"]["model"] == "judge" and sent["body"]["temperature"] == 0
     prompts = [sent["body"]["messages"][-1]["content"] for sent in server.requests]
-    for prompt, token in zip(prompts, FIRING_TOKENS.values()):
+    for token in FIRING_TOKENS.values():  # requests run concurrently, in any order
+        prompt = next(prompt for prompt in prompts if f"«{token}»" in prompt)
         assert f"Activation: 9.5 | Context: Tell me a\\nstory«{token}» now" in prompt
         assert prompt.index("Activation: 9.5") < prompt.index("Activation: 2"), "strongest context first"
         assert "«other»" not in prompt, "--n-contexts 2 keeps the two strongest"
@@ -245,3 +246,160 @@ def test_an_out_that_is_a_folder_is_refused_before_any_request(server, features_
                            "--endpoint", url(server), "--model", "judge", "--out", str(tmp_path))
     assert_one_line_error(code, err, "is a folder")
     assert server.requests == []
+
+
+# --- detection and fuzzing: the scoring maths against a judge that answers by a known rule ------------------
+
+FILLER = ["The", " cat", " sat", " here"]
+
+
+def store_context(token: str | None, instance: int, fires: bool) -> dict:
+    """A context as the store sampler returns it: FILLER with `token` (if any) at index 2, firing there or
+    nowhere."""
+    tokens = FILLER[:2] + ([token] if token else []) + FILLER[2:]
+    acts = [0.0] * len(tokens)
+    if fires:
+        acts[2] = 3.0
+    return {"tokens": tokens, "acts": acts, "focus": 2, "activation": acts[2], "instance": instance, "position": 2,
+            "role": "assistant", **({"quantile": 1 + instance % 5} if fires else {})}
+
+
+def fake_store_contexts(cfg, summary, features):
+    """Per feature: 2 contexts for the explainer, then 10 held out: 7 firing on the feature's token, 3 firing on
+    ' dog'; 10 non-activating ones, 2 of them holding the token."""
+    contexts = []
+    for feature in features:
+        token = FIRING_TOKENS[feature["id"]]
+        activating = [store_context(token, i, True) for i in range(9)] + [store_context(" dog", i, True)
+                                                                           for i in range(9, 12)]
+        quiet = [store_context(token, 20 + i, False) for i in range(2)] + [store_context(None, 22 + i, False)
+                                                                           for i in range(8)]
+        contexts.append({"activating": activating, "non_activating": quiet})
+    return contexts
+
+
+# detection: TPR 7/10, TNR 8/10; fuzzing: right marks hold the token in 7 of 10, random marks never: TNR 1
+EXPECTED = {"detection": (0.7, 0.8, 0.75), "fuzzing": (0.7, 1.0, 0.85)}
+REQUESTS_PER_FEATURE = 1 + 1 + 4 + 4  # rubric, explanation, 20 detection and 20 fuzzing examples in fives
+
+
+def run_scored(monkeypatch, capsys, features_dir, server, *extra: str):
+    monkeypatch.setattr(autointerp, "read_store_contexts", fake_store_contexts)
+    monkeypatch.setattr("instructsae.evaluate.chat_client.BACKOFF_S", 0.001)
+    return run_cli(monkeypatch, capsys, "autointerp", "--features", str(features_dir), "--endpoint", url(server),
+                   "--model", "judge", "--explain-sampled", "2", "--n-test", "10", "--batch-size", "5", *extra)
+
+
+def assert_expected_scores(report: dict) -> None:
+    assert [f["id"] for f in report["features"]] == list(FIRING_TOKENS)
+    for feature in report["features"]:
+        assert feature["explanation"] == f"fires on {FIRING_TOKENS[feature['id']]}"
+        for scorer, (tpr, tnr, balanced) in EXPECTED.items():
+            result = feature[scorer]
+            assert (result["n_positive"], result["n_negative"], result["n_unanswered"]) == (10, 10, 0)
+            assert result["true_positive_rate"] == pytest.approx(tpr)
+            assert result["true_negative_rate"] == pytest.approx(tnr)
+            assert result["balanced_accuracy"] == pytest.approx(balanced)
+    for scorer, (_, _, balanced) in EXPECTED.items():
+        summary = report["summary"][scorer]
+        assert summary["mean_balanced_accuracy"] == pytest.approx(balanced) and summary["n_features"] == 3
+
+
+def test_detection_and_fuzzing_give_the_balanced_accuracy_the_judges_rule_implies(server, features_dir,
+                                                                                    monkeypatch, capsys):
+    code, stdout, err = run_scored(monkeypatch, capsys, features_dir, server)
+    assert code == 0, err
+    assert len(server.requests) == 3 * REQUESTS_PER_FEATURE
+    report = json.loads((features_dir / "autointerp.json").read_text())
+    assert_expected_scores(report)
+    assert report["complete"] is True and report["summary"]["rubric"]["n_scored"] == 3
+    assert "detection: mean balanced accuracy 0.750" in stdout and "fuzzing: mean balanced accuracy 0.850" in stdout
+    prompts = [sent["body"]["messages"][-1]["content"] for sent in server.requests]
+    explainer = [p for p in prompts if p.endswith("Explanation: [your brief explanation]\n")]
+    assert len(explainer) == 3
+    for token in FIRING_TOKENS.values():
+        prompt = next(prompt for prompt in explainer if f"«{token}»" in prompt)
+        assert "Its strongest contexts:" in prompt and "sampled across the range of its activations" in prompt
+        assert prompt.count(f"The cat«{token}» sat here") == 2, "the two contexts sampled for the explainer"
+    scoring = [p for p in prompts if p.startswith("Feature explanation: ")]
+    assert all(p.count("\nExample ") == 5 for p in scoring), "batches of --batch-size examples"
+    held_out = [s for f in report["features"] for s in f["detection"]["samples"] if s["truth"]]
+    assert sorted({s["instance"] for s in held_out}) == list(range(2, 12)), "none shown to the explainer is scored"
+    assert "| 7 | 2 | 0.75 | 0.85 | fires on  robot |" in (features_dir / "autointerp.md").read_text()
+
+
+def test_unparseable_judge_replies_are_counted_unanswered(features_dir, monkeypatch, capsys):
+    with serving("no-list") as server:
+        code, stdout, err = run_scored(monkeypatch, capsys, features_dir, server, "--scorers", "detection")
+    assert code == 0, err
+    for feature in json.loads((features_dir / "autointerp.json").read_text())["features"]:
+        detection = feature["detection"]
+        assert detection["balanced_accuracy"] is None and detection["n_unanswered"] == 20
+        assert detection["unparsed_replies"] == ["I am not sure."] * 4
+    assert "mean balanced accuracy n/a" in stdout and "60 examples unanswered" in stdout
+
+
+@pytest.mark.parametrize("server", ["barrier-3"], indirect=True)
+def test_features_are_scored_concurrently(server, features_dir, monkeypatch, capsys):
+    # the server holds its first three requests until all three are in flight: one at a time would fail
+    code, _, err = run_scored(monkeypatch, capsys, features_dir, server, "--concurrency", "3", "--retries", "0")
+    assert code == 0, err
+    assert server.max_in_flight == 3
+    assert_expected_scores(json.loads((features_dir / "autointerp.json").read_text()))
+
+
+@pytest.mark.parametrize("server", ["fail-first-3"], indirect=True)
+def test_a_judge_failing_three_times_is_retried_to_the_same_scores(server, features_dir, monkeypatch, capsys):
+    code, _, err = run_scored(monkeypatch, capsys, features_dir, server, "--concurrency", "3", "--retries", "3")
+    assert code == 0, err
+    assert len(server.requests) == 3 * REQUESTS_PER_FEATURE + 3
+    assert_expected_scores(json.loads((features_dir / "autointerp.json").read_text()))
+
+
+@pytest.mark.parametrize("server", [f"500-after-{REQUESTS_PER_FEATURE + 5}"], indirect=True)
+def test_a_judge_dying_midway_leaves_a_partial_report_that_a_rerun_completes(server, features_dir, monkeypatch,
+                                                                               capsys):
+    code, _, err = run_scored(monkeypatch, capsys, features_dir, server, "--concurrency", "1", "--retries", "0")
+    assert_one_line_error(code, err, "HTTP 500", "stopped at feature 7", "the 1 features scored", "rerun")
+    partial = json.loads((features_dir / "autointerp.json").read_text())
+    assert partial["complete"] is False and "HTTP 500" in partial["stopped_early"]
+    assert [f["id"] for f in partial["features"]] == [3]
+    assert partial["summary"]["detection"]["mean_balanced_accuracy"] == pytest.approx(0.75)
+    assert "Partial report" in (features_dir / "autointerp.md").read_text()
+
+    server.mode, sent_before = "ok", len(server.requests)
+    code, _, err = run_scored(monkeypatch, capsys, features_dir, server, "--concurrency", "1")
+    assert code == 0, err
+    assert len(server.requests) - sent_before == 2 * REQUESTS_PER_FEATURE, "feature 3 is not asked again"
+    report = json.loads((features_dir / "autointerp.json").read_text())
+    assert report["complete"] is True and report["stopped_early"] is None
+    assert_expected_scores(report)
+
+    sent_before = len(server.requests)  # a complete report is not resumed: a rerun asks again
+    code, _, err = run_scored(monkeypatch, capsys, features_dir, server, "--concurrency", "1")
+    assert code == 0 and len(server.requests) - sent_before == 3 * REQUESTS_PER_FEATURE
+
+
+@pytest.mark.parametrize("server", [f"500-after-{REQUESTS_PER_FEATURE}"], indirect=True)
+def test_a_partial_report_with_other_settings_is_not_resumed(server, features_dir, monkeypatch, capsys):
+    code, _, _ = run_scored(monkeypatch, capsys, features_dir, server, "--concurrency", "1", "--retries", "0")
+    assert code == 2 and json.loads((features_dir / "autointerp.json").read_text())["complete"] is False
+    server.mode, sent_before = "ok", len(server.requests)
+    code, _, err = run_scored(monkeypatch, capsys, features_dir, server, "--concurrency", "1", "--fuzz-threshold",
+                              "0.5")
+    assert code == 0, err
+    assert len(server.requests) - sent_before == 3 * REQUESTS_PER_FEATURE
+
+
+def test_detection_without_a_store_is_one_line(server, features_dir, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "autointerp", "--features", str(features_dir),
+                           "--endpoint", url(server), "--model", "judge", "--scorers", "rubric,detection")
+    assert_one_line_error(code, err, "--sae and --store", "--scorers rubric")
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("scorers", ["rubric,rubric", "detection,recall"])
+def test_unknown_or_repeated_scorers_are_one_line(scorers, features_dir, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "autointerp", "--features", str(features_dir),
+                           "--endpoint", "http://127.0.0.1:9/v1", "--model", "judge", "--scorers", scorers)
+    assert_one_line_error(code, err, "scorers")
