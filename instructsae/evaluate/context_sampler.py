@@ -49,24 +49,22 @@ def firing_sample(sae: SparseAutoencoder, reader: StoreReader, layer: int, featu
     return rows_KS.masked_fill(~fired_KS, -1).numpy(), acts_KS.masked_fill(~fired_KS, 0).numpy()
 
 
-def quantile_round_robin(acts: np.ndarray, n_quantiles: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """(index into acts, bin) pairs: acts cut into n_quantiles equal-count bins by value (bin 1 the lowest),
-    shuffled within each bin, then taken one per bin in turn."""
-    bins = [rng.permutation(part) for part in np.array_split(np.argsort(acts, kind="stable"), n_quantiles)]
-    return [(int(part[i]), q + 1) for i in range(max(map(len, bins))) for q, part in enumerate(bins) if i < len(part)]
-
-
-def far_apart(candidates: list[tuple[int, int]], taken: set[tuple[int, int]], gap: int, n: int) -> list[int]:
-    """Indices of the first n candidates (instance, position) more than `gap` tokens from every one taken
-    before (those in `taken`, then those picked here), so no two windows share a token."""
-    picked, near = [], set(taken)
-    for index, (instance, position) in enumerate(candidates):
-        if len(picked) == n:
-            break
-        if any((instance, position + d) in near for d in range(-2 * gap, 2 * gap + 1)):
-            continue
-        picked.append(index)
-        near.add((instance, position))
+def quantile_picks(acts: np.ndarray, where: list[tuple[int, int]], n_quantiles: int, taken: set, gap: int,
+                   n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Up to n (index into acts, bin) pairs: acts cut into n_quantiles equal-count bins by value (bin 1 the
+    lowest), each bin shuffled, then one taken per bin in turn, skipping any whose (instance, position) in
+    `where` is within 2 x gap tokens of one in `taken` or picked before (so no two windows share a token)."""
+    queues = [list(rng.permutation(part)) for part in np.array_split(np.argsort(acts, kind="stable"), n_quantiles)]
+    near, picked = set(taken), []
+    while len(picked) < n and any(queues):
+        for q, queue in enumerate(queues):
+            while queue and len(picked) < n:
+                index = int(queue.pop(0))
+                instance, position = where[index]
+                if not any((instance, position + d) in near for d in range(-2 * gap, 2 * gap + 1)):
+                    picked.append((index, q + 1))
+                    near.add((instance, position))
+                    break
     return picked
 
 
@@ -102,11 +100,9 @@ def sample_contexts(sae: SparseAutoencoder, reader: StoreReader, layer: int, tok
     chosen = []  # per feature: (rows, bins)
     for k in range(len(ids)):
         fired = fired_KS[k]
-        order = quantile_round_robin(acts_KS[k][fired], n_quantiles, rng)
-        index = np.array([i for i, _ in order], dtype=np.int64)
-        where = list(zip(instance_KS[k][fired][index].tolist(), position_KS[k][fired][index].tolist()))
-        keep = far_apart(where, taken[k], context, n_activating)
-        chosen.append((rows_KS[k][fired][index][keep], [order[i][1] for i in keep]))
+        where = list(zip(instance_KS[k][fired].tolist(), position_KS[k][fired].tolist()))
+        picks = quantile_picks(acts_KS[k][fired], where, n_quantiles, taken[k], context, n_activating, rng)
+        chosen.append((rows_KS[k][fired][[i for i, _ in picks]].astype(np.int64), [q for _, q in picks]))
     pool = rng.choice(limit, size=min(limit, POOL_PER_CONTEXT * n_non_activating), replace=False)
     all_rows = np.concatenate([rows for rows, _ in chosen] + [pool]).astype(np.int64)
     windows = read_windows(sae, reader, layer, tokenizer, all_rows, ids, context)
