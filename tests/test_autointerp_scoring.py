@@ -177,3 +177,22 @@ def test_scored_contexts_match_a_direct_computation(features_on_store, monkeypat
         assert feature["detection"]["n_positive"] <= 6 and feature["detection"]["n_negative"] <= 6
     assert any(f["detection"]["balanced_accuracy"] == 0.5 for f in report["features"])
     assert "detection: mean balanced accuracy 0.500" in stdout
+
+
+def test_the_same_seed_draws_the_same_contexts(features_on_store, tiny_tokenizer):
+    from instructsae.evaluate.context_sampler import sample_contexts
+
+    store, sae_dir, _ = features_on_store
+    sae, _ = load_sae(sae_dir)
+    reader = open_complete_store(store)
+    latents_NF = direct_latents(store, sae_dir)
+    ids = [f for f in range(sae.d_sae) if (latents_NF[:, f] > 0).sum() > 3][:4]
+
+    def draw(seed):
+        return sample_contexts(sae, reader, 1, tiny_tokenizer, ids, 6, 4, 2, 2, None, seed, [set() for _ in ids])
+
+    first = draw(0)
+    assert first == draw(0) and first != draw(1)
+    for feature in first:
+        assert feature["activating"] and all(c["activation"] > 0 for c in feature["activating"])
+        assert all(max(c["acts"]) <= 0 for c in feature["non_activating"])

@@ -213,7 +213,9 @@ def run_autointerp(cfg: AutointerpConfig) -> dict:
     for feature in features:  # a malformed file fails before the store is read
         for example in feature["top"]:
             check_context(example, feature["id"])
-    contexts = read_store_contexts(cfg, summary, features) if any(s in cfg.scorers for s in PREDICTING) else None
+    # the contexts of every sampled feature are drawn (not only those left), so a rerun draws the same ones
+    predicting = any(s in cfg.scorers for s in PREDICTING) and len(done) < len(features)
+    contexts = read_store_contexts(cfg, summary, features) if predicting else None
     jobs = [job for job in prepare_jobs(cfg, features, contexts) if job["id"] not in done]
     ask = partial(_ask, cfg, api_key)
 

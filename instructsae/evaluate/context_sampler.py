@@ -9,7 +9,7 @@ from round-robin, so any prefix of n_quantiles * m contexts holds m from every b
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from instructsae.evaluate.contexts import context_windows, gather_column, token_strings, window_rows
 from instructsae.sae import SparseAutoencoder
@@ -69,7 +69,7 @@ def quantile_picks(acts: np.ndarray, where: list[tuple[int, int]], n_quantiles: 
 
 
 @torch.no_grad()
-def latents_at(sae: SparseAutoencoder, reader: StoreReader, layer: int, rows: np.ndarray,
+def latents_of_rows(sae: SparseAutoencoder, reader: StoreReader, layer: int, rows: np.ndarray,
                feature_ids: np.ndarray) -> np.ndarray:
     """The chosen features' activations at `rows` (any order) [len(rows), K], reading each chunk once."""
     out = np.zeros((len(rows), len(feature_ids)), dtype=np.float32)
@@ -126,7 +126,7 @@ def read_windows(sae: SparseAutoencoder, reader: StoreReader, layer: int, tokeni
                                   reader.read_column("instance_length"), context)
     all_rows, offsets = window_rows(start, stop)
     strings = token_strings(tokenizer, gather_column(reader, "token_id", all_rows))
-    acts_WK = latents_at(sae, reader, layer, all_rows, feature_ids)
+    acts_WK = latents_of_rows(sae, reader, layer, all_rows, feature_ids)
     position, role = gather_column(reader, "position", rows), gather_column(reader, "role", rows)
     return [{"tokens": strings[offsets[i]:offsets[i + 1]], "focus": int(rows[i] - start[i]),
              "instance": int(instance[i]), "position": int(position[i]), "role": ROLES[role[i]],
