@@ -205,7 +205,8 @@ def test_unreachable_endpoint_is_one_line(features_dir, monkeypatch, capsys):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     code, _, err = run_cli(monkeypatch, capsys, "autointerp", "--features", str(features_dir),
-                           "--endpoint", f"http://127.0.0.1:{port}/v1", "--model", "judge", "--retries", "0", "--scorers", "rubric")
+                           "--endpoint", f"http://127.0.0.1:{port}/v1", "--model", "judge", "--retries", "0",
+                           "--scorers", "rubric")
     assert_one_line_error(code, err, "unreachable", f"http://127.0.0.1:{port}/v1/chat/completions")
 
 
