@@ -129,10 +129,9 @@ def prepare_jobs(cfg: AutointerpConfig, features: list[dict], contexts: list[dic
             rng = random.Random(cfg.seed * 1_000_003 + feature["id"])
             job["explain_prompt"] = explainer_prompt(strongest(feature, cfg.explain_top), sampled,
                                                      cfg.fuzz_threshold)
-            made = {"detection": lambda: detection_samples(test, contexts[k]["non_activating"]),
-                    "fuzzing": lambda: fuzzing_samples(test, cfg.fuzz_threshold, rng)}
             for scorer in (s for s in PREDICTING if s in cfg.scorers):
-                samples = made[scorer]()
+                samples = (detection_samples(test, contexts[k]["non_activating"]) if scorer == "detection"
+                           else fuzzing_samples(test, cfg.fuzz_threshold, rng))
                 job[scorer] = {"samples": samples, "batches": batches(samples, cfg.batch_size, rng)}
         jobs.append(job)
     return jobs
@@ -180,9 +179,9 @@ def read_store_contexts(cfg: AutointerpConfig, summary: dict, features: list[dic
         raise UserError(f"detection and fuzzing read contexts from a store: give --sae and --store ({FEATURES_FILE} "
                         f"in {cfg.features} names no {'SAE' if not sae_dir else 'store'}), or --scorers rubric")
     sae, _, reader, layer = open_sae_and_store(sae_dir, store)
-    too_big = [f["id"] for f in features if not 0 <= f["id"] < sae.d_sae]
-    if too_big:
-        raise UserError(f"feature {too_big[0]} of {FEATURES_FILE} is not in SAE {sae_dir} (d_sae {sae.d_sae})")
+    outside = [f["id"] for f in features if not 0 <= f["id"] < sae.d_sae]
+    if outside:
+        raise UserError(f"feature {outside[0]} of {FEATURES_FILE} is not in SAE {sae_dir} (d_sae {sae.d_sae})")
     same_store = summary.get("store_fingerprint") in (None, reader.manifest.fingerprint)
     # contexts shown as top ones are not drawn again (only meaningful on the store they came from)
     taken = [{(c.get("instance"), c.get("position")) for c in strongest(f, cfg.explain_top)} if same_store else set()
