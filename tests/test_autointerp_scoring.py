@@ -196,3 +196,27 @@ def test_the_same_seed_draws_the_same_contexts(features_on_store, tiny_tokenizer
     for feature in first:
         assert feature["activating"] and all(c["activation"] > 0 for c in feature["activating"])
         assert all(max(c["acts"]) <= 0 for c in feature["non_activating"])
+
+
+def test_backoff_doubles_with_jitter_and_follows_retry_after_within_the_cap():
+    from instructsae.evaluate.chat_client import BACKOFF_S, MAX_BACKOFF_S, backoff_s
+
+    for attempt in range(4):
+        waits = [backoff_s(attempt) for _ in range(50)]
+        assert all(BACKOFF_S * 2 ** attempt <= w <= 1.5 * BACKOFF_S * 2 ** attempt for w in waits)
+        assert len(set(waits)) > 1, "jittered"
+    assert backoff_s(20) == MAX_BACKOFF_S
+    assert backoff_s(0, "3") == 3 and backoff_s(0, "3600") == MAX_BACKOFF_S
+    assert BACKOFF_S <= backoff_s(0, "Wed, 21 Oct 2015 07:28:00 GMT") <= 1.5 * BACKOFF_S, "a date: our own wait"
+
+
+def test_the_explainer_marks_every_firing_token_of_contexts_that_carry_per_token_acts():
+    from instructsae.evaluate.scorers import explainer_prompt
+
+    top = [{"tokens": ["a", " robot", " and", " robots"], "acts": [0, 4.0, 0.5, 2.0], "focus": 1, "activation": 4.0},
+           {"tokens": ["the", " dog"], "focus": 1, "activation": 3.0}]  # no per-token acts: its focus
+    sampled = [{"tokens": ["x", " bot", "y"], "acts": [0, 0.2, 0], "focus": 1, "activation": 0.2}]
+    prompt = explainer_prompt(top, sampled, 0.3)
+    assert "Activation: 4 | Context: a« robot» and« robots»" in prompt
+    assert "Activation: 3 | Context: the« dog»" in prompt
+    assert prompt.index("Its strongest contexts:") < prompt.index("the« dog»") < prompt.index("x« bot»y")

@@ -42,10 +42,10 @@ def reply_content(payload: bytes, url: str) -> str:
 
 def backoff_s(attempt: int, retry_after: str | None = None) -> float:
     """Seconds to wait before retry attempt+1: the server's Retry-After in seconds if it names one (capped),
-    else BACKOFF_S * 2**attempt, capped, with up to 50% random jitter so concurrent requests spread out."""
+    else BACKOFF_S * 2**attempt with up to 50% random jitter (so concurrent requests spread out), capped."""
     if retry_after is not None and retry_after.strip().isdigit():
         return min(float(retry_after), MAX_BACKOFF_S)
-    return min(BACKOFF_S * 2 ** attempt, MAX_BACKOFF_S) * (1 + random.random() / 2)
+    return min(BACKOFF_S * 2 ** attempt * (1 + random.random() / 2), MAX_BACKOFF_S)
 
 
 def chat_completion(base_url: str, model: str, messages: list[dict], api_key: str | None = None,
