@@ -191,13 +191,12 @@ def steer(**options):
 @click.option("--config", "config_file", type=click.Path(), help="YAML file with any of the options below")
 @options_from(AutointerpConfig)
 def autointerp(config_file, **options):
-    """Explain and score sampled features (the FAST paper's 1-5 rubric) through an OpenAI-compatible endpoint."""
-    from instructsae.evaluate.autointerp import run_autointerp
+    """Explain sampled features through an OpenAI-compatible endpoint and score the explanations: delphi's
+    detection and fuzzing (balanced accuracy) and the FAST paper's 1-5 rubric."""
+    from instructsae.evaluate.autointerp import format_summary, run_autointerp
 
-    report = run_autointerp(build(AutointerpConfig, read_yaml(config_file), options))
-    mean = "n/a" if report["mean_score"] is None else f"{report['mean_score']:.2f}"
-    click.echo(f"mean score {mean} over {report['n_scored']} features "
-               f"({report['n_unscored']} unscored); wrote {report['out']} and its .md")
+    options["scorers"] = split_list(options["scorers"])
+    click.echo(format_summary(run_autointerp(build(AutointerpConfig, read_yaml(config_file), options))))
 
 
 @cli.group()
