@@ -8,6 +8,7 @@ top of it, validated the same way (a bad value raises UserError with the CLI's o
 import os
 import uuid
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 
@@ -92,17 +93,22 @@ def train_sweep(config: SweepConfig | Mapping, /, *, resume: bool = False, **set
 
 
 def evaluate_sae(sae: str | list[str], store: str, *, max_tokens: int | None = None,
-                 lm: LMViewConfig | Mapping | None = None, **lm_settings) -> dict | list[dict]:
+                 lm: LMViewConfig | Mapping | None = None, out: str | None = None, **lm_settings) -> dict | list[dict]:
     """Reconstruction, Eq. 7, per-role figures and (with lm_tokens > 0) the LM view (`instructsae evaluate`).
 
     One SAE folder gives its result; a list gives one result per folder, sharing store reads and LM runs.
-    Without `lm` or lm settings, the LM view is skipped.
+    Without `lm` or lm settings, the LM view is skipped. The SAE folders are only read; `out` names a JSON file
+    to write the result(s) to.
     """
-    from instructsae.evaluate.run import evaluate_saes_on_store
+    from instructsae.evaluate.run import evaluate_saes_on_store, write_results
 
     view = None if lm is None and not lm_settings else _config(LMViewConfig, lm, lm_settings)
     single = isinstance(sae, (str, os.PathLike))
+    if out is not None and Path(out).is_dir():  # found now, not after the evaluation
+        raise UserError(f"--out {out} is a folder: name a JSON file")
     results = evaluate_saes_on_store([str(sae)] if single else [str(s) for s in sae], str(store), max_tokens, view)
+    if out is not None:
+        write_results(out, results)
     return results[0] if single else results
 
 

@@ -110,14 +110,16 @@ def sweep(config_file, resume, **options):
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="evaluate on at most this many tokens")
+@click.option("--out", type=click.Path(), default=None,
+              help="also write the JSON result to this file (nothing is written into the SAE folders)")
 @options_from(LMViewConfig)
-def evaluate(sae_dirs, store, as_json, max_tokens, **lm_options):
+def evaluate(sae_dirs, store, as_json, max_tokens, out, **lm_options):
     """Reconstruction (MSE, NMSE, explained variance, the FAST paper's Eq. 7), L0 and dead fraction of an SAE on a
     store, per token role too, and the LM's loss with the SAE spliced in (CE loss recovered, KL)."""
     from instructsae.api import evaluate_sae
     from instructsae.evaluate.run import format_role_table, format_table
 
-    results = evaluate_sae(list(sae_dirs), store, max_tokens=max_tokens, lm=build(LMViewConfig, lm_options))
+    results = evaluate_sae(list(sae_dirs), store, max_tokens=max_tokens, lm=build(LMViewConfig, lm_options), out=out)
     tables = f"{format_table(results)}\n\nper role (LM columns: the role of the token predicted)\n" \
              f"{format_role_table(results)}"
     # one SAE: its result object; several: a list of them

@@ -21,6 +21,7 @@ from instructsae.fileio import write_atomically, write_text_atomically
 from instructsae.lm.models import hub_id
 from instructsae.schemas.manifest import StoreIdentity
 from instructsae.sae import SparseAutoencoder
+from instructsae.sae.fold import fold_decoder_norms
 from instructsae.sae.folder import CFG_FILE, PROVENANCE_KEY, WEIGHTS_FILE, load_sae, provenance  # noqa: F401
 
 # The cfg format written: SAELens >= 6.0 reads a folder by its 6.x path when metadata.sae_lens_version says so.
@@ -83,6 +84,7 @@ def save_sae(folder: str | Path, sae: SparseAutoencoder, input_scale: float, met
     tensors = sae.export_tensors(input_scale)
     if sae.architecture == "batchtopk":  # a threshold not estimated yet (-1) means a plain ReLU: write that
         tensors["threshold"] = tensors["threshold"].clamp_min(0)
+    tensors = fold_decoder_norms(tensors, sae.in_latent_units, sae.selects_by_rank)
     write_atomically(folder / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
     cfg = json.dumps(sae_cfg(sae, metadata, identity), indent=2, default=str)
     write_text_atomically(folder / CFG_FILE, cfg)

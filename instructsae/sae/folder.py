@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from instructsae.errors import UserError, first_line
 from instructsae.lm.models import model_spec_from_hub_id
 from instructsae.sae import SAE_CLASSES, SparseAutoencoder
+from instructsae.sae.card import SAECard
 
 CFG_FILE = "cfg.json"  # the SAELens layout: cfg.json + sae_weights.safetensors
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -162,4 +163,13 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
     if (cfg.get("d_in"), cfg.get("d_sae")) != (sae.d_in, sae.d_sae):
         raise UserError(f"SAE folder {folder}: cfg.json says d_in {cfg.get('d_in')}, d_sae {cfg.get('d_sae')} "
                         f"but the weights are {sae.d_in} x {sae.d_sae}")
-    return sae.eval().requires_grad_(False), cfg
+    sae.cfg = SAECard(cfg, _layer_if_known(cfg), _metadata(cfg).get("model_name") or sae_model(cfg))
+    return sae.eval().requires_grad_(False), sae.cfg
+
+
+def _layer_if_known(cfg: dict) -> int | None:
+    own = provenance(cfg).get("layer")
+    if own is not None:
+        return int(own)
+    name = hook_name_of(cfg)
+    return None if name is None else layer_from_hook_name(str(name))
