@@ -188,6 +188,8 @@ def steer(**options):
     from instructsae.evaluate.steering import run_steering, side_by_side
 
     options["alpha"] = split_list(options["alpha"])
+    if options["out"] is None and options["feature"] is not None:
+        options["out"] = f"steer-feature-{options['feature']}.json"
     result = run_steering(build(SteerConfig, options))
     click.echo(f"feature {result['feature']} of {result['sae']}, layer {result['layer']} of {result['model']}")
     click.echo(side_by_side(result["generations"]))

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from instructsae.devices import resolve_device
 from instructsae.errors import UserError
