@@ -150,3 +150,13 @@ def test_a_good_hand_written_folder_loads(tmp_path):
     write_folder(tmp_path / "sae", GOOD_CFG, GOOD_TENSORS)
     sae, cfg = load_sae(tmp_path / "sae")
     assert (sae.d_in, sae.d_sae) == (4, 8) and not any(p.requires_grad for p in sae.parameters())
+
+
+def test_a_topk_sae_with_rows_of_different_norms_is_refused(tmp_path):
+    """Folding a norm per latent would change which latents are the k largest: only one common norm is folded."""
+    sae = build_sae(CONFIGS["topk"], D_IN)
+    with torch.no_grad():
+        sae.W_dec[0].mul_(3.0)
+    with pytest.raises(UserError, match="differ in norm"):
+        save_sae(tmp_path / "sae", sae, input_scale=1.0, metadata={"layer": 0})
+    assert not (tmp_path / "sae" / "sae_weights.safetensors").exists()
