@@ -10,7 +10,7 @@ import random
 import re
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from instructsae.errors import UserError
 from instructsae.evaluate.chat_client import api_key_from_env, chat_completion

@@ -127,7 +127,8 @@ class TrainConfig(FrozenModel):
     geometric_median_tokens: int = Field(8192, ge=0, description="sample size for the b_dec initialisation (0: off)")
     log_every: int = Field(25, gt=0, description="steps between metrics.jsonl lines")
     checkpoint_every: int = Field(10_000_000, gt=0, description="tokens between checkpoints (for --resume)")
-    wandb: bool = Field(False, validation_alias=AliasChoices("wandb", "log_to_wandb"), description="also log to Weights & Biases (needs `pip install wandb`)")
+    wandb: bool = Field(False, validation_alias=AliasChoices("wandb", "log_to_wandb"),
+                        description="also log to Weights & Biases (needs `pip install wandb`)")
     wandb_project: str = Field("instructsae", description="Weights & Biases project for --wandb")
     device: str = Field(
         "auto", description="torch device, a runtime knob (auto: this rank's GPU when CUDA is present, else the CPU)")
