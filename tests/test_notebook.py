@@ -94,3 +94,39 @@ def test_the_sae_object_meets_saebenchs_custom_sae_contract(trained):
     assert sae.cfg["dtype"] == "float32" and sae.cfg["metadata"]["hook_name"] == sae.cfg.hook_name
     x_BD = torch.randn(8, 64)
     torch.testing.assert_close(sae(x_BD), sae.decode(sae.encode(x_BD)))
+
+
+def test_autointerp_and_compare_wrap_their_commands(empty_cwd, monkeypatch, tmp_path):
+    """The thin wrappers: autointerp takes features() held in Python (its folder made in a scratch space that is
+    gone afterwards), compare returns the report and the results it wrote under its out."""
+    seen = {}
+
+    def fake_autointerp(cfg):
+        import json
+        from pathlib import Path
+
+        seen["features"] = json.loads((Path(cfg.features) / "features.json").read_text())
+        seen["cfg"] = cfg
+        Path(cfg.out).write_text("{}")
+        return {"n_scored": 1, "out": cfg.out}
+
+    monkeypatch.setattr("instructsae.evaluate.autointerp.run_autointerp", fake_autointerp)
+    features = {"sae": "s", "store": "t", "features": [{"id": 3, "density": 0.1, "top": []}]}
+    report = isae.autointerp(features, endpoint="http://127.0.0.1:9/v1", model="judge", n_features=1)
+    assert report == {"n_scored": 1, "out": None} and seen["features"] == features
+    assert (seen["cfg"].model, seen["cfg"].n_features) == ("judge", 1)
+    from pathlib import Path
+
+    assert not Path(seen["cfg"].features).exists() and os.listdir(empty_cwd) == []
+
+    def fake_compare(cfg):
+        root = Path(cfg.out)
+        root.mkdir(parents=True)
+        (root / "results.json").write_text('[{"method": "fast"}]')
+        (root / "verdicts.json").write_text('{"sharegpt": {}}')
+        return f"# report, {cfg.seeds} seeds"
+
+    monkeypatch.setattr("instructsae.pipelines.compare.run_compare", fake_compare)
+    result = isae.compare(str(tmp_path / "cmp"), seeds=2)
+    assert result == {"report": "# report, 2 seeds", "results": [{"method": "fast"}], "verdicts": {"sharegpt": {}},
+                      "out": str(tmp_path / "cmp")}

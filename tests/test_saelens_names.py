@@ -111,3 +111,14 @@ def test_both_widths_as_flags_is_one_line(store, tmp_path, monkeypatch, capsys):
                            "--expansion", "2", "--d-sae", "100")
     assert_one_line_error(code, err, "give expansion (2) or d_sae (100), not both")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_sweep_takes_saelens_names_in_its_base_and_grid():
+    from instructsae.schemas.sweep import SweepConfig
+    from instructsae.train.sweep import resolve_grid
+
+    sweep = SweepConfig(store="s", out="o", base={"training_tokens": 640, "lr_warm_up_steps": 3},
+                        grid={"sae": [{"arch": "standard", "l1_coefficient": [0.1, 0.2], "d_sae": 100}]})
+    configs = [cfg for _, cfg in resolve_grid(sweep)]
+    assert [cfg.sae.sparsity_coeff for cfg in configs] == [0.1, 0.2]
+    assert {(cfg.tokens, cfg.optim.lr_warmup_steps, cfg.sae.width(64)) for cfg in configs} == {(640, 3, 100)}
