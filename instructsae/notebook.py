@@ -82,7 +82,8 @@ def activations(model: str, dialogues, layers, *, keep_first_token: bool = False
                 **settings) -> TokenActivations:
     """Per-token activations of `dialogues` at `layers` (an int or several) of `model` (a --model value: an
     embedded name, a HF id, a local folder). Any other extract setting (max_len, device, batch_tokens, mode,
-    model_dtype, ...) may be given; the activations are float32 whatever the store default."""
+    model_dtype, ...) may be given; the activations are float32 whatever the store default. `dialogue` numbers
+    the dialogues extract kept: one it cannot use (empty, an unknown role) is skipped, as in a store."""
     from instructsae.api import extract_activations, open_store
     from instructsae.evaluate.contexts import token_strings
     from instructsae.lm.models import load_tokenizer
@@ -117,7 +118,8 @@ def latents(sae, model: str | None, dialogues, *, layer: int | None = None, keep
     if not isinstance(sae, torch.nn.Module):
         sae = load_sae(sae)
     cfg = getattr(sae, "cfg", None) or {}
-    layer = layer if layer is not None else sae_layer(cfg, "given") if cfg else None
+    if layer is None and cfg:
+        layer = sae_layer(cfg, "(the one given)")
     if layer is None:
         raise UserError("latents: the SAE does not say which layer it reads: pass layer=")
     model = model or (sae_model(cfg) if cfg else None)

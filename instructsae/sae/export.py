@@ -7,6 +7,9 @@ model_name, hook_name, context_size, prepend_bos, seqpos_slice, dataset_path, ..
 Our own provenance (store, its fingerprint, the train config, the input scale, settings SAELens has no field
 for) lives under `metadata.instructsae`, which SAELens keeps as it is.
 
+Decoder rows are written at unit norm, each row's norm folded into its latent (sae/fold.py), so latents are in raw
+activation units as SAELens's fold_W_dec_norm leaves them.
+
 BatchTopK has no inference class in SAELens: at inference it keeps every latent above one threshold, which is
 a JumpReLU, so it is exported as `architecture: jumprelu` with that threshold, and `metadata.instructsae`
 says it was trained as BatchTopK (our loader rebuilds that class; SAELens runs the JumpReLU, the same maths).
