@@ -204,6 +204,25 @@ def store(tiny_model_dir, dialogues_jsonl, tmp_path, monkeypatch, capsys):
     return out
 
 
+def test_a_saelens_topk_that_rescales_by_decoder_norms_loads_as_saelens_runs_it(tmp_path):
+    """SAELens's TopK training default: the top k of pre-activations × decoder row norms. Folding the norms in on
+    load chooses the same latents and gives the same reconstructions, with unit-norm rows."""
+    sae_lens = saelens()
+    folder, _ = saelens_folder(tmp_path / "sae", architecture="topk")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
+    theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
+    assert theirs.cfg.rescale_acts_by_decoder_norm and theirs.W_dec.norm(dim=1).std() > 0.05  # rows differ
+    ours, _ = load_sae(folder)
+    x_BD = torch.randn(48, D_IN) * 4
+    with torch.no_grad():
+        their_latents_BF = theirs.encode(x_BD)
+        torch.testing.assert_close(ours.encode(x_BD), their_latents_BF, rtol=1e-5, atol=1e-5)
+        assert ((their_latents_BF > 0).sum(dim=1) <= 8).all()
+        torch.testing.assert_close(ours(x_BD), theirs(x_BD), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours.W_dec.norm(dim=1), torch.ones(ours.d_sae))
+
+
 def test_evaluate_features_and_steer_take_a_folder_saelens_wrote(store, tiny_model_dir, tmp_path, monkeypatch,
                                                                capsys):
     folder, _ = saelens_folder(tmp_path / "sae", model_name=str(tiny_model_dir), architecture="topk")
