@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 _LAZY = {
     **{name: "instructsae.api" for name in (
         "extract_activations", "train_sae", "train_sweep", "evaluate_sae", "open_store", "load_sae")},
+    **{name: "instructsae.api" for name in ("steer", "features", "autointerp", "dedup", "compare")},
+    **{name: "instructsae.notebook" for name in ("activations", "latents", "TokenActivations", "TokenLatents")},
     "ExtractConfig": "instructsae.schemas.extract",
     "TrainConfig": "instructsae.schemas.train", "OptimConfig": "instructsae.schemas.train",
     "StandardConfig": "instructsae.schemas.train", "JumpReLUConfig": "instructsae.schemas.train",

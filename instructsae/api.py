@@ -5,9 +5,12 @@ top of it, validated the same way (a bad value raises UserError with the CLI's o
 `extract_activations` takes dialogues held in Python and `train_sae` activations held in Python.
 """
 
+import json
 import os
+import tempfile
 import uuid
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 
@@ -92,17 +95,22 @@ def train_sweep(config: SweepConfig | Mapping, /, *, resume: bool = False, **set
 
 
 def evaluate_sae(sae: str | list[str], store: str, *, max_tokens: int | None = None,
-                 lm: LMViewConfig | Mapping | None = None, **lm_settings) -> dict | list[dict]:
+                 lm: LMViewConfig | Mapping | None = None, out: str | None = None, **lm_settings) -> dict | list[dict]:
     """Reconstruction, Eq. 7, per-role figures and (with lm_tokens > 0) the LM view (`instructsae evaluate`).
 
     One SAE folder gives its result; a list gives one result per folder, sharing store reads and LM runs.
-    Without `lm` or lm settings, the LM view is skipped.
+    Without `lm` or lm settings, the LM view is skipped. The SAE folders are only read; `out` names a JSON file
+    to write the result(s) to.
     """
-    from instructsae.evaluate.run import evaluate_saes_on_store
+    from instructsae.evaluate.run import evaluate_saes_on_store, write_results
 
     view = None if lm is None and not lm_settings else _config(LMViewConfig, lm, lm_settings)
     single = isinstance(sae, (str, os.PathLike))
+    if out is not None and Path(out).is_dir():  # found now, not after the evaluation
+        raise UserError(f"--out {out} is a folder: name a JSON file")
     results = evaluate_saes_on_store([str(sae)] if single else [str(s) for s in sae], str(store), max_tokens, view)
+    if out is not None:
+        write_results(out, results)
     return results[0] if single else results
 
 
@@ -113,11 +121,95 @@ def open_store(path: str):
     return open_reader(str(path))
 
 
-def load_sae(path: str):
-    """The SAE of a folder (ours or SAELens's), on raw activations: `.encode`, `.decode`, `forward`, and `.cfg`
-    (cfg.json as a dict)."""
+def load_sae(path: str, device: str | None = None):
+    """The SAE of a folder (ours or SAELens's), on raw activations: `.encode`, `.decode`, `forward`, `.dtype`,
+    `.device`, unit-norm `.W_dec` rows (for folders we export), and `.cfg`: cfg.json as a dict that also answers
+    SAEBench's attributes (cfg.d_sae, cfg.hook_name, cfg.hook_layer, ...). `device`: where to put it ("auto":
+    CUDA when present)."""
+    from instructsae.devices import resolve_device
     from instructsae.sae.folder import load_sae as load
 
     sae, cfg = load(path)
-    sae.cfg = cfg
+    if device is not None:
+        sae.to(resolve_device(device))
+        cfg["device"] = str(sae.device)
     return sae
+
+
+def steer(sae: str, feature: int, prompt: str, *, alpha=(0.0, 15.0, 25.0, 50.0, 100.0, 150.0), out: str | None = None,
+          **settings) -> dict:
+    """Greedy generations with α × the feature's unit-norm decoder row added after the SAE's layer (`instructsae
+    steer`), one per α: the result, with "generations". Written to disk only when `out` names a JSON file."""
+    from instructsae.evaluate.steering import run_steering
+    from instructsae.schemas.steer import SteerConfig
+
+    alphas = (alpha,) if isinstance(alpha, (int, float)) else tuple(alpha)
+    return run_steering(build(SteerConfig, {"sae": str(sae), "feature": feature, "prompt": prompt, "alpha": alphas,
+                                            "out": out}, settings))
+
+
+def features(sae: str, store: str, *, out: str | None = None, **settings) -> dict:
+    """Every live feature's density, mean activation, role shares and top contexts on a store (`instructsae
+    features`): the summary with "features" (the features.json records) and "special". With `out`, the folder
+    of features.json/.parquet and dashboard.html is written there; without, nothing is kept on disk."""
+    from instructsae.evaluate.features import run_features
+    from instructsae.schemas.features import FeaturesConfig
+
+    def run(folder: str) -> dict:
+        result = run_features(build(FeaturesConfig, {"sae": str(sae), "store": str(store), "out": folder}, settings))
+        records = json.loads((Path(folder) / "features.json").read_text())["features"]
+        return {**result, "features": records}
+
+    if out is not None:
+        return run(str(out))
+    with tempfile.TemporaryDirectory(prefix="instructsae-features-") as folder:
+        return {**run(str(Path(folder) / "features")), "out": None}
+
+
+def autointerp(features: str | Mapping, *, endpoint: str, model: str, out: str | None = None, **settings) -> dict:
+    """Explain and score sampled features through an OpenAI-compatible endpoint (`instructsae autointerp`): the
+    report. `features`: a folder written by `features`, or the dict `features()` returned. Written to disk only
+    when `out` names a JSON file."""
+    from instructsae.evaluate.autointerp import run_autointerp
+    from instructsae.schemas.autointerp import AutointerpConfig
+
+    with tempfile.TemporaryDirectory(prefix="instructsae-autointerp-") as scratch:
+        folder = features
+        if isinstance(features, Mapping):  # features() held in Python: its records as the folder would hold them
+            folder = Path(scratch) / "features"
+            folder.mkdir()
+            (folder / "features.json").write_text(json.dumps(dict(features)))
+        target = out if out is not None else str(Path(scratch) / "autointerp.json")
+        report = run_autointerp(build(AutointerpConfig, {"features": str(folder), "endpoint": endpoint,
+                                                         "model": model, "out": target}, settings))
+    return report if out is not None else {**report, "out": None}
+
+
+def dedup(dataset: str, *, out: str | None = None, **settings) -> dict:
+    """Drop exact and near-duplicate rows of a dataset (`instructsae dedup`): the report, with "rows" (the kept
+    rows, as dicts) when no `out` parquet file is named (then nothing is written)."""
+    from instructsae.extract.dedup_run import run_dedup
+    from instructsae.schemas.dataset import DedupConfig
+
+    if out is not None:
+        return run_dedup(build(DedupConfig, {"dataset": str(dataset), "out": str(out)}, settings))
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory(prefix="instructsae-dedup-") as folder:
+        target = Path(folder) / "kept.parquet"
+        report = run_dedup(build(DedupConfig, {"dataset": str(dataset), "out": str(target)}, settings))
+        rows = pq.read_table(target).to_pylist()
+    return {**report, "out": None, "rows": rows}
+
+
+def compare(out: str, **settings) -> dict:
+    """BT(P) vs BT(F) vs FAST at matched L0 (`instructsae pipeline compare`): stores, SAEs and the report are
+    written under `out` (it resumes from there). Returns {"report": report.md's text, "results": [...],
+    "verdicts": {...}, "out": out}."""
+    from instructsae.pipelines.compare import run_compare
+    from instructsae.schemas.compare import CompareConfig
+
+    report = run_compare(build(CompareConfig, {"out": str(out)}, settings))
+    root = Path(out)
+    return {"report": report, "results": json.loads((root / "results.json").read_text()),
+            "verdicts": json.loads((root / "verdicts.json").read_text()), "out": str(out)}

@@ -62,22 +62,27 @@ def dedup(**options):
 @click.option("--preset", type=click.Choice(list(PRESETS)), help="defaults to start from")
 @options_from(TrainConfig, skip=("sae", "optim"))
 @click.option("--sae", "arch", type=click.Choice(ARCHITECTURES), help="SAE architecture")
-@click.option("--expansion", type=int, help=_describe(JumpReLUConfig, "expansion"))
-@click.option("--sparsity-coeff", type=float, help="sparsity coefficient (L1 for standard, L0 for jumprelu)")
-@click.option("--bandwidth", type=float, help=_describe(JumpReLUConfig, "bandwidth"))
-@click.option("--init-threshold", type=float, help=_describe(JumpReLUConfig, "init_threshold"))
+@click.option("--expansion", "--expansion-factor", "expansion", type=int, help=_describe(JumpReLUConfig, "expansion"))
+@click.option("--d-sae", type=int, help=_describe(JumpReLUConfig, "d_sae") + " (give it or --expansion)")
+@click.option("--sparsity-coeff", "--l1-coefficient", "--l0-coefficient", "sparsity_coeff", type=float,
+              help="sparsity coefficient (L1 for standard, L0 for jumprelu; SAELens's names are on another scale: "
+                   "see the README's alias table)")
+@click.option("--bandwidth", "--jumprelu-bandwidth", "bandwidth", type=float,
+              help=_describe(JumpReLUConfig, "bandwidth"))
+@click.option("--init-threshold", "--jumprelu-init-threshold", "init_threshold", type=float,
+              help=_describe(JumpReLUConfig, "init_threshold"))
 @click.option("--k", type=int, help=_describe(TopKConfig, "k") + " (topk, batchtopk)")
 @options_from(OptimConfig)
 @click.option("--resume", is_flag=True, help="continue a killed run from its checkpoint (same config and store)")
 @click.option("--overwrite", is_flag=True,
               help="replace the finished SAE in --out (another config, or the same one trained again)")
-def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, k, resume, overwrite,
-          **options):
+def train(config_file, preset, arch, expansion, d_sae, sparsity_coeff, bandwidth, init_threshold, k, resume,
+          overwrite, **options):
     """Train one SAE on a store, streaming shuffled chunks through a mixing buffer."""
     from instructsae.api import train_sae
     from instructsae.train.config import resolve_train_config
 
-    sae_flags = {"arch": arch, "expansion": expansion, "sparsity_coeff": sparsity_coeff,
+    sae_flags = {"arch": arch, "expansion": expansion, "d_sae": d_sae, "sparsity_coeff": sparsity_coeff,
                  "bandwidth": bandwidth, "init_threshold": init_threshold, "k": k}
     optim_flags = {name: options.pop(name) for name in OptimConfig.model_fields}
     cfg = resolve_train_config(read_yaml(config_file), preset, options, sae_flags, optim_flags)
@@ -105,14 +110,16 @@ def sweep(config_file, resume, **options):
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="evaluate on at most this many tokens")
+@click.option("--out", type=click.Path(), default=None,
+              help="also write the JSON result to this file (nothing is written into the SAE folders)")
 @options_from(LMViewConfig)
-def evaluate(sae_dirs, store, as_json, max_tokens, **lm_options):
+def evaluate(sae_dirs, store, as_json, max_tokens, out, **lm_options):
     """Reconstruction (MSE, NMSE, explained variance, the FAST paper's Eq. 7), L0 and dead fraction of an SAE on a
     store, per token role too, and the LM's loss with the SAE spliced in (CE loss recovered, KL)."""
     from instructsae.api import evaluate_sae
     from instructsae.evaluate.run import format_role_table, format_table
 
-    results = evaluate_sae(list(sae_dirs), store, max_tokens=max_tokens, lm=build(LMViewConfig, lm_options))
+    results = evaluate_sae(list(sae_dirs), store, max_tokens=max_tokens, lm=build(LMViewConfig, lm_options), out=out)
     tables = f"{format_table(results)}\n\nper role (LM columns: the role of the token predicted)\n" \
              f"{format_role_table(results)}"
     # one SAE: its result object; several: a list of them
@@ -181,6 +188,8 @@ def steer(**options):
     from instructsae.evaluate.steering import run_steering, side_by_side
 
     options["alpha"] = split_list(options["alpha"])
+    if options["out"] is None and options["feature"] is not None:
+        options["out"] = f"steer-feature-{options['feature']}.json"
     result = run_steering(build(SteerConfig, options))
     click.echo(f"feature {result['feature']} of {result['sae']}, layer {result['layer']} of {result['model']}")
     click.echo(side_by_side(result["generations"]))

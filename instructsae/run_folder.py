@@ -19,7 +19,7 @@ SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
 CHECKPOINT_FILE = "checkpoint.pt"
-EVAL_DIR = "eval"  # where `instructsae evaluate` writes its results
+EVAL_DIR = "eval"  # where `instructsae evaluate` wrote its results before it kept out of SAE folders
 BUILDING_SUFFIX = ".partial"
 # Everything a run writes (summary first: removing it first makes a folder stop looking finished).
 RUN_ENTRIES = (SUMMARY_FILE, METRICS_FILE, CFG_FILE, WEIGHTS_FILE, CURVES_FILE, CHECKPOINT_FILE, EVAL_DIR)
@@ -61,9 +61,6 @@ class RunPaths:
     @property
     def eval_dir(self) -> Path:
         return self.root / EVAL_DIR
-
-    def eval_result(self, store_fingerprint: str) -> Path:
-        return self.eval_dir / f"{store_fingerprint}.json"
 
     @property
     def building(self) -> "RunPaths":

@@ -34,13 +34,14 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
     return store, sae, dataset
 
 
-def test_evaluate_with_the_lm_view(tiny_run, tiny_model_dir, monkeypatch, capsys):
+def test_evaluate_with_the_lm_view(tiny_run, tiny_model_dir, monkeypatch, capsys, tmp_path):
     store, sae, _ = tiny_run
     code, out, err = run_cli(monkeypatch, capsys, "evaluate", "--sae", str(sae), "--store", str(store),
-                             "--lm-tokens", str(LM_TOKENS), "--json")
+                             "--lm-tokens", str(LM_TOKENS), "--json", "--out", str(tmp_path / "result.json"))
     assert code == 0, err
     result = json.loads(out)
-    assert result == json.loads((sae / "eval" / f"{result['store_fingerprint']}.json").read_text())
+    assert result == json.loads((tmp_path / "result.json").read_text())
+    assert not (sae / "eval").exists()  # the SAE folder is only read
     eq7 = result["eq7"]
     assert eq7["n_sequences"] == 8 and eq7["mse"] > 0 and eq7["log2_mse"] == pytest.approx(np.log2(eq7["mse"]))
     assert sum(role["n_tokens"] for role in result["per_role"].values()) == result["n_tokens"]
@@ -114,3 +115,29 @@ def test_several_saes_in_one_evaluate(tiny_run, tmp_path, monkeypatch, capsys):
     code, out, _ = run_cli(monkeypatch, capsys, "evaluate", "--sae", str(other), "--store", str(store),
                            "--lm-tokens", "100", "--json")
     assert json.loads(out) == together[1]  # the same figures as evaluated alone
+
+
+def snapshot(folder) -> dict:
+    return {str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file()} | {
+            str(path.relative_to(folder)): None for path in folder.rglob("*") if path.is_dir()}
+
+
+def test_evaluate_leaves_a_read_only_sae_folder_unchanged(tiny_run, monkeypatch, capsys, tmp_path):
+    store, trained, _ = tiny_run
+    import shutil
+
+    sae = tmp_path / "read-only-sae"
+    shutil.copytree(trained, sae)
+    before = snapshot(sae)
+    for path in [sae, *sae.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        code, out, err = run_cli(monkeypatch, capsys, "evaluate", "--sae", str(sae), "--store", str(store),
+                                 "--lm-tokens", "0", "--json")
+    finally:
+        for path in [sae, *sae.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    assert code == 0, err
+    assert json.loads(out)["n_tokens"] > 0
+    assert snapshot(sae) == before  # no eval/ folder, no file touched (root ignores the modes: compared anyway)

@@ -78,10 +78,13 @@ def test_loaded_sae_acts_on_raw_activations(sae, tmp_path):
         latents_BF = sae.encode(x_raw_BD * scale)
         recon_BD = sae(x_raw_BD * scale) / scale
     assert (latents_BF > 0).any(), "the comparison must involve active latents"
-    torch.testing.assert_close(loaded.encode(x_raw_BD), latents_BF, rtol=1e-4, atol=1e-4)
+    # decoder rows come out unit norm; each latent carries its row's norm in raw units instead
+    torch.testing.assert_close(loaded.W_dec.norm(dim=1), torch.ones(sae.d_sae))
+    norm_F = sae.W_dec.detach().norm(dim=1) / scale
+    torch.testing.assert_close(loaded.encode(x_raw_BD), latents_BF * norm_F, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loaded(x_raw_BD), recon_BD, rtol=1e-4, atol=1e-3)
     if "threshold" in sae.extra_parameters:
-        torch.testing.assert_close(loaded.threshold, sae.threshold.detach())
+        torch.testing.assert_close(loaded.threshold, sae.threshold.detach() * norm_F)
     for name in sae.exported_settings:
         assert getattr(loaded, name) == getattr(sae, name), name
 
@@ -93,7 +96,8 @@ def test_saving_again_replaces_the_folder_contents(sae, tmp_path):
     save_sae(tmp_path, sae, input_scale=1.0, metadata={"layer": 2})
     loaded, cfg = load_sae(tmp_path)
     assert cfg["metadata"]["instructsae"]["layer"] == 2
-    torch.testing.assert_close(loaded.W_dec, sae.W_dec.detach())
+    x_BD = torch.randn(16, D_IN)
+    torch.testing.assert_close(loaded(x_BD), sae(x_BD).detach(), rtol=1e-4, atol=1e-4)
 
 
 def write_folder(folder, cfg, tensors):
@@ -146,3 +150,13 @@ def test_a_good_hand_written_folder_loads(tmp_path):
     write_folder(tmp_path / "sae", GOOD_CFG, GOOD_TENSORS)
     sae, cfg = load_sae(tmp_path / "sae")
     assert (sae.d_in, sae.d_sae) == (4, 8) and not any(p.requires_grad for p in sae.parameters())
+
+
+def test_a_topk_sae_with_rows_of_different_norms_is_refused(tmp_path):
+    """Folding a norm per latent would change which latents are the k largest: only one common norm is folded."""
+    sae = build_sae(CONFIGS["topk"], D_IN)
+    with torch.no_grad():
+        sae.W_dec[0].mul_(3.0)
+    with pytest.raises(UserError, match="differ in norm"):
+        save_sae(tmp_path / "sae", sae, input_scale=1.0, metadata={"layer": 0})
+    assert not (tmp_path / "sae" / "sae_weights.safetensors").exists()

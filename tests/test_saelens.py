@@ -19,6 +19,7 @@ from instructsae.schemas.train import BatchTopKConfig, TopKConfig
 from instructsae.sae.export import load_sae, save_sae
 from instructsae.sae import SAE_CLASSES, build_sae
 from instructsae.sae.folder import layer_from_hook_name, sae_layer, sae_model
+from instructsae.evaluate.steering import steering_direction
 
 D_IN = 64  # the tiny model's d_model
 
@@ -89,6 +90,33 @@ def test_saelens_loads_every_architecture_with_our_reconstructions(arch, tmp_pat
     metadata = theirs.cfg.metadata
     assert metadata.hook_name == "blocks.1.hook_resid_post" and metadata.prepend_bos is False
     assert metadata["instructsae"]["architecture"] == arch  # our provenance survives SAELens's loader
+
+
+@pytest.mark.parametrize("arch", sorted(SAE_CLASSES))
+def test_exported_rows_are_unit_norm_and_alpha_steers_as_in_saelens(arch, tmp_path):
+    """Decoder norms are folded into the latents (SAELens's fold_W_dec_norm): SAELens reconstructs as the SAE did
+    in training, a latent times its row is its contribution in raw units, and α × W_dec[f] in SAELens is the
+    vector `instructsae steer` adds at the same α."""
+    sae_lens = saelens()
+    ours, scale = trained_like(arch), 0.25
+    with torch.no_grad():  # a norm per row where the architecture allows it; TopK's training keeps one norm
+        ours.W_dec.mul_(2.5 if ours.selects_by_rank else torch.rand(ours.d_sae, 1) * 3 + 0.2)
+    save_sae(tmp_path, ours, input_scale=scale, metadata={"layer": 1})
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path), device="cpu")
+    loaded, _ = load_sae(tmp_path)
+    torch.testing.assert_close(theirs.W_dec.norm(dim=1), torch.ones(ours.d_sae))
+    x_BD = torch.randn(48, D_IN) * 4
+    with torch.no_grad():
+        trained_latents_BF = ours.encode(x_BD * scale)
+        assert (trained_latents_BF > 0).any() and (trained_latents_BF == 0).any()
+        torch.testing.assert_close(theirs(x_BD), ours(x_BD * scale) / scale, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(loaded(x_BD), theirs(x_BD), rtol=1e-5, atol=1e-4)
+        contribution_BFD = theirs.encode(x_BD)[:, :, None] * theirs.W_dec
+        trained_contribution_BFD = trained_latents_BF[:, :, None] * ours.W_dec / scale
+        torch.testing.assert_close(contribution_BFD, trained_contribution_BFD, rtol=1e-4, atol=1e-4)
+    for feature in range(0, ours.d_sae, 17):
+        torch.testing.assert_close(50.0 * theirs.W_dec[feature], 50.0 * steering_direction(loaded.W_dec, feature))
+        torch.testing.assert_close(theirs.W_dec[feature], steering_direction(ours.W_dec.detach(), feature))
 
 
 def test_saelens_keeps_the_metadata_of_a_trained_run(tmp_path, monkeypatch, capsys, tiny_model_dir,
@@ -174,6 +202,25 @@ def store(tiny_model_dir, dialogues_jsonl, tmp_path, monkeypatch, capsys):
                            "--max-instances", "4", "--out", str(out))
     assert code == 0, err
     return out
+
+
+def test_a_saelens_topk_that_rescales_by_decoder_norms_loads_as_saelens_runs_it(tmp_path):
+    """SAELens's TopK training default: the top k of pre-activations × decoder row norms. Folding the norms in on
+    load chooses the same latents and gives the same reconstructions, with unit-norm rows."""
+    sae_lens = saelens()
+    folder, _ = saelens_folder(tmp_path / "sae", architecture="topk")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
+    theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
+    assert theirs.cfg.rescale_acts_by_decoder_norm and theirs.W_dec.norm(dim=1).std() > 0.05  # rows differ
+    ours, _ = load_sae(folder)
+    x_BD = torch.randn(48, D_IN) * 4
+    with torch.no_grad():
+        their_latents_BF = theirs.encode(x_BD)
+        torch.testing.assert_close(ours.encode(x_BD), their_latents_BF, rtol=1e-5, atol=1e-5)
+        assert ((their_latents_BF > 0).sum(dim=1) <= 8).all()
+        torch.testing.assert_close(ours(x_BD), theirs(x_BD), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours.W_dec.norm(dim=1), torch.ones(ours.d_sae))
 
 
 def test_evaluate_features_and_steer_take_a_folder_saelens_wrote(store, tiny_model_dir, tmp_path, monkeypatch,

@@ -29,7 +29,7 @@ def sae_dir(tiny_model_dir, tmp_path):
     torch.manual_seed(0)
     sae = build_sae(StandardConfig(expansion=2), d_in=64)
     folder = tmp_path / "sae"
-    # input_scale 0.1 makes the saved decoder rows norm 10: the direction must still be unit-norm
+    # input_scale 0.1 would make the saved decoder rows norm 10: the export folds it into the latents
     save_sae(folder, sae, input_scale=0.1, metadata={"layer": LAYER, "model": str(tiny_model_dir)})
     return folder
 
@@ -77,7 +77,7 @@ def test_steer_cli_zero_alpha_is_the_plain_model_and_large_alpha_changes_it(
     result = json.loads(out.read_text())
     assert [g["alpha"] for g in result["generations"]] == [0.0, 1e4]
     assert (result["layer"], result["feature"], result["chat"]) == (LAYER, 5, True)
-    assert result["decoder_row_norm"] == pytest.approx(10.0, rel=1e-4)
+    assert result["decoder_row_norm"] == pytest.approx(1.0, rel=1e-5)  # exported rows are unit norm
     plain_ids = greedy_generate(loaded, prompt_ids(loaded.tokenizer, PROMPT, chat=True), 12)
     assert result["generations"][0]["token_ids"] == plain_ids
     assert result["generations"][1]["token_ids"] != plain_ids

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from instructsae.errors import UserError
 from instructsae.evaluate.contexts import context_windows, gather_column, token_strings, window_rows

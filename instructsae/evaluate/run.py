@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from instructsae.devices import resolve_device
 from instructsae.errors import UserError
@@ -20,7 +20,6 @@ from instructsae.fileio import write_text_atomically
 from instructsae.lm.batches import batch_budget
 from instructsae.lm.models import load_model
 from instructsae.metrics import ReconstructionSums
-from instructsae.run_folder import RunPaths
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.sae.folder import load_sae, sae_layer
 from instructsae.sae import SparseAutoencoder
@@ -92,7 +91,7 @@ def without_per_sequence(result: dict) -> dict:
 
 def evaluate_saes_on_store(sae_dirs: list[str], store: str, max_tokens: int | None = None,
                            lm: LMViewConfig | None = None, per_sequence: bool = False) -> list[dict]:
-    """The metrics of each SAE on a store, also written to SAE/eval/<store fingerprint>.json. SAEs of one layer
+    """The metrics of each SAE on a store; nothing is written (the SAE folders are only read). SAEs of one layer
     share one read of the store. Without `lm` (or with lm_tokens 0) the LM view is skipped and the results have
     no 'lm' section; with it, SAEs of one layer share one LM view (the model runs clean and ablated once for all
     of them). With `per_sequence`, each result (and its 'lm' section) also holds 'per_sequence': numpy arrays of
@@ -110,11 +109,16 @@ def evaluate_saes_on_store(sae_dirs: list[str], store: str, max_tokens: int | No
         if lm is not None and lm.lm_tokens > 0:
             for i, view in zip(members, lm_metrics(saes, reader, layer, lm)):
                 results[i]["lm"] = view
-    for sae_dir, result in zip(sae_dirs, results):
-        out = RunPaths(sae_dir).eval_result(result["store_fingerprint"])
-        out.parent.mkdir(exist_ok=True)
-        write_text_atomically(out, json.dumps(without_per_sequence(result), indent=2))
     return results if per_sequence else [without_per_sequence(result) for result in results]
+
+
+def write_results(out: str | Path, results: list[dict]) -> None:
+    """--out: the JSON `--json` prints (one SAE: its result; several: the list), in a file the user named."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: name a JSON file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out, json.dumps(results[0] if len(results) == 1 else results, indent=2))
 
 
 def evaluate_sae_on_store(sae_dir: str, store: str, max_tokens: int | None = None,

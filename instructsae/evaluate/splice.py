@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from instructsae.evaluate.dialogues import StoredSequence
 from instructsae.lm.batches import length_batches, padded_batch

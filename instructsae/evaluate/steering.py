@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from instructsae.errors import UserError
 from instructsae.fileio import write_text_atomically
@@ -100,8 +100,9 @@ def _model_of(cfg: dict, sae_dir: str, model_flag: str | None) -> str:
 
 
 def run_steering(cfg: SteerConfig) -> dict:
-    out = Path(cfg.out or f"steer-feature-{cfg.feature}.json")
-    if out.is_dir():  # found now, not after the model has generated
+    """The generations; written to cfg.out when it names a file (the CLI always names one), else nowhere."""
+    out = None if cfg.out is None else Path(cfg.out)
+    if out is not None and out.is_dir():  # found now, not after the model has generated
         raise UserError(f"--out {out} is a folder: name a JSON file")
     sae, sae_cfg = load_sae(cfg.sae)
     model_spec, layer = _model_of(sae_cfg, cfg.sae, cfg.model), sae_layer(sae_cfg, cfg.sae)
@@ -120,9 +121,10 @@ def run_steering(cfg: SteerConfig) -> dict:
         "prompt": cfg.prompt, "chat": cfg.chat, "decoding": "greedy", "max_new_tokens": cfg.max_new_tokens,
         "generations": generations,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(out, json.dumps(result, indent=2))
-    result["out"] = str(out)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(out, json.dumps(result, indent=2))
+    result["out"] = None if out is None else str(out)
     return result
 
 

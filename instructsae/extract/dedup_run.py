@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader

@@ -14,7 +14,7 @@ their last commit, and ends with exactly the instances of a single-process run.
 
 from collections.abc import Iterable
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from instructsae import __version__, distributed
 from instructsae.errors import UserError

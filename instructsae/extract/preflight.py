@@ -6,7 +6,7 @@ The check replays extract's own plan of instances with the tokenizer alone (no m
 the extraction will read and stops where its token budget stops it.
 """
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from instructsae import __version__, distributed
 from instructsae.devices import resolve_device, resolve_model_dtype

@@ -22,7 +22,7 @@ from instructsae.evaluate.run import without_per_sequence
 from instructsae.extract.heldout import heldout_skip
 from instructsae.extract.run import run_extract
 from instructsae.fileio import write_text_atomically
-from instructsae.pipelines.compare_eval import evaluate_cached, instance_sums
+from instructsae.pipelines.compare_eval import EVAL_CACHE, evaluate_cached, instance_sums
 from instructsae.pipelines.compare_report import LABELS, METHODS, render_report
 from instructsae.pipelines.compare_stats import compare_methods
 from instructsae.run_folder import RunPaths
@@ -111,7 +111,7 @@ def run_compare(cfg: CompareConfig) -> str:
     lm = LMViewConfig(lm_tokens=cfg.lm_tokens, device=cfg.device)
     results, analyses = [], {}
     for name, extract_cfg in heldouts.items():
-        evaluated = evaluate_cached(saes, extract_cfg.out, lm)
+        evaluated = evaluate_cached(saes, extract_cfg.out, lm, root / EVAL_CACHE)
         results += [{**without_per_sequence(result), "method": sae["method"], "seed": sae["seed"],
                      "setting": sae["setting"], "heldout": name} for sae, result in zip(saes, evaluated)]
         sum_x_ID, d_model = instance_sums(extract_cfg.out, cfg.layer)

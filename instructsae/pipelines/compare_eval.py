@@ -1,7 +1,8 @@
 """compare's evaluations, kept per SAE so that a killed compare does not evaluate again what it finished.
 
-Beside evaluate's SAE/eval/<store fingerprint>.json, each SAE gets <fingerprint>.sequences.npz: the per-sequence
-sums its figures come from (what the bootstrap resamples). Missing ones are evaluated one method at a time, so
+Each SAE's result is kept under compare's own folder (evaluate writes nothing into the SAE folders it reads), in
+CACHE/<method>/<SAE folder name>/<store fingerprint>.json beside <fingerprint>.sequences.npz: the per-sequence sums
+its figures come from (what the bootstrap resamples). Missing ones are evaluated one method at a time, so
 the SAEs of a method share a read of the store and the clean and ablated LM runs, and each method's results are
 on disk before the next starts.
 """
@@ -12,37 +13,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instructsae.evaluate.run import evaluate_saes_on_store, store_batches
+from instructsae.evaluate.run import evaluate_saes_on_store, store_batches, without_per_sequence
 from instructsae.store.reader import open_complete_store
-from instructsae.fileio import write_atomically
+from instructsae.fileio import write_atomically, write_text_atomically
 from instructsae.schemas.evaluate import LMViewConfig
 
+EVAL_CACHE = "eval-cache"  # under compare's --out
 STORE_ARRAYS = ("sq_err_IR", "sq_IR", "l0_IR", "count_IR")
 LM_ARRAYS = ("instance_I", "sums_IQR", "count_IR")
 
 
-def _paths(sae_dir: str, fingerprint: str) -> tuple[Path, Path]:
-    folder = Path(sae_dir) / "eval"
+def _paths(cache: Path, sae: dict, fingerprint: str) -> tuple[Path, Path]:
+    folder = cache / sae["method"] / Path(sae["dir"]).name
     return folder / f"{fingerprint}.json", folder / f"{fingerprint}.sequences.npz"
 
 
-def _save(sae_dir: str, result: dict, lm_tokens: int) -> None:
+def _save(cache: Path, sae: dict, result: dict, lm_tokens: int) -> None:
     arrays = {name: result["per_sequence"][name] for name in STORE_ARRAYS}
     lm = (result.get("lm") or {}).get("per_sequence")
     if lm is not None:
         arrays.update({f"lm_{name}": lm[name] for name in LM_ARRAYS})
-    _, npz = _paths(sae_dir, result["store_fingerprint"])
+    json_path, npz = _paths(cache, sae, result["store_fingerprint"])
+    json_path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(partial: Path) -> None:
         with open(partial, "wb") as file:
             np.savez(file, lm_tokens=np.array(lm_tokens), **arrays)
 
     write_atomically(npz, write)
+    write_text_atomically(json_path, json.dumps(without_per_sequence(result), indent=2))
 
 
-def _load(sae_dir: str, fingerprint: str, lm_tokens: int) -> dict | None:
+def _load(cache: Path, sae: dict, fingerprint: str, lm_tokens: int) -> dict | None:
     """A cached result with its per-sequence arrays, or None when absent, unreadable or of another LM view."""
-    json_path, npz = _paths(sae_dir, fingerprint)
+    json_path, npz = _paths(cache, sae, fingerprint)
     try:
         result = json.loads(json_path.read_text())
         with np.load(npz) as arrays:
@@ -56,10 +60,11 @@ def _load(sae_dir: str, fingerprint: str, lm_tokens: int) -> dict | None:
     return result
 
 
-def evaluate_cached(saes: list[dict], store: str, lm: LMViewConfig) -> list[dict]:
-    """evaluate's result (per_sequence arrays included) of each SAE ({"method", "dir"}) on the store."""
+def evaluate_cached(saes: list[dict], store: str, lm: LMViewConfig, cache: Path) -> list[dict]:
+    """evaluate's result (per_sequence arrays included) of each SAE ({"method", "dir"}) on the store, kept in
+    `cache` (a folder of compare's own)."""
     fingerprint = open_complete_store(store).manifest.fingerprint
-    results = [_load(sae["dir"], fingerprint, lm.lm_tokens) for sae in saes]
+    results = [_load(cache, sae, fingerprint, lm.lm_tokens) for sae in saes]
     for method in dict.fromkeys(sae["method"] for sae in saes):
         todo = [i for i, sae in enumerate(saes) if sae["method"] == method and results[i] is None]
         if not todo:
@@ -67,7 +72,7 @@ def evaluate_cached(saes: list[dict], store: str, lm: LMViewConfig) -> list[dict
         print(f"evaluating {len(todo)} {method} SAEs on {store}")
         fresh = evaluate_saes_on_store([saes[i]["dir"] for i in todo], store, lm=lm, per_sequence=True)
         for i, result in zip(todo, fresh):
-            _save(saes[i]["dir"], result, lm.lm_tokens)
+            _save(cache, saes[i], result, lm.lm_tokens)
             results[i] = result
     return results
 

@@ -26,6 +26,8 @@ class SparseAutoencoder(nn.Module):
     unit_norm_decoder: ClassVar[bool] = False
     extra_parameters: ClassVar[tuple[str, ...]] = ()  # exported beside the four shared tensors
     exported_settings: ClassVar[tuple[str, ...]] = ()  # constructor arguments cfg.json carries to rebuild it
+    in_latent_units: ClassVar[tuple[str, ...]] = ()  # exported tensors scaled with the latents (thresholds)
+    selects_by_rank: ClassVar[bool] = False  # keeps the largest latents: the export folds one common norm
 
     def __init__(self, d_in: int, d_sae: int):
         super().__init__()
@@ -36,6 +38,15 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(W_dec_FD.T.clone())  # tied at init, as Anthropic and Gemma Scope do
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """SAEBench's custom-SAE contract asks for .dtype and .device."""
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
 
     def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
         return sparse_products.encode(x_BD - self.b_dec, self.W_enc, self.b_enc)

@@ -18,6 +18,7 @@ THRESHOLD_DECAY = 0.99  # of the running mean; short enough to settle within a d
 class BatchTopKSAE(TopKBase):
     architecture = "batchtopk"
     extra_parameters = ("threshold",)
+    in_latent_units = ("threshold",)
 
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coeff: float = 1 / 32):
         super().__init__(d_in, d_sae, k, aux_k, aux_coeff)

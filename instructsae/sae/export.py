@@ -7,6 +7,9 @@ model_name, hook_name, context_size, prepend_bos, seqpos_slice, dataset_path, ..
 Our own provenance (store, its fingerprint, the train config, the input scale, settings SAELens has no field
 for) lives under `metadata.instructsae`, which SAELens keeps as it is.
 
+Decoder rows are written at unit norm, each row's norm folded into its latent (sae/fold.py), so latents are in raw
+activation units as SAELens's fold_W_dec_norm leaves them.
+
 BatchTopK has no inference class in SAELens: at inference it keeps every latent above one threshold, which is
 a JumpReLU, so it is exported as `architecture: jumprelu` with that threshold, and `metadata.instructsae`
 says it was trained as BatchTopK (our loader rebuilds that class; SAELens runs the JumpReLU, the same maths).
@@ -21,6 +24,7 @@ from instructsae.fileio import write_atomically, write_text_atomically
 from instructsae.lm.models import hub_id
 from instructsae.schemas.manifest import StoreIdentity
 from instructsae.sae import SparseAutoencoder
+from instructsae.sae.fold import fold_decoder_norms
 from instructsae.sae.folder import CFG_FILE, PROVENANCE_KEY, WEIGHTS_FILE, load_sae, provenance  # noqa: F401
 
 # The cfg format written: SAELens >= 6.0 reads a folder by its 6.x path when metadata.sae_lens_version says so.
@@ -83,6 +87,7 @@ def save_sae(folder: str | Path, sae: SparseAutoencoder, input_scale: float, met
     tensors = sae.export_tensors(input_scale)
     if sae.architecture == "batchtopk":  # a threshold not estimated yet (-1) means a plain ReLU: write that
         tensors["threshold"] = tensors["threshold"].clamp_min(0)
+    tensors = fold_decoder_norms(tensors, sae.in_latent_units, sae.selects_by_rank)
     write_atomically(folder / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
     cfg = json.dumps(sae_cfg(sae, metadata, identity), indent=2, default=str)
     write_text_atomically(folder / CFG_FILE, cfg)

@@ -1,8 +1,10 @@
 """Read an SAE folder in the SAELens layout: ours, or one SAELens (6.x or earlier) or another tool wrote.
 
 Anything the folder says that our SAE classes do not run is refused in one line rather than run wrongly
-(activation normalisation left in, a hook_z reshape, TopK latents rescaled by decoder norms). A folder that
-does not subtract b_dec before encoding has it folded into b_enc, which is the same encoder.
+(activation normalisation left in, a hook_z reshape). A folder that does not subtract b_dec before encoding has
+it folded into b_enc, which is the same encoder; a TopK folder that rescales its latents by decoder norms
+(SAELens's rescale_acts_by_decoder_norm, its TopK training default) has the norms folded in, which is the same SAE
+with unit-norm rows: SAELens chooses the top k of pre-activations × row norms, exactly the folded pre-activations.
 """
 
 import json
@@ -15,6 +17,8 @@ from safetensors.torch import load_file
 from instructsae.errors import UserError, first_line
 from instructsae.lm.models import model_spec_from_hub_id
 from instructsae.sae import SAE_CLASSES, SparseAutoencoder
+from instructsae.sae.card import SAECard
+from instructsae.sae.fold import fold_decoder_norms
 
 CFG_FILE = "cfg.json"  # the SAELens layout: cfg.json + sae_weights.safetensors
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -121,8 +125,9 @@ def _refuse_what_we_do_not_run(cfg: dict, folder: Path) -> None:
     if cfg.get("reshape_activations", "none") not in ("none", None):
         raise UserError(f"SAE folder {folder} reshapes its inputs ({cfg['reshape_activations']!r}); "
                         "stores hold the residual stream")
-    if cfg.get("rescale_acts_by_decoder_norm"):
-        raise UserError(f"SAE folder {folder} rescales TopK latents by decoder norms, which instructsae does not run")
+    if cfg.get("rescale_acts_by_decoder_norm") and cfg.get("architecture") != "topk":
+        raise UserError(f"SAE folder {folder} rescales {cfg.get('architecture')} latents by decoder norms, which "
+                        "instructsae runs for TopK only")
 
 
 def _canonical_tensors(cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,6 +138,8 @@ def _canonical_tensors(cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str,
     if cfg.get("apply_b_dec_to_input") is False and {"W_enc", "b_enc", "b_dec"} <= tensors.keys():
         # x W + b_enc = (x - b_dec) W + (b_enc + b_dec W): the same encoder in our form
         tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
+    if cfg.get("rescale_acts_by_decoder_norm") and {"W_enc", "b_enc", "W_dec"} <= tensors.keys():
+        tensors = fold_decoder_norms(tensors, (), one_factor=False)  # a norm per latent, as SAELens selects
     return tensors
 
 
@@ -162,4 +169,13 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
     if (cfg.get("d_in"), cfg.get("d_sae")) != (sae.d_in, sae.d_sae):
         raise UserError(f"SAE folder {folder}: cfg.json says d_in {cfg.get('d_in')}, d_sae {cfg.get('d_sae')} "
                         f"but the weights are {sae.d_in} x {sae.d_sae}")
-    return sae.eval().requires_grad_(False), cfg
+    sae.cfg = SAECard(cfg, _layer_if_known(cfg), _metadata(cfg).get("model_name") or sae_model(cfg))
+    return sae.eval().requires_grad_(False), sae.cfg
+
+
+def _layer_if_known(cfg: dict) -> int | None:
+    own = provenance(cfg).get("layer")
+    if own is not None:
+        return int(own)
+    name = hook_name_of(cfg)
+    return None if name is None else layer_from_hook_name(str(name))

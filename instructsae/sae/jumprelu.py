@@ -54,6 +54,7 @@ class JumpReLUSAE(SparseAutoencoder):
     architecture = "jumprelu"
     unit_norm_decoder = True
     extra_parameters = ("threshold",)
+    in_latent_units = ("threshold",)
     exported_settings = ("bandwidth",)
 
     def __init__(self, d_in: int, d_sae: int, bandwidth: float = 1e-3, init_threshold: float = 1e-3):

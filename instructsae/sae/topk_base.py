@@ -25,6 +25,7 @@ def row_topk_coordinates(scores_BF: torch.Tensor, k: int) -> tuple[torch.Tensor,
 class TopKBase(SparseAutoencoder):
     unit_norm_decoder = True
     exported_settings = ("k", "aux_k", "aux_coeff")
+    selects_by_rank = True
 
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coeff: float = 1 / 32):
         super().__init__(d_in, d_sae)

@@ -17,7 +17,8 @@ class SteerConfig(FrozenModel):
     max_new_tokens: int = Field(40, gt=0, description="tokens generated per α")
     model: str | None = Field(None, description="LM to steer (default: the model the SAE's store was extracted from)")
     chat: bool = Field(True, description="wrap the prompt in the model's chat template as a user turn")
-    out: str | None = Field(None, description="JSON file for the generations (default: steer-feature-F.json)")
+    out: str | None = Field(None, description="JSON file for the generations (the CLI's default: "
+                            "steer-feature-F.json; from Python, nothing is written unless it is given)")
     device: str = Field("cpu", description="torch device, a runtime knob")
 
     @field_validator("alpha")

@@ -2,38 +2,72 @@
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, model_validator
 
 from instructsae.schemas.base import FrozenModel
 
+DEFAULT_EXPANSION = 16
 
-class StandardConfig(FrozenModel):
+# SAELens's names are accepted beside ours (validation_alias below; `other_names` lists them). Where the value's
+# scale differs, the description says how: our inputs have E||x||^2 = 1, SAELens's (normalize_activations
+# "expected_average_only_in") E||x|| = sqrt(d_model), so its MSE is d_model times ours, its latents and
+# thresholds sqrt(d_model) times ours, and a penalty coefficient converts by what keeps the loss's balance.
+
+
+class SAEWidth(FrozenModel):
+    """How wide an SAE is: expansion or d_sae, not both (neither: expansion 16)."""
+
+    expansion: int | None = Field(None, gt=0, validation_alias=AliasChoices("expansion", "expansion_factor"),
+                                  description=f"d_sae = expansion * d_model [default: {DEFAULT_EXPANSION} unless "
+                                  "d_sae is given]")
+    d_sae: int | None = Field(None, gt=0, description="latents, instead of expansion (e.g. 16384 at d_model 2304)")
+
+    @model_validator(mode="after")
+    def _one_width(self):
+        if self.expansion is not None and self.d_sae is not None:
+            raise ValueError(f"give expansion ({self.expansion}) or d_sae ({self.d_sae}), not both")
+        return self
+
+    def width(self, d_model: int) -> int:
+        """d_sae for a model of width d_model."""
+        return self.d_sae if self.d_sae is not None else (self.expansion or DEFAULT_EXPANSION) * d_model
+
+
+class StandardConfig(SAEWidth):
     """ReLU SAE with an L1 penalty weighted by decoder row norms (Anthropic, April 2024 update)."""
 
     arch: Literal["standard"] = "standard"
-    expansion: int = Field(16, gt=0, description="d_sae = expansion * d_model")
     # Anthropic's lambda = 5 at E||x||^2 = d_model is 5 / sqrt(d_model) at our E||x||^2 = 1 (0.21 for d_model 576).
-    sparsity_coeff: float = Field(0.2, ge=0, description="L1 coefficient (inputs have unit mean squared norm)")
+    sparsity_coeff: float = Field(0.2, ge=0, validation_alias=AliasChoices("sparsity_coeff", "l1_coefficient"),
+                                  description="L1 coefficient (inputs have unit mean squared norm; SAELens's "
+                                  "l1_coefficient λ is λ / sqrt(d_model) here)")
 
 
-class JumpReLUConfig(FrozenModel):
+class JumpReLUConfig(SAEWidth):
     """JumpReLU SAE with an L0 penalty through a rectangle-kernel straight-through estimator (Gemma Scope)."""
 
     arch: Literal["jumprelu"] = "jumprelu"
-    expansion: int = Field(16, gt=0, description="d_sae = expansion * d_model")
-    sparsity_coeff: float = Field(1e-3, ge=0, description="L0 coefficient (inputs have unit mean squared norm)")
-    bandwidth: float = Field(1e-3, gt=0, description="width of the rectangle kernel of the estimator")
-    init_threshold: float = Field(1e-3, gt=0, description="initial threshold of every feature")
+    sparsity_coeff: float = Field(1e-3, ge=0, validation_alias=AliasChoices("sparsity_coeff", "l0_coefficient"),
+                                  description="L0 coefficient (inputs have unit mean squared norm; SAELens's "
+                                  "l0_coefficient λ is λ / d_model here)")
+    bandwidth: float = Field(1e-3, gt=0, validation_alias=AliasChoices("bandwidth", "jumprelu_bandwidth"),
+                             description="width of the rectangle kernel of the estimator (SAELens's "
+                             "jumprelu_bandwidth b is b / sqrt(d_model) here)")
+    init_threshold: float = Field(1e-3, gt=0, validation_alias=AliasChoices("init_threshold",
+                                                                            "jumprelu_init_threshold"),
+                                  description="initial threshold of every feature (SAELens's "
+                                  "jumprelu_init_threshold t is t / sqrt(d_model) here)")
 
 
-class TopKConfig(FrozenModel):
+class TopKConfig(SAEWidth):
     """TopK SAE: the k largest latents of each token stay, with the AuxK loss for dead latents (Gao et al. 2024)."""
 
     arch: Literal["topk"] = "topk"
-    expansion: int = Field(16, gt=0, description="d_sae = expansion * d_model")
     k: int = Field(32, gt=0, description="active latents per token (the sparsity setting; at most d_sae)")
     aux_k: int | None = Field(None, gt=0, description="dead latents AuxK reconstructs with (None: d_model // 2)")
-    aux_coeff: float = Field(1 / 32, ge=0, description="coefficient of the AuxK loss")
+    aux_coeff: float = Field(1 / 32, ge=0, validation_alias=AliasChoices("aux_coeff", "aux_loss_coefficient"),
+                             description="coefficient of the AuxK loss (divided by the error's variance here, "
+                             "not in SAELens: its aux_loss_coefficient is not on the same scale)")
 
 
 class BatchTopKConfig(TopKConfig):
@@ -55,11 +89,16 @@ class OptimConfig(FrozenModel):
     lr: float = Field(7e-5, gt=0, description="peak learning rate (left unset, runs under 100,000 steps get "
                       "7e-5 * sqrt(100,000 / steps), at most 1e-3)")
     lr_end: float | None = Field(None, ge=0, description="final learning rate of the cosine decay (None: constant)")
-    lr_warmup_steps: int = Field(1000, ge=0, description="linear learning-rate warm-up (left unset: at most 5% "
+    lr_warmup_steps: int = Field(1000, ge=0, validation_alias=AliasChoices("lr_warmup_steps", "lr_warm_up_steps"),
+                                 description="linear learning-rate warm-up (left unset: at most 5% "
                                  "of the run's steps)")
-    beta1: float = Field(0.0, ge=0, lt=1, description="Adam beta1 (Gemma Scope: 0)")
-    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
-    sparsity_warmup_steps: int = Field(10_000, ge=0, description="linear warm-up of the sparsity coefficient "
+    beta1: float = Field(0.0, ge=0, lt=1, validation_alias=AliasChoices("beta1", "adam_beta1"),
+                         description="Adam beta1 (Gemma Scope: 0)")
+    beta2: float = Field(0.999, ge=0, lt=1, validation_alias=AliasChoices("beta2", "adam_beta2"),
+                         description="Adam beta2")
+    sparsity_warmup_steps: int = Field(10_000, ge=0, validation_alias=AliasChoices(
+                                       "sparsity_warmup_steps", "l1_warm_up_steps", "l0_warm_up_steps"),
+                                       description="linear warm-up of the sparsity coefficient "
                                        "(left unset: at most the first half of the run)")
     grad_clip: float | None = Field(1.0, gt=0, description="clip the gradient norm (None: off)")
 
@@ -70,8 +109,10 @@ class TrainConfig(FrozenModel):
     layer: int | None = Field(None, description="layer to train on (default: the store's only/first layer)")
     sae: SAEConfig = Field(default_factory=JumpReLUConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    tokens: int | None = Field(None, gt=0, description="training tokens (default: one pass over the training chunks)")
-    batch_size: int = Field(4096, gt=0, description="tokens per optimiser step (left unset: halved, down to "
+    tokens: int | None = Field(None, gt=0, validation_alias=AliasChoices("tokens", "training_tokens"),
+                               description="training tokens (default: one pass over the training chunks)")
+    batch_size: int = Field(4096, gt=0, validation_alias=AliasChoices("batch_size", "train_batch_size_tokens"),
+                            description="tokens per optimiser step (left unset: halved, down to "
                             "1024, until the run has 1,000 steps)")
     buffer_tokens: int = Field(262_144, gt=0, description="mixing buffer size in tokens")
     holdout_fraction: float = Field(0.05, ge=0, lt=1, description="share of chunks held out for the summary")
@@ -79,12 +120,15 @@ class TrainConfig(FrozenModel):
                                      "unless sae_seed is set, the SAE's initial weights")
     sae_seed: int | None = Field(None, description="seeds the SAE's initial weights alone (None: seed); SAEs of "
                                                    "one sweep share the stream but each follows its own sae_seed")
-    dead_threshold: float = Field(1e-8, ge=0, description="a feature fires when its activation exceeds this")
-    dead_window: int = Field(1000, gt=0, description="steps without firing after which a feature counts as dead")
+    dead_threshold: float = Field(1e-8, ge=0, validation_alias=AliasChoices("dead_threshold", "dead_feature_threshold"),
+                                  description="a feature fires when its activation exceeds this")
+    dead_window: int = Field(1000, gt=0, validation_alias=AliasChoices("dead_window", "dead_feature_window"),
+                             description="steps without firing after which a feature counts as dead")
     geometric_median_tokens: int = Field(8192, ge=0, description="sample size for the b_dec initialisation (0: off)")
     log_every: int = Field(25, gt=0, description="steps between metrics.jsonl lines")
     checkpoint_every: int = Field(10_000_000, gt=0, description="tokens between checkpoints (for --resume)")
-    wandb: bool = Field(False, description="also log to Weights & Biases (needs `pip install wandb`)")
+    wandb: bool = Field(False, validation_alias=AliasChoices("wandb", "log_to_wandb"),
+                        description="also log to Weights & Biases (needs `pip install wandb`)")
     wandb_project: str = Field("instructsae", description="Weights & Biases project for --wandb")
     device: str = Field(
         "auto", description="torch device, a runtime knob (auto: this rank's GPU when CUDA is present, else the CPU)")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from instructsae.errors import UserError
 from instructsae.schemas.manifest import FORMAT_VERSION, MANIFEST_KEY, StoreIdentity, StoreManifest

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from instructsae.store.checks import Problem, length_problems, shard_file_problems
 from instructsae.store.chunks import ChunkError, ShardedArray

@@ -19,7 +19,7 @@ BUFFER_COPIES = 3
 
 
 def sae_bytes(cfg: TrainConfig, d_model: int) -> int:
-    d_sae = cfg.sae.expansion * d_model
+    d_sae = cfg.sae.width(d_model)
     return (2 * d_model * d_sae + 2 * d_sae + d_model) * FLOAT_BYTES * COPIES_PER_PARAMETER
 
 
@@ -32,7 +32,7 @@ def free_bytes(device: str) -> int:
 def check_fits(configs: list[TrainConfig], d_model: int, n_layers: int) -> None:
     first = configs[0]
     per_sae = [sae_bytes(cfg, d_model) for cfg in configs]
-    batch = max(first.batch_size * cfg.sae.expansion * d_model for cfg in configs) * FLOAT_BYTES * BATCH_COPIES
+    batch = max(first.batch_size * cfg.sae.width(d_model) for cfg in configs) * FLOAT_BYTES * BATCH_COPIES
     buffer = first.buffer_tokens * n_layers * d_model * FLOAT_BYTES * BUFFER_COPIES
     on_device = first.device != "cpu"
     # Under torchrun the ranks of one machine share its host memory; each has its own GPU.

@@ -22,7 +22,7 @@ from instructsae.metrics import ReconstructionSums
 from instructsae.run_folder import (
     RunPaths, check_existing_run, prepare_building_folder, refuse_enclosing_cwd, refuse_unless_ours,
 )
-from instructsae.schemas.train import TrainConfig
+from instructsae.schemas.train import DEFAULT_EXPANSION, TrainConfig
 from instructsae.store.reader import StoreReader, open_complete_store
 from instructsae.train import checkpoint, memory
 from instructsae.train.dead import DeadFeatureTracker
@@ -45,6 +45,11 @@ STREAM_FIELDS = ("store", "tokens", "batch_size", "buffer_tokens", "holdout_frac
 def key_settings(cfg: TrainConfig) -> dict:
     """The settings that make an SAE what it is (runtime knobs left out)."""
     settings = cfg.model_dump(mode="json", exclude=RUNTIME_FIELDS)
+    sae = settings["sae"]
+    if sae.pop("d_sae") is None:  # sized by expansion (16 unless given), as every key before d_sae was
+        sae["expansion"] = sae["expansion"] or DEFAULT_EXPANSION
+    else:
+        sae["d_sae"] = cfg.sae.d_sae
     if settings["sae_seed"] in (None, cfg.seed):  # the same weights as no sae_seed: the same SAE (and old keys hold)
         del settings["sae_seed"]
     fitted = left_to_fit(cfg)

@@ -20,7 +20,7 @@ from instructsae.devices import resolve_device
 from instructsae.errors import UserError
 from instructsae.store.reader import open_complete_store
 from instructsae.schemas.sweep import SweepConfig
-from instructsae.schemas.train import ARCHITECTURES, TrainConfig
+from instructsae.schemas.train import ARCHITECTURES, DEFAULT_EXPANSION, TrainConfig
 from instructsae.train.config import resolve_train_config
 from instructsae.run_folder import RunPaths, is_finished, refuse_a_file_as_out
 from instructsae.train.run import choose_layer, config_key, train_saes
@@ -60,7 +60,8 @@ def point_name(cfg: TrainConfig, key: str) -> str:
     sparsity = f"k{cfg.sae.k}" if hasattr(cfg.sae, "k") else f"c{cfg.sae.sparsity_coeff:g}"
     layer = "" if cfg.layer is None else f"-l{cfg.layer}"
     seed = "" if cfg.sae_seed is None else f"-s{cfg.sae_seed}"
-    return f"{cfg.sae.arch}-x{cfg.sae.expansion}-{sparsity}-lr{cfg.optim.lr:g}{layer}{seed}-{key[:6]}"
+    width = f"d{cfg.sae.d_sae}" if cfg.sae.d_sae is not None else f"x{cfg.sae.expansion or DEFAULT_EXPANSION}"
+    return f"{cfg.sae.arch}-{width}-{sparsity}-lr{cfg.optim.lr:g}{layer}{seed}-{key[:6]}"
 
 
 def resolve_grid(sweep: SweepConfig) -> list[tuple[str, TrainConfig]]:
@@ -109,7 +110,7 @@ def _describe(sae: dict, optim: dict, top: dict) -> str:
 
 def sae_flops_per_token(cfg: TrainConfig, d_model: int) -> float:
     """Forward and backward of one token: the encoder is dense; TopK's decoder touches only k rows."""
-    d_sae = cfg.sae.expansion * d_model
+    d_sae = cfg.sae.width(d_model)
     decoder_rows = min(cfg.sae.k, d_sae) if hasattr(cfg.sae, "k") else d_sae
     return 6.0 * d_model * (d_sae + decoder_rows)
 

@@ -14,6 +14,7 @@ from instructsae.charts import plot_frontier
 from instructsae.fileio import write_text_atomically
 from instructsae.run_folder import SUMMARY_FILE, RunPaths, is_building_folder
 from instructsae.sae.folder import provenance
+from instructsae.schemas.train import DEFAULT_EXPANSION
 
 COLUMNS = ("name", "setting", "seed", "arch", "layer", "expansion", "d_sae", "sparsity", "lr", "nmse",
            "explained_variance", "l0", "dead_fraction", "tokens")
@@ -40,13 +41,20 @@ def collect_rows(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
         sae = train["sae"]
         rows.append({
             "name": folder.name, "setting": setting_name(train), "seed": _sae_seed(train), "arch": sae["arch"],
-            "layer": summary["layer"], "expansion": sae["expansion"],
+            "layer": summary["layer"], "expansion": _expansion(summary, sae),
             "d_sae": summary["d_sae"],
             "sparsity": f"k={sae['k']}" if "k" in sae else f"coeff={sae['sparsity_coeff']:g}",
             "lr": train["optim"]["lr"], "nmse": summary["nmse"], "explained_variance": summary["explained_variance"],
             "l0": summary["l0"], "dead_fraction": summary["dead_fraction_heldout"], "tokens": summary["tokens_seen"],
         })
     return rows
+
+
+def _expansion(summary: dict, sae: dict) -> int | float:
+    """d_sae / d_model, also for an SAE sized by d_sae (its config has no expansion)."""
+    if sae.get("d_sae") is None:
+        return sae.get("expansion") or DEFAULT_EXPANSION
+    return round(summary["d_sae"] / summary["d_in"], 3)
 
 
 def _sae_seed(train: dict) -> int:
@@ -58,7 +66,8 @@ def setting_name(train: dict) -> str:
     sae = train["sae"]
     sparsity = f"k{sae['k']}" if "k" in sae else f"c{sae['sparsity_coeff']:g}"
     layer = "" if train.get("layer") is None else f"-l{train['layer']}"
-    return f"{sae['arch']}-x{sae['expansion']}-{sparsity}-lr{train['optim']['lr']:g}{layer}"
+    width = f"d{sae['d_sae']}" if sae.get("d_sae") is not None else f"x{sae.get('expansion') or DEFAULT_EXPANSION}"
+    return f"{sae['arch']}-{width}-{sparsity}-lr{train['optim']['lr']:g}{layer}"
 
 
 def over_seeds(rows: list[dict]) -> list[dict]:

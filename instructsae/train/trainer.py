@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from instructsae.schemas.train import OptimConfig
 from instructsae.train.dead import DeadFeatureTracker
