@@ -58,7 +58,7 @@ def lm_metrics(saes: list[SparseAutoencoder], reader: StoreReader, layer: int, c
     made the store, loaded once; the clean and ablated runs are shared by all of them."""
     identity = reader.manifest.identity
     cfg = cfg.model_copy(update={"device": resolve_device(cfg.device)})
-    lm = load_model(cfg.model or identity.model, identity.model_dtype, cfg.device)
+    lm = load_model(cfg.model or identity.model, identity.model_dtype, cfg.device, cfg.attn_implementation)
     if lm.d_model != saes[0].d_in or layer >= lm.n_layers:
         raise UserError(f"model '{lm.name}' (d_model {lm.d_model}, {lm.n_layers} layers) cannot take an SAE of "
                         f"d_in {saes[0].d_in} at layer {layer}")

