@@ -183,8 +183,6 @@ def lm_view(model: torch.nn.Module, layer: int, saes: list[torch.nn.Module], seq
     count_IR = np.zeros((len(sequences), len(ROLES)), dtype=np.int64)
     lengths = [len(sequence.token_ids) for sequence in sequences]
     reuse = None  # whether the spliced runs may skip the layers below the splice: checked on the first batch
-    if sequences:
-        check_head(model, sequences, device)
     with tqdm(total=sum(len(s.roles) for s in sequences), desc="LM view", unit="tok", unit_scale=True,
               dynamic_ncols=True) as bar:
         for batch in length_batches(lengths, batch_tokens):

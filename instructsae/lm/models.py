@@ -74,11 +74,12 @@ def resolve_model(spec: str) -> tuple[str, Path | None, str | None]:
 
 def model_location(spec: str) -> str:
     """A --model value as a store records it: a local folder or .gguf file as an absolute path, so every later
-    command (evaluate's LM view, steer) finds it from any directory; an embedded name or a hub id as given."""
-    kind, _, _ = resolve_model(spec)
-    if kind == "hub" or spec in EMBEDDED_MODELS:
+    command (evaluate's LM view, steer) finds it from any directory; an embedded name or a hub id as given. Checks
+    nothing: resolve_model refuses a path that is not a model, when the model is loaded."""
+    path = Path(spec).expanduser()
+    if spec in EMBEDDED_MODELS or not (path.exists() or path.suffix == ".gguf" or spec.startswith((".", "/", "~"))):
         return spec
-    return os.path.abspath(os.path.expanduser(spec))
+    return os.path.abspath(path)
 
 
 def _gguf_cache_folder(folder: Path, gguf_file: str) -> Path:
