@@ -171,3 +171,13 @@ def test_templates_without_a_system_role_behave_like_the_real_ones(name, refuses
             tokenizer.apply_chat_template(chat, tokenize=False)
     else:
         assert "<start_of_turn>user\nBe brief.\n\nHi" in tokenizer.apply_chat_template(chat, tokenize=False)
+
+
+@pytest.mark.parametrize("config_class, stack", [("GPT2Config", "transformer.h"), ("OPTConfig", "model.decoder.layers")])
+def test_the_layer_stack_is_found_outside_the_llama_layout(config_class, stack):
+    import transformers
+
+    config = getattr(transformers, config_class)(vocab_size=64, hidden_size=32, num_hidden_layers=3,
+                                                 num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert decoder_layers(model) is model.get_submodule(stack)
