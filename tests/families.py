@@ -115,7 +115,7 @@ FAMILIES = [
            GEMMA3_TEMPLATE, dict(bos="<bos>", eos="<eos>", pad="<pad>"), ("<start_of_turn>", "<end_of_turn>")),
     Family("mistral", "MistralConfig", dict(sliding_window=WINDOW), MISTRAL_TEMPLATE,
            dict(bos="<s>", eos="</s>", pad=None), ("[INST]", "[/INST]"), system_role=False),
-    Family("phi3", "Phi3Config", dict(sliding_window=WINDOW, pad_token_id=None), PHI3_TEMPLATE,
+    Family("phi3", "Phi3Config", dict(sliding_window=WINDOW), PHI3_TEMPLATE,
            dict(bos=None, eos="<|endoftext|>", pad="<|endoftext|>"),
            ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")),
     Family("olmo2", "Olmo2Config", dict(), OLMO2_TEMPLATE,

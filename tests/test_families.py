@@ -64,6 +64,7 @@ def test_the_pipeline_runs_on_every_family(name, family_folder, dialogues_jsonl,
     assert manifest["identity"]["model"] == os.path.abspath(folder) and manifest["identity"]["model_sha256"]
     assert manifest["attn_implementation"] == ("eager" if name in EAGER_ONLY else "sdpa")
     assert json.loads(out)["counts"]["tokens"] > 0
+    assert f"{manifest['attn_implementation']} attention" in run_cli(monkeypatch, capsys, "inspect", str(bt))[1]
 
     code, _, err = run_cli(monkeypatch, capsys, "train", "--store", str(fast), "--layer", "0", "--sae", "standard",
                            "--out", str(run), "--expansion", "2", "--batch-size", "32", "--tokens", "640",
