@@ -56,3 +56,28 @@ def test_the_lm_view_refuses_a_model_folder_that_changed(tiny_model_dir, tmp_pat
     shutil.rmtree(folder)
     with pytest.raises(UserError, match="not a model folder"):
         refuse_a_changed_model(identity)
+
+
+def test_a_resume_with_another_attention_implementation_records_both(tiny_model_dir, dialogues_jsonl, tmp_path,
+                                                                     monkeypatch):
+    from helpers import interrupt_extraction_at
+
+    from instructsae.extract import run as extract_run
+    from instructsae.extract.run import run_extract
+    from instructsae.schemas.manifest import attn_implementations
+    from instructsae.store.reader import open_store
+
+    assert [attn_implementations(*pair) for pair in [(None, "sdpa"), ("sdpa", "sdpa"), ("sdpa", "eager"),
+                                                      ("sdpa,eager", "sdpa"), (None, None)]] == \
+        ["sdpa", "sdpa", "sdpa,eager", "sdpa,eager", None]
+    cfg = ExtractConfig(model=str(tiny_model_dir), dataset=str(dialogues_jsonl), out=str(tmp_path / "store"),
+                        layers=(0,), dtype="float32", model_dtype="float32", chunk_tokens=32, batch_tokens=64,
+                        shard_mb=0.001)
+    real_forward = interrupt_extraction_at(monkeypatch, 4)  # a kill after some shards were committed
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(cfg, show_progress=False)
+    assert open_store(cfg.out).manifest.attn_implementation == "sdpa"
+    monkeypatch.setattr(extract_run, "forward_group", real_forward)
+    run_extract(cfg.model_copy(update={"attn_implementation": "eager"}), show_progress=False)
+    manifest = open_store(cfg.out).manifest
+    assert manifest.complete and manifest.attn_implementation == "sdpa,eager"

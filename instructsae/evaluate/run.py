@@ -22,6 +22,7 @@ from instructsae.lm.models import load_model, model_sha256
 from instructsae.metrics import ReconstructionSums
 from instructsae.run_folder import RunPaths
 from instructsae.schemas.evaluate import LMViewConfig
+from instructsae.schemas.manifest import StoreIdentity
 from instructsae.sae.folder import load_sae, sae_layer
 from instructsae.sae import SparseAutoencoder
 
@@ -74,7 +75,7 @@ def lm_metrics(saes: list[SparseAutoencoder], reader: StoreReader, layer: int, c
     return [{"model": lm.name, "n_sequences": len(sequences), **result} for result in results]
 
 
-def refuse_a_changed_model(identity) -> None:
+def refuse_a_changed_model(identity: StoreIdentity) -> None:
     """The manifest's local model folder or .gguf file must still hold the weights the store came from: an LM view
     of other weights would measure nothing. (An explicit --model is the user's own choice and is not checked.)"""
     if identity.model_sha256 is not None and model_sha256(identity.model) != identity.model_sha256:
