@@ -127,8 +127,8 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     for root in (decoder, model):
         stacks = [module for module in root.modules()
                   if isinstance(module, torch.nn.ModuleList) and (n_layers is None or len(module) == n_layers)]
-        if stacks:
-            return stacks[0]  # modules() walks outermost first: the decoder's own stack, not one inside a layer
+        if stacks:  # the layers hold nearly all the weights: not a list inside a layer (experts) nor beside them
+            return max(stacks, key=lambda stack: sum(weight.numel() for weight in stack.parameters()))
     raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
