@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from families import FAMILIES, FAMILY, save_family
+from families import FAMILIES, FAMILY, build_family_tokenizer, save_family
 from helpers import assert_one_line_error, run_cli
 
 from instructsae.evaluate.splice import final_hidden
@@ -163,8 +163,6 @@ def test_sdpa_forced_on_gemma2_is_one_clear_error(family_folder, dialogues_jsonl
 @pytest.mark.parametrize("name, refuses", [("gemma2", True), ("mistral", True), ("gemma3", False)])
 def test_templates_without_a_system_role_behave_like_the_real_ones(name, refuses):
     """Gemma 2's and Mistral's refuse a system message; Gemma 3's folds it into the first user turn."""
-    from families import build_family_tokenizer
-
     tokenizer = build_family_tokenizer(FAMILY[name])
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     if refuses:
