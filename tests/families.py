@@ -106,7 +106,8 @@ FAMILIES = [
            dict(bos=None, eos="<|im_end|>", pad="<|endoftext|>"), ("<|im_start|>", "<think>", "</think>")),
     Family("gemma2", "Gemma2Config",
            dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, attn_logit_softcapping=2.0,
-                final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"]),
+                final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"],
+                initializer_range=0.1),  # weights large enough for scores and logits to reach the caps
            GEMMA2_TEMPLATE, dict(bos="<bos>", eos="<eos>", pad="<pad>"), ("<start_of_turn>", "<end_of_turn>"),
            system_role=False),
     Family("gemma3", "Gemma3TextConfig",

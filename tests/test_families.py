@@ -1,13 +1,14 @@
 """Every model family (tests/families.py) through the whole pipeline, and padded FAST batches equal to each dialogue
 run alone, sliding windows and soft-caps included."""
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from families import FAMILIES, FAMILY, build_family_tokenizer, save_family
+from families import FAMILIES, FAMILY, build_family_model, build_family_tokenizer, save_family
 from helpers import assert_one_line_error, run_cli
 
 from instructsae.evaluate.splice import final_hidden
@@ -135,6 +136,21 @@ def test_the_sliding_window_bites_inside_the_test_dialogues(name, family_folder)
     assert not torch.allclose(windowed_SD[window + 1:], full_SD[window + 1:], rtol=1e-3, atol=1e-3)
 
 
+def test_gemma2s_soft_caps_bite():
+    """Otherwise the tests would not test them: without the caps the same weights give other hidden states and
+    logits (raw logits reach past the final cap of 3)."""
+    family = FAMILY["gemma2"]
+    tokenizer = build_family_tokenizer(family)
+    uncapped = dataclasses.replace(family, config={**family.config, "attn_logit_softcapping": None,
+                                                   "final_logit_softcapping": None})
+    ids_1S = torch.from_numpy(tokenize_dialogue(tokenizer, dialogue(2), None).token_ids.astype(np.int64))[None]
+    with torch.no_grad():
+        capped, plain = (build_family_model(variant, tokenizer)(ids_1S, output_hidden_states=True)
+                         for variant in (family, uncapped))
+    assert not torch.allclose(capped.hidden_states[-1], plain.hidden_states[-1], atol=0.05)
+    assert plain.logits.abs().max() > 3 > capped.logits.abs().max()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_the_lm_view_reproduces_each_familys_logits(name, family_folder):
     """Gemma 2's final soft-cap (set low enough to bite) included; the layer stack is found for every family."""
@@ -172,7 +188,8 @@ def test_templates_without_a_system_role_behave_like_the_real_ones(name, refuses
         assert "<start_of_turn>user\nBe brief.\n\nHi" in tokenizer.apply_chat_template(chat, tokenize=False)
 
 
-@pytest.mark.parametrize("config_class, stack", [("GPT2Config", "transformer.h"), ("OPTConfig", "model.decoder.layers")])
+@pytest.mark.parametrize("config_class, stack", [("GPT2Config", "transformer.h"),
+                                                 ("OPTConfig", "model.decoder.layers")])
 def test_the_layer_stack_is_found_outside_the_llama_layout(config_class, stack):
     import transformers
 
