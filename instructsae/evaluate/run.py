@@ -14,13 +14,14 @@ from instructsae.devices import resolve_device
 from instructsae.errors import UserError
 from instructsae.evaluate.breakdown import SequenceRoleSums
 from instructsae.evaluate.dialogues import first_stored_position, stored_sequences
-from instructsae.evaluate.splice import lm_view
+from instructsae.evaluate.splice import check_head, lm_view
 from instructsae.store.reader import StoreReader, open_complete_store
 from instructsae.fileio import write_text_atomically
 from instructsae.lm.batches import batch_budget
-from instructsae.lm.models import load_model
+from instructsae.lm.models import load_model, model_sha256
 from instructsae.metrics import ReconstructionSums
 from instructsae.schemas.evaluate import LMViewConfig
+from instructsae.schemas.manifest import StoreIdentity
 from instructsae.sae.folder import load_sae, sae_layer
 from instructsae.sae import SparseAutoencoder
 
@@ -57,16 +58,28 @@ def lm_metrics(saes: list[SparseAutoencoder], reader: StoreReader, layer: int, c
     made the store, loaded once; the clean and ablated runs are shared by all of them."""
     identity = reader.manifest.identity
     cfg = cfg.model_copy(update={"device": resolve_device(cfg.device)})
-    lm = load_model(cfg.model or identity.model, identity.model_dtype, cfg.device)
+    if cfg.model is None:
+        refuse_a_changed_model(identity)
+    lm = load_model(cfg.model or identity.model, identity.model_dtype, cfg.device, cfg.attn_implementation)
     if lm.d_model != saes[0].d_in or layer >= lm.n_layers:
         raise UserError(f"model '{lm.name}' (d_model {lm.d_model}, {lm.n_layers} layers) cannot take an SAE of "
                         f"d_in {saes[0].d_in} at layer {layer}")
     sequences = stored_sequences(reader, lm, cfg.lm_tokens, cfg.dataset)
+    if sequences:
+        check_head(lm.model, sequences, cfg.device)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     # the same runtime knob as extract's, with the same default per device
     results = lm_view(lm.model, layer, [sae.to(cfg.device) for sae in saes], sequences,
                       first_stored_position(reader), batch_budget(cfg.batch_tokens, cfg.device), pad_id, cfg.device)
     return [{"model": lm.name, "n_sequences": len(sequences), **result} for result in results]
+
+
+def refuse_a_changed_model(identity: StoreIdentity) -> None:
+    """The manifest's local model folder or .gguf file must still hold the weights the store came from: an LM view
+    of other weights would measure nothing. (An explicit --model is the user's own choice and is not checked.)"""
+    if identity.model_sha256 is not None and model_sha256(identity.model) != identity.model_sha256:
+        raise UserError(f"model {identity.model} has changed since the store was extracted (its config, weights or "
+                        "tokenizer differ): pass --model to run the LM view with it anyway")
 
 
 def open_sae_and_store(sae_dir: str, store: str) -> tuple[SparseAutoencoder, dict, StoreReader, int]:

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from instructsae.evaluate.dialogues import StoredSequence
+from instructsae.errors import UserError
 from instructsae.lm.batches import length_batches, padded_batch
+from instructsae.lm.logits import head_mismatch, logits_from_hidden
 from instructsae.lm.models import decoder_layers
 from instructsae.schemas.manifest import ROLES
 
@@ -117,11 +119,19 @@ def lower_layers_can_be_reused(model: torch.nn.Module, layer: int, input_ids_BS:
 
 
 def log_probs(model: torch.nn.Module, hidden_ND: torch.Tensor) -> torch.Tensor:
-    logits_NV = model.get_output_embeddings()(hidden_ND).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits
-    if cap:
-        logits_NV = cap * torch.tanh(logits_NV / cap)
-    return F.log_softmax(logits_NV, dim=-1)
+    return F.log_softmax(logits_from_hidden(model, hidden_ND), dim=-1)
+
+
+HEAD_TOLERANCE = 1e-3  # relative to the logits' spread; a reproduced head differs by ~1e-6 (rounding)
+
+
+def check_head(model: torch.nn.Module, sequences: list[StoredSequence], device: str) -> None:
+    """Refuse, before any figure is computed, a model whose logits this view would get wrong (see lm/logits.py)."""
+    ids_1S = torch.from_numpy(sequences[0].token_ids[:64].astype(np.int64))[None].to(device)
+    gap = head_mismatch(model, ids_1S)
+    if not gap <= HEAD_TOLERANCE:
+        raise UserError(f"the LM view cannot reproduce the logits of {type(model).__name__} from its last hidden "
+                        f"states (relative gap {gap:.2g}): --lm-tokens 0 skips the LM view")
 
 
 @torch.no_grad()

@@ -107,7 +107,7 @@ def run_steering(cfg: SteerConfig) -> dict:
     sae, sae_cfg = load_sae(cfg.sae)
     model_spec, layer = _model_of(sae_cfg, cfg.sae, cfg.model), sae_layer(sae_cfg, cfg.sae)
     direction_D = steering_direction(sae.W_dec.detach(), cfg.feature)
-    loaded = load_model(model_spec, device=cfg.device)
+    loaded = load_model(model_spec, device=cfg.device, attn_implementation=cfg.attn_implementation)
     if layer >= loaded.n_layers:
         raise UserError(f"SAE {cfg.sae} reads layer {layer} but model '{model_spec}' "
                         f"has layers 0..{loaded.n_layers - 1}")

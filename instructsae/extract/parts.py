@@ -12,6 +12,7 @@ incomplete store; the same command on any number of ranks keeps the complete par
 their last commit, and ends with exactly the instances of a single-process run.
 """
 
+import functools
 from collections.abc import Iterable
 
 from tqdm.auto import tqdm
@@ -27,7 +28,9 @@ from instructsae.store.parts import existing_parts, part_location, part_name
 from instructsae.store.reader import is_store, read_manifest
 from instructsae.store.writer import StoreWriter
 from instructsae.schemas.extract import ExtractConfig
-from instructsae.schemas.manifest import MANIFEST_KEY, LayerStats, StoreIdentity, StoreManifest, StorePart
+from instructsae.schemas.manifest import (
+    MANIFEST_KEY, LayerStats, StoreIdentity, StoreManifest, StorePart, attn_implementations,
+)
 
 CHUNKS_PER_PART = 64
 
@@ -78,7 +81,7 @@ def run_parts(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader, ident
     if place.is_main and top is None:
         remove_store(cfg.out)  # --overwrite of a store (check_top refused anything else)
         top = StoreManifest(tool_version=__version__, identity=identity, fingerprint=identity.fingerprint(),
-                            chat_template=chat_template,
+                            chat_template=chat_template, attn_implementation=lm.attn_implementation,
                             part_tokens=cfg.part_tokens or default_part_tokens(identity.chunk_tokens))
         commit_top(cfg.out, top, create=True)
     distributed.barrier()  # the top-level store exists before any rank reads it
@@ -151,6 +154,8 @@ def finish_top(out: str, top: StoreManifest, n_units: int, dataset: DatasetReade
         "parts": [StorePart(name=part_name(i), n_tokens=parts[i].n_tokens, n_instances=parts[i].n_instances)
                   for i in range(n_units)],
         "complete": True,
+        "attn_implementation": functools.reduce(
+            attn_implementations, (parts[i].attn_implementation for i in range(n_units)), top.attn_implementation),
     })
     commit_top(out, manifest)
     return manifest

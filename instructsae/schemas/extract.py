@@ -1,12 +1,17 @@
 """What `instructsae extract` does: which model, which data, which mode, which layers, where to."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
 from instructsae.schemas.dataset import DatasetOptions, DedupSettings
 
 StoreDtype = Literal["bfloat16", "float16", "float32"]
+AttnImplementation = Annotated[
+    Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"],
+    Field(description="attention implementation transformers runs the LM with, a runtime knob (auto: PyTorch's "
+          "SDPA where the model class supports it, else the model's own eager attention, as Gemma 2 needs)"),
+]
 
 
 class ExtractConfig(DatasetOptions):
@@ -59,6 +64,7 @@ class ExtractConfig(DatasetOptions):
     device: str = Field(
         "auto", description="torch device for the LM, a runtime knob (auto: this rank's GPU when CUDA is present, "
         "else the CPU)")
+    attn_implementation: AttnImplementation = "auto"
     overwrite: bool = Field(False, description="replace an existing store made with another config")
     keep_nonfinite: bool = Field(
         False, description="store NaN/inf activations (counted in the manifest) instead of stopping at the first"

@@ -78,6 +78,13 @@ class StoreIdentity(FrozenModel):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def attn_implementations(recorded: str | None, used: str | None) -> str | None:
+    """The manifest's record once an extraction (or a part) run with `used` joins it: each implementation once,
+    in order of first use."""
+    names = [name for record in (recorded, used) for name in (record or "").split(",") if name]
+    return ",".join(dict.fromkeys(names)) or None
+
+
 class StorePart(FrozenModel):
     """One work unit of a multi-rank store: a sub-store under `parts/`, whole instances in the store's order."""
 
@@ -102,6 +109,11 @@ class StoreManifest(FrozenModel):
     )
     layer_stats: dict[str, LayerStats] = Field(default_factory=dict)
     complete: bool = False
+    # Not in the identity: implementations compute the same function (transformers refuses one that cannot, such
+    # as SDPA for Gemma 2's soft-capped attention) and differ in rounding only, as devices and batch sizes do.
+    attn_implementation: str | None = Field(
+        None, description="attention implementation the LM ran with (sdpa, eager, ...); 'sdpa,eager' when a "
+        "resumed extraction used another")
     part_tokens: int | None = Field(
         None, description="a store written under torchrun: the stored tokens of each work unit, one sub-store per "
         "unit under parts/ (None: one store, written by one process)")

@@ -3,6 +3,7 @@
 from pydantic import Field, field_validator
 
 from instructsae.schemas.base import FrozenModel
+from instructsae.schemas.extract import AttnImplementation
 
 
 class SteerConfig(FrozenModel):
@@ -20,6 +21,7 @@ class SteerConfig(FrozenModel):
     out: str | None = Field(None, description="JSON file for the generations (the CLI's default: "
                             "steer-feature-F.json; from Python, nothing is written unless it is given)")
     device: str = Field("cpu", description="torch device, a runtime knob")
+    attn_implementation: AttnImplementation = "auto"
 
     @field_validator("alpha")
     @classmethod
