@@ -23,8 +23,8 @@ from instructsae.sae.export import load_sae
 from instructsae.train.run import run_training
 
 CHROMIUM = Path("/usr/bin/chromium")
-FEATURE_FIELDS = {"id", "density", "mean_activation", "role_share", "special_share", "top"}
-CONTEXT_FIELDS = {"activation", "instance", "position", "role", "tokens", "focus"}
+FEATURE_FIELDS = {"id", "density", "mean_activation", "role_share", "special_share", "top", "histogram", "logits"}
+CONTEXT_FIELDS = {"activation", "instance", "position", "role", "tokens", "focus", "acts", "roles"}
 
 
 def sparse_latents(n_tokens: int, d_sae: int, seed: int = 0) -> torch.Tensor:
@@ -136,7 +136,7 @@ def direct_latents(store, sae_dir) -> torch.Tensor:
 def test_cli_writes_every_live_feature_with_the_documented_fields(features_out, store_and_sae, tiny_tokenizer):
     store, sae = store_and_sae
     assert sorted(p.name for p in features_out.iterdir()) == [
-        "dashboard.html", "features.json", "features.parquet", "special_token_features.json"]
+        "contexts.parquet", "dashboard.html", "features.json", "features.parquet", "special_token_features.json"]
     result = json.loads((features_out / "features.json").read_text())
     latents_NF = direct_latents(store, sae)
     live = torch.nonzero((latents_NF > 0).any(dim=0)).flatten().tolist()
