@@ -169,6 +169,52 @@ def test_cli_writes_every_live_feature_with_the_documented_fields(features_out, 
     assert {"density", "mean_activation", "special_share", *(f"role_share_{r}" for r in ROLES)} <= set(table.columns)
 
 
+def test_contexts_carry_every_tokens_activation_roles_histogram_and_logits(features_out, store_and_sae,
+                                                                            tiny_model_dir):
+    store, sae = store_and_sae
+    result = json.loads((features_out / "features.json").read_text())
+    latents_NF = direct_latents(store, sae)
+    reader = open_complete_store(store)
+    instance, position, role = reader.read_column("instance"), reader.read_column("position"), reader.read_column("role")
+    sae_module, _ = load_sae(sae)
+    from instructsae.lm.models import load_model
+
+    lm = load_model(str(tiny_model_dir))
+    # the tiny Llama's final RMSNorm: its weight is the gain; no centring
+    logits_FV = (sae_module.W_dec.detach() * lm.model.model.norm.weight.detach()) @ lm.model.lm_head.weight.detach().T
+    table = pd.read_parquet(features_out / "contexts.parquet")
+    assert len(table) == sum(len(f["top"]) for f in result["features"])
+    assert "RMSNorm" in result["logits"]
+    for feature in result["features"]:
+        f = feature["id"]
+        for rank, context in enumerate(feature["top"]):
+            row = int(np.flatnonzero((instance == context["instance"]) & (position == context["position"]))[0])
+            window = np.arange(row - context["focus"], row - context["focus"] + len(context["tokens"]))
+            np.testing.assert_allclose(context["acts"], latents_NF[window, f].numpy(), rtol=1e-3, atol=1e-6)
+            assert context["acts"][context["focus"]] == pytest.approx(context["activation"], rel=1e-3)
+            expanded = [name for name, count in context["roles"] for _ in range(count)]
+            assert expanded == [ROLES[code] for code in role[window]]
+            saved = table[(table["feature"] == f) & (table["rank"] == rank)].iloc[0]
+            assert list(saved["tokens"]) == context["tokens"] and list(saved["roles"]) == expanded
+            np.testing.assert_allclose(saved["acts"], context["acts"], rtol=1e-6)
+        nonzero = latents_NF[:, f][latents_NF[:, f] > 0].double().numpy()
+        counts, width = feature["histogram"]["counts"], feature["histogram"]["width"]
+        assert sum(counts) == len(nonzero) and counts[-1] > 0
+        expected, _ = np.histogram(nonzero, bins=len(counts), range=(0, width * len(counts)))
+        assert counts == expected.tolist()
+        promoted = logits_FV[f].topk(10)
+        assert [token for token, _ in feature["logits"]["promoted"]] == [
+            tiny_tokenizer_decode(lm.tokenizer, i) for i in promoted.indices.tolist()]
+        np.testing.assert_allclose([v for _, v in feature["logits"]["promoted"]], promoted.values.numpy(), rtol=1e-3)
+        suppressed = logits_FV[f].topk(10, largest=False)
+        np.testing.assert_allclose([v for _, v in feature["logits"]["suppressed"]], suppressed.values.numpy(),
+                                   rtol=1e-3)
+
+
+def tiny_tokenizer_decode(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
 def test_special_token_features_are_those_over_the_threshold(features_out, store_and_sae):
     store, sae = store_and_sae
     reader = open_complete_store(store)

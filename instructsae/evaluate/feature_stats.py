@@ -120,9 +120,9 @@ class FeatureStats:
     def special_share_F(self) -> torch.Tensor:
         return self.special_mass_F / self.act_sum_F.clamp(min=torch.finfo(torch.float64).tiny)
 
-    def histogram(self, feature: int) -> tuple[list[int], list[float]]:
-        """(counts, bin centres) of a feature's nonzero activations, the empty bins above its largest left out."""
+    def histogram(self, feature: int) -> tuple[list[int], float]:
+        """(counts, bin width) of a feature's nonzero activations: bin b holds [b·width, (b+1)·width); the empty
+        bins above its largest activation are left out."""
         counts = self.hist_counts_FB[feature]
         used = int(torch.nonzero(counts).max()) + 1 if counts.any() else 0
-        width = float(self.hist_width_F[feature])
-        return counts[:used].tolist(), [(b + 0.5) * width for b in range(used)]
+        return counts[:used].tolist(), float(self.hist_width_F[feature])

@@ -8,7 +8,8 @@ context, per-token tokens, activations and roles), special_token_features.json a
 
 A context in features.json: activation, instance, position and role of its top token, `tokens` (strings),
 `focus` (the top token's index in them), `acts` (the feature's latent on each token, 4 significant digits) and
-`roles` ([[role, count], ...] runs over the tokens). A feature's `logits`: {"promoted": [[token, logit change per
+`roles` ([[role, count], ...] runs over the tokens). A feature's `histogram`: counts of its nonzero activations
+in bins of `width` from 0 (bin b: [b·width, (b+1)·width)). Its `logits`: {"promoted": [[token, logit change per
 unit of activation], ...], "suppressed": [...]}, or null with --logits 0.
 """
 
@@ -135,11 +136,11 @@ def feature_records(stats: FeatureStats, feature_ids: np.ndarray, tops: list[lis
     role_share_RF, special_share = stats.role_share_RF.numpy(), stats.special_share_F.tolist()
     records = []
     for f, top, logit in zip(feature_ids.tolist(), tops, logits):
-        counts, centres = stats.histogram(f)
+        counts, width = stats.histogram(f)
         records.append({"id": int(f), "density": density[f], "mean_activation": mean[f],
                         "role_share": {role: float(role_share_RF[r, f]) for r, role in enumerate(ROLES)},
                         "special_share": special_share[f], "top": top,
-                        "histogram": {"counts": counts, "centres": significant(np.array(centres))},
+                        "histogram": {"counts": counts, "width": width},
                         "logits": logit})
     return records
 
