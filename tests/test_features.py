@@ -251,19 +251,23 @@ def test_refuses_an_out_folder_with_other_files(store_and_sae, tmp_path, monkeyp
 # --- the dashboard -----------------------------------------------------------------------------------------
 
 def hand_built_records() -> list[dict]:
-    def context(tokens, focus, activation):
+    def context(tokens, focus, activation, acts=None):
+        acts = acts or [activation if k == focus else 0.0 for k in range(len(tokens))]
         return {"activation": activation, "instance": 0, "position": focus, "role": "assistant", "tokens": tokens,
-                "focus": focus}
+                "focus": focus, "acts": acts, "roles": [["assistant", len(tokens)]]}
 
-    def feature(id_, special_share, top):
+    def feature(id_, special_share, top, density=0.01, logits=None):
         shares = {"template": special_share, "system": 0.0, "user": 0.0, "assistant": 1 - special_share, "text": 0.0}
-        return {"id": id_, "density": 0.01, "mean_activation": 1.5, "role_share": shares,
-                "special_share": special_share, "top": top}
+        return {"id": id_, "density": density, "mean_activation": 1.5, "role_share": shares,
+                "special_share": special_share, "top": top, "histogram": {"counts": [5, 0, 2, 1], "width": 1.0},
+                "logits": logits}
 
+    robot_logits = {"promoted": [[" robot", 0.52], [" Robot", 0.31]], "suppressed": [[" sea", -0.4], ["!", -0.2]]}
     return [
-        feature(3, 0.9, [context(["<|im_end|>", "\n", "<|im_start|>", "assistant"], 2, 4.0)]),
-        feature(7, 0.1, [context(["a", " small", " robot", "."], 2, 3.0), context([" the", " Robot"], 1, 2.0)]),
-        feature(12, 0.0, [context(["</script><!--", " x"], 0, 1.0)]),
+        feature(3, 0.9, [context(["<|im_end|>", "\n", "<|im_start|>", "assistant"], 2, 4.0)], density=0.2),
+        feature(7, 0.1, [context(["a", " small", " robot", "."], 2, 3.0, acts=[0.0, 1.5, 3.0, 0.75]),
+                         context([" the", " Robot"], 1, 2.0)], logits=robot_logits),
+        feature(12, 0.0, [context(["</script><!--", " x"], 0, 1.0)], density=0.0005),
         feature(40, 0.6, [context(["<|im_start|>", "user"], 1, 2.5)]),
         feature(50, 0.0, [context(["user", "\n", "Hi"], 1, 1.2)]),
         feature(60, 0.0, [context([" in", " 2024"], 1, 1.1)]),
@@ -341,6 +345,30 @@ def test_dashboard_search_in_headless_chromium(hand_built_page, tmp_path):
         tmp_path, "--virtual-time-budget=5000", "--dump-dom", f"{hand_built_page.as_uri()}#q=2024")
 
 
+def test_dashboard_shades_tokens_and_draws_histograms_and_logits_in_chromium(hand_built_page, tmp_path):
+    dom = run_chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", f"{hand_built_page.as_uri()}#q=7")
+    card = dom[dom.index('data-feature="7"'):]
+    first_context = card[card.index('<span class="ctx">'):card.index("</li>")]
+    tags = re.findall(r'<span [^>]*data-act[^>]*>', first_context)
+    shading = [(re.search(r'data-act="([^"]*)"', tag).group(1),
+                (re.search(r'background: (rgba?\([^)]*\))', tag) or re.match("()", "")).group(1)) for tag in tags]
+    # the top activation is 3.0: each token's shade is its share of it, none where the feature is 0
+    assert shading == [("0", ""), ("1.5", "rgba(255, 120, 0, 0.5)"), ("3", "rgb(255, 120, 0)"),
+                       ("0.75", "rgba(255, 120, 0, 0.25)")]
+    bars = re.findall(r'<rect class="bar" [^>]*data-count="(\d+)"', card[:card.index('<figcaption')])
+    assert bars == ["5", "0", "2", "1"]
+    logits = card[card.index('<table class="logits"'):card.index("</table>")]
+    assert re.findall(r'<span class="tok">([^<]*)</span>', logits) == [" robot", " sea", " Robot", "!"]
+    assert re.findall(r'<td class="val">([^<]*)</td>', logits) == ["+0.52", "-0.4", "+0.31", "-0.2"]
+    # all 6 live features by log10(density) in quarter decades from 1/n_tokens = 1e-2 to 1: four at 0.01 and
+    # feature 12's 5e-4 (below what 100 tokens can show, so counted in the lowest bin), feature 3's 0.2 in bin 5
+    header = dom[:dom.index('<main id="features">')]
+    assert [int(n) for n in re.findall(r'data-count="(\d+)"', header)] == [5, 0, 0, 0, 0, 1, 0, 0]
+    assert "58 dead" in header
+    density_chart = card[card.index("</figure>"):card.index('<table class="logits"')]
+    assert re.findall(r'<rect class="bar( here)?"', density_chart) == [" here"] + [""] * 7  # feature 7's bin
+
+
 def test_dashboard_screenshot_in_headless_chromium(hand_built_page, tmp_path):
     shot = tmp_path / "dashboard.png"
     run_chromium(tmp_path, "--window-size=1000,700", "--virtual-time-budget=5000", f"--screenshot={shot}",
@@ -348,8 +376,12 @@ def test_dashboard_screenshot_in_headless_chromium(hand_built_page, tmp_path):
     pixels = matplotlib.image.imread(shot)[..., :3]
     assert pixels.shape == (700, 1000, 3)
     assert pixels.std() > 0.05 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # not blank or uniform
-    highlight = np.abs(pixels - np.array([0xFF, 0xD5, 0x4F]) / 255).max(axis=-1) < 0.02  # the firing token's colour
-    assert highlight.sum() > 50
+    def painted(rgb) -> int:
+        return int((np.abs(pixels - np.array(rgb) / 255).max(axis=-1) < 0.02).sum())
+
+    assert painted([255, 120, 0]) > 50  # the top token, at full shade
+    assert painted([255, 187.5, 127.5]) > 50  # " small", at half the feature's largest activation over white
+    assert painted([0x4C, 0x78, 0xA8]) > 50  # histogram bars
 
 
 def test_real_dashboard_filters_like_its_json(features_out, tmp_path):
