@@ -99,13 +99,14 @@ def top_contexts(stats: FeatureStats, feature_ids: np.ndarray, reader: StoreRead
     with torch.no_grad():
         window_acts = latents_at(sae.encode, reader, layer, all_rows, np.repeat(feature_of_context, stop - start),
                                  max(1, LATENT_BUDGET // sae.d_sae))
+    window_acts = significant(window_acts)
     contexts = []
     for k, activation in enumerate(acts_KN[fired_KN]):
         window = slice(offsets[k], offsets[k + 1])
         focus = int(rows[k] - start[k])
         contexts.append({"activation": float(activation), "instance": int(instance[k]), "position": int(position[k]),
                          "role": roles[offsets[k] + focus], "tokens": strings[window], "focus": focus,
-                         "acts": significant(window_acts[window]), "roles": role_runs(roles[window])})
+                         "acts": window_acts[window], "roles": role_runs(roles[window])})
     per_feature = np.cumsum([0, *fired_KN.sum(axis=1)])
     return [contexts[per_feature[i]:per_feature[i + 1]] for i in range(len(feature_ids))]
 
@@ -119,12 +120,15 @@ def logit_lists(sae: SparseAutoencoder, feature_ids: np.ndarray, lm, top: int) -
     ids = sorted(set(effects.promoted_ids_FK.flatten().tolist()) | set(effects.suppressed_ids_FK.flatten().tolist()))
     names = dict(zip(ids, token_strings(lm.tokenizer, np.array(ids, dtype=np.int64))))
 
-    def pairs(ids_K: torch.Tensor, values_K: torch.Tensor) -> list[list]:
-        return [[names[i], v] for i, v in zip(ids_K.tolist(), significant(values_K.numpy()))]
+    def pairs(ids_FK: torch.Tensor, values_FK: torch.Tensor) -> list[list[list]]:
+        values = significant(values_FK.numpy().reshape(-1))
+        per_feature = values_FK.shape[1]
+        return [[[names[i], values[k * per_feature + j]] for j, i in enumerate(ids)]
+                for k, ids in enumerate(ids_FK.tolist())]
 
-    lists = [{"promoted": pairs(effects.promoted_ids_FK[k], effects.promoted_FK[k]),
-              "suppressed": pairs(effects.suppressed_ids_FK[k], effects.suppressed_FK[k])}
-             for k in range(len(feature_ids))]
+    lists = [{"promoted": promoted, "suppressed": suppressed}
+             for promoted, suppressed in zip(pairs(effects.promoted_ids_FK, effects.promoted_FK),
+                                             pairs(effects.suppressed_ids_FK, effects.suppressed_FK))]
     return lists, (f"W_dec[f] @ W_U after the final norm's gain ({effects.final_norm or 'no final norm'}), "
                    f"the logit change per unit of activation")
 
