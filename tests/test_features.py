@@ -239,6 +239,24 @@ def test_bad_sae_path_is_one_line(store_and_sae, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_model_is_one_line_naming_logits_0(store_and_sae, tmp_path, monkeypatch, capsys):
+    """The logit effects need the store's model; where it cannot be loaded, the error says how to go without."""
+    from instructsae.lm.models import load_model
+
+    store, sae = store_and_sae
+    monkeypatch.setattr("instructsae.evaluate.features.load_model",
+                        lambda spec, dtype, device: load_model(str(tmp_path / "moved-model"), dtype, device))
+    code, _, err = run_cli(monkeypatch, capsys, "features", "--sae", str(sae), "--store", str(store),
+                           "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "moved-model", "--logits 0")
+    assert not (tmp_path / "out").exists()
+    code, _, err = run_cli(monkeypatch, capsys, "features", "--sae", str(sae), "--store", str(store),
+                           "--out", str(tmp_path / "out"), "--logits", "0", "--top", "2")
+    assert code == 0, err
+    records = json.loads((tmp_path / "out" / "features.json").read_text())
+    assert records["logits"] is None and all(f["logits"] is None for f in records["features"])
+
+
 def test_refuses_an_out_folder_with_other_files(store_and_sae, tmp_path, monkeypatch, capsys):
     store, sae = store_and_sae
     (tmp_path / "notes.txt").write_text("precious")

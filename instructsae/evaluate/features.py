@@ -179,7 +179,10 @@ def load_views_model(cfg: FeaturesConfig, reader: StoreReader):
     if cfg.logits == 0:
         return None
     identity = reader.manifest.identity
-    return load_model(identity.model, identity.model_dtype, "cpu")
+    try:
+        return load_model(identity.model, identity.model_dtype, "cpu")
+    except UserError as error:
+        raise UserError(f"{error} (the store's model, for its unembedding; --logits 0 goes without it)") from None
 
 
 def measure_views(cfg: FeaturesConfig) -> tuple[dict, list[dict], list[dict]]:
