@@ -28,8 +28,9 @@ def test_histograms_grown_batch_by_batch_equal_numpy_on_the_final_bins():
     counts_FB = torch.zeros(5, HISTOGRAM_BINS, dtype=torch.int64)
     width_F = torch.zeros(5, dtype=torch.float64)
     for start in range(0, 2000, 97):
-        token_K, feature_K = latents_NF[start:start + 97].nonzero(as_tuple=True)
-        counts_FB, width_F = add_to_histograms(counts_FB, width_F, feature_K, latents_NF[start:start + 97][token_K, feature_K])
+        batch_BF = latents_NF[start:start + 97]
+        token_K, feature_K = batch_BF.nonzero(as_tuple=True)
+        counts_FB, width_F = add_to_histograms(counts_FB, width_F, feature_K, batch_BF[token_K, feature_K])
     for f in (0, 1, 2, 4):
         nonzero = latents_NF[:, f][latents_NF[:, f] > 0].double().numpy()
         width = float(width_F[f])
@@ -48,9 +49,10 @@ def test_feature_stats_histogram_trims_empty_top_bins():
     counts, width = stats.histogram(0)
     assert sum(counts) == 3 and counts[-1] == 1 and len(counts) == HISTOGRAM_BINS  # 4.0 is in the last bin
     assert width == pytest.approx(4.0 * (1 + 2**-10) / HISTOGRAM_BINS)
-    stats.add(torch.tensor([[0.0, 0.5]]), torch.tensor([3]), torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.bool))
+    role_0, not_special = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.bool)
+    stats.add(torch.tensor([[0.0, 0.5]]), torch.tensor([3]), role_0, not_special)
     assert stats.histogram(1) == ([0] * (HISTOGRAM_BINS - 1) + [1], pytest.approx(0.5 * (1 + 2**-10) / HISTOGRAM_BINS))
-    stats.add(torch.tensor([[9.0, 0.0]]), torch.tensor([4]), torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.bool))
+    stats.add(torch.tensor([[9.0, 0.0]]), torch.tensor([4]), role_0, not_special)
     counts, width = stats.histogram(0)
     assert width == pytest.approx(4 * 4.0 * (1 + 2**-10) / HISTOGRAM_BINS)  # doubled twice to hold 9.0
     assert sum(counts) == 4 and len(counts) == int(9.0 // width) + 1 == 18  # the empty bins above 9.0 left out
@@ -139,7 +141,8 @@ def test_logit_effects_equal_the_direct_product(kind):
     d_model, vocab = 16, 50
     norm = {"llama": LlamaRMSNorm(d_model), "gemma": GemmaRMSNorm(d_model), "layernorm": torch.nn.LayerNorm(d_model),
             "none": None}[kind]
-    model = TinyLM(None if norm is None else randomised(norm), d_model, vocab, "ln_f" if kind == "layernorm" else "norm")
+    norm_name = "ln_f" if kind == "layernorm" else "norm"  # GPT-2's name, and Llama's and Gemma's
+    model = TinyLM(None if norm is None else randomised(norm), d_model, vocab, norm_name)
     directions_FD = torch.randn(5, d_model, generator=torch.Generator().manual_seed(7))
     d_FD = directions_FD - directions_FD.mean(dim=1, keepdim=True) if kind == "layernorm" else directions_FD
     gain_D = {"llama": lambda: norm.weight, "gemma": lambda: 1 + norm.weight, "layernorm": lambda: norm.weight,

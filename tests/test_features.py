@@ -175,7 +175,8 @@ def test_contexts_carry_every_tokens_activation_roles_histogram_and_logits(featu
     result = json.loads((features_out / "features.json").read_text())
     latents_NF = direct_latents(store, sae)
     reader = open_complete_store(store)
-    instance, position, role = reader.read_column("instance"), reader.read_column("position"), reader.read_column("role")
+    instance, position = reader.read_column("instance"), reader.read_column("position")
+    role = reader.read_column("role")
     sae_module, _ = load_sae(sae)
     from instructsae.lm.models import load_model
 

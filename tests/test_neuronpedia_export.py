@@ -97,7 +97,8 @@ def test_layout_is_saedashboards(exported):
     assert sorted(p.name for p in source.iterdir()) == [
         "activations", "explanations", "features", "model.jsonl", "release.jsonl", "source.jsonl", "sourceset.jsonl"]
     for kind in ("features", "activations"):
-        assert sorted(p.name for p in (source / kind).iterdir()) == sorted(f"batch-{n}.jsonl.gz" for n in range(n_batches))
+        expected = sorted(f"batch-{n}.jsonl.gz" for n in range(n_batches))
+        assert sorted(p.name for p in (source / kind).iterdir()) == expected
     for name, fields in [("model.jsonl", MODEL_FIELDS), ("source.jsonl", SOURCE_FIELDS),
                          ("release.jsonl", RELEASE_FIELDS), ("sourceset.jsonl", SOURCESET_FIELDS)]:
         rows = read_rows(source / name)
