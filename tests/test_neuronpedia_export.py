@@ -78,9 +78,12 @@ def exported(store_and_sae, tmp_path_factory):  # noqa: F811
                                          "--out", str(features_out), "--top", "3", "--context", "2"])
         main()
         live = [f["id"] for f in json.loads((features_out / "features.json").read_text())["features"]]
-        report.write_text(json.dumps({"model": "judge-x", "features": [
-            {"id": live[0], "explanation": "robots", "score": 4}, {"id": live[2], "explanation": "the end", "score": 2},
-            {"id": live[1], "explanation": None, "score": None}]}))
+        # autointerp's report: settings, and per feature its explanation (or, from a rubric-only run, the rubric's)
+        report.write_text(json.dumps({"settings": {"model": "judge-x", "scorers": ["detection", "rubric"]},
+                                      "features": [
+            {"id": live[0], "explanation": "robots", "detection": {"balanced_accuracy": 0.75}},
+            {"id": live[2], "rubric": {"explanation": "the end", "score": 2}},
+            {"id": live[1], "explanation": None}]}))
         monkeypatch.setattr("sys.argv", [
             "instructsae", "export", "neuronpedia", "--sae", str(sae), "--store", str(store), "--out", str(out),
             "--model-id", MODEL_ID, "--top", "3", "--context", "2", "--features-per-batch", "5",

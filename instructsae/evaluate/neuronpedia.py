@@ -58,19 +58,25 @@ def source_names(cfg: NeuronpediaExportConfig, model: str) -> Source:
                   creator_name=cfg.creator_name, created_at=datetime.now().isoformat())
 
 
+def explanation_of(result: dict) -> str | None:
+    """A feature's explanation in an autointerp report: its own, or (a rubric-only run) the rubric's."""
+    return result.get("explanation") or (result.get("rubric") or {}).get("explanation")
+
+
 def read_explanations(path: str | None) -> tuple[dict[int, str], str | None]:
     """{feature id: explanation} and the judge model of an autointerp report; nothing without a path."""
     if path is None:
         return {}, None
     try:
         report = json.loads(Path(path).read_text())
-        explained = {int(f["id"]): f["explanation"] for f in report["features"] if f.get("explanation")}
+        explained = {int(f["id"]): explanation_of(f) for f in report["features"] if explanation_of(f)}
+        judge = (report.get("settings") or {}).get("model") or report.get("model")
     except FileNotFoundError:
         raise UserError(f"--explanations {path} does not exist") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise UserError(f"--explanations {path} is not an autointerp report (a JSON object with features: "
                         f"[{{id, explanation}}, ...]): {first_line(error)}") from None
-    return explained, report.get("model")
+    return explained, judge
 
 
 def check_source_folder(target: Path) -> None:
