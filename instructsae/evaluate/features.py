@@ -111,14 +111,15 @@ def top_contexts(stats: FeatureStats, feature_ids: np.ndarray, reader: StoreRead
     return [contexts[per_feature[i]:per_feature[i + 1]] for i in range(len(feature_ids))]
 
 
-def logit_lists(sae: SparseAutoencoder, feature_ids: np.ndarray, lm, top: int) -> tuple[list[dict | None], str | None]:
+def logit_lists(sae: SparseAutoencoder, feature_ids: np.ndarray, lm, tokenizer,
+                top: int) -> tuple[list[dict | None], str | None]:
     """Per feature, the tokens its decoder row promotes and suppresses most, and how they were computed (None for
     all, and no description, without a model)."""
     if lm is None:
         return [None] * len(feature_ids), None
     effects = logit_effects(sae.W_dec.detach()[torch.from_numpy(feature_ids)], lm.model, top)
     ids = sorted(set(effects.promoted_ids_FK.flatten().tolist()) | set(effects.suppressed_ids_FK.flatten().tolist()))
-    names = dict(zip(ids, token_strings(lm.tokenizer, np.array(ids, dtype=np.int64))))
+    names = dict(zip(ids, token_strings(tokenizer, np.array(ids, dtype=np.int64))))
 
     def pairs(ids_FK: torch.Tensor, values_FK: torch.Tensor) -> list[list[list]]:
         values = significant(values_FK.numpy().reshape(-1))
@@ -189,12 +190,12 @@ def measure_views(cfg: FeaturesConfig) -> tuple[dict, list[dict], list[dict]]:
     """(summary, records of every live feature, special-token features): what the files and the page show."""
     sae, _, reader, layer = open_sae_and_store(cfg.sae, cfg.store)
     lm = load_views_model(cfg, reader)
-    tokenizer = lm.tokenizer if lm is not None else load_tokenizer(reader.manifest.identity.tokenizer)
+    tokenizer = load_tokenizer(reader.manifest.identity.tokenizer)  # the store's, which made its token ids
     special_ids = special_token_ids(tokenizer)
     stats = measure_features(sae, reader, layer, special_ids, cfg.top, cfg.max_tokens)
     live_ids = torch.nonzero(stats.live_F).flatten().numpy()
     tops = top_contexts(stats, live_ids, reader, tokenizer, cfg.context, sae, layer)
-    logits, logits_method = logit_lists(sae, live_ids, lm, cfg.logits)
+    logits, logits_method = logit_lists(sae, live_ids, lm, tokenizer, cfg.logits)
     records = feature_records(stats, live_ids, tops, logits)
     special = special_token_features(records, cfg.special_threshold)
     summary = {"sae": cfg.sae, "store": cfg.store, "store_fingerprint": reader.manifest.fingerprint,
