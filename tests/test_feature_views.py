@@ -9,7 +9,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from instructsae.evaluate.contexts import latents_at, role_runs, significant
 from instructsae.evaluate.feature_stats import HISTOGRAM_BINS, FeatureStats, add_to_histograms
-from instructsae.lm.unembed import logit_effects, norm_gain
+from instructsae.lm.unembed import HISTOGRAM_BINS as HISTOGRAM_BINS_V
+from instructsae.lm.unembed import logit_effects, norm_gain, row_histograms
 
 
 def sparse_latents(n_tokens: int, d_sae: int, seed: int = 0) -> torch.Tensor:
@@ -155,6 +156,23 @@ def test_logit_effects_equal_the_direct_product(kind):
     torch.testing.assert_close(effects.promoted_FK, expected_top.values, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(effects.suppressed_FK, expected_bottom.values, rtol=1e-4, atol=1e-4)
     assert effects.final_norm == (None if norm is None else type(norm).__name__)
+    for f in range(5):  # the whole vocabulary's logit effects, binned from their minimum to their maximum
+        low, high = logits_FV[f].min().item(), logits_FV[f].max().item()
+        width = (high - low) / HISTOGRAM_BINS_V
+        expected, _ = np.histogram(logits_FV[f].numpy(), bins=HISTOGRAM_BINS_V, range=(low, high))
+        counts = effects.hist_counts_FN[f].numpy()
+        assert counts.sum() == vocab and counts[0] >= 1 and counts[-1] >= 1
+        # the two products differ in the last float bits: a value on a bin edge may land on either side of it
+        assert np.abs(counts - expected).sum() <= 2
+        assert effects.hist_low_F[f].item() == pytest.approx(low, abs=1e-4)
+        assert effects.hist_width_F[f].item() == pytest.approx(width, rel=1e-3)
+
+
+def test_row_histograms_put_the_extremes_in_the_end_bins():
+    x_BV = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0, 5.0]])
+    counts_BN, low_B, width_B = row_histograms(x_BV, 4)
+    assert counts_BN.tolist() == [[1, 1, 1, 2], [5, 0, 0, 0]]  # the maximum in the last bin; a constant row in one
+    assert low_B.tolist() == [0.0, 5.0] and width_B[0].item() == 1.0
 
 
 def test_logit_effects_rank_tokens_as_the_model_does_for_a_small_step(tiny_model_dir):

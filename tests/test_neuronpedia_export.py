@@ -138,6 +138,10 @@ def test_rows_carry_what_features_measured(exported):
         assert row["freq_hist_data_bar_heights"] == feature["histogram"]["counts"]
         assert row["freq_hist_data_bar_values"] == pytest.approx(
             [(b + 0.5) * width for b in range(len(feature["histogram"]["counts"]))], abs=5e-6)  # bin centres, 5 places
+        logit_hist = feature["logits"]["histogram"]
+        assert row["logits_hist_data_bar_heights"] == logit_hist["counts"] and sum(logit_hist["counts"]) == 300
+        assert row["logits_hist_data_bar_values"][0] == pytest.approx(logit_hist["low"] + logit_hist["width"] / 2,
+                                                                     abs=5e-6)
     activations = batch_rows(source, "activations")
     expected = [(f["id"], c) for f in features["features"] for c in f["top"]]
     assert len(activations) == len(expected) and len({row["id"] for row in activations}) == len(activations)

@@ -10,7 +10,8 @@ A context in features.json: activation, instance, position and role of its top t
 `focus` (the top token's index in them), `acts` (the feature's latent on each token, 4 significant digits) and
 `roles` ([[role, count], ...] runs over the tokens). A feature's `histogram`: counts of its nonzero activations
 in bins of `width` from 0 (bin b: [b·width, (b+1)·width)). Its `logits`: {"promoted": [[token, logit change per
-unit of activation], ...], "suppressed": [...]}, or null with --logits 0.
+unit of activation], ...], "suppressed": [...], "histogram": the logit changes of the whole vocabulary in 40
+bins from `low`, `width` each}, or null with --logits 0.
 """
 
 import json
@@ -127,9 +128,12 @@ def logit_lists(sae: SparseAutoencoder, feature_ids: np.ndarray, lm, tokenizer,
         return [[[names[i], values[k * per_feature + j]] for j, i in enumerate(ids)]
                 for k, ids in enumerate(ids_FK.tolist())]
 
-    lists = [{"promoted": promoted, "suppressed": suppressed}
-             for promoted, suppressed in zip(pairs(effects.promoted_ids_FK, effects.promoted_FK),
-                                             pairs(effects.suppressed_ids_FK, effects.suppressed_FK))]
+    histograms = [{"counts": counts, "low": low, "width": width} for counts, low, width in
+                  zip(effects.hist_counts_FN.tolist(), effects.hist_low_F.tolist(), effects.hist_width_F.tolist())]
+    lists = [{"promoted": promoted, "suppressed": suppressed, "histogram": histogram}
+             for promoted, suppressed, histogram in zip(pairs(effects.promoted_ids_FK, effects.promoted_FK),
+                                                        pairs(effects.suppressed_ids_FK, effects.suppressed_FK),
+                                                        histograms)]
     return lists, (f"W_dec[f] @ W_U after the final norm's gain ({effects.final_norm or 'no final norm'}), "
                    f"the logit change per unit of activation")
 

@@ -4,7 +4,7 @@ Pure functions of the feature records `instructsae features` measures; neuronped
 
 Our additions: each activation row carries `roles` (the chat role of every token) and `dataIndex` (the dialogue's
 instance in the store). What is not measured here stays at the exporter's empty defaults (correlated neurons and
-features, the logit histogram, a steering vector).
+features, a steering vector).
 """
 
 import secrets
@@ -71,9 +71,11 @@ def source_row(s: Source, dataset: str, n_prompts: int, n_tokens_in_prompt: int,
 
 
 def feature_row(s: Source, record: dict) -> dict:
-    """Density, logit lists and activation histogram (bar values: the bins' centres, 5 places as SAEDashboard)."""
-    logits = record["logits"] or {"promoted": [], "suppressed": []}
+    """Density, logit lists, activation and logit histograms (bar values: the bins' centres, 5 places as
+    SAEDashboard rounds them)."""
+    logits = record["logits"] or {"promoted": [], "suppressed": [], "histogram": {"counts": [], "low": 0, "width": 0}}
     counts, width = record["histogram"]["counts"], record["histogram"]["width"]
+    logit_hist = logits["histogram"]
     return {"modelId": s.model_id, "layer": s.source_id, "index": record["id"], "creatorId": s.creator_id,
             "createdAt": s.created_at, "maxActApprox": max(c["activation"] for c in record["top"]),
             "hasVector": False, "vector": [], "vectorLabel": None, "vectorDefaultSteerStrength": 10, "hookName": None,
@@ -85,7 +87,10 @@ def feature_row(s: Source, record: dict) -> dict:
             "pos_str": [token for token, _ in logits["promoted"]], "pos_values": [v for _, v in logits["promoted"]],
             "frac_nonzero": record["density"], "freq_hist_data_bar_heights": counts,
             "freq_hist_data_bar_values": [round((b + 0.5) * width, 5) for b in range(len(counts))],
-            "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [], "decoder_weights_dist": [],
+            "logits_hist_data_bar_heights": logit_hist["counts"],
+            "logits_hist_data_bar_values": [round(logit_hist["low"] + (b + 0.5) * logit_hist["width"], 5)
+                                            for b in range(len(logit_hist["counts"]))],
+            "decoder_weights_dist": [],
             "sourceSetName": None}
 
 

@@ -17,6 +17,7 @@ from instructsae.lm.models import decoder_layers
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm")
 LOGIT_BUDGET = 1 << 24  # logits per matmul block (64 MB of float32), whatever the vocabulary size
+HISTOGRAM_BINS = 40
 
 
 @dataclass
@@ -27,6 +28,10 @@ class LogitEffects:
     promoted_FK: torch.Tensor
     suppressed_ids_FK: torch.Tensor
     suppressed_FK: torch.Tensor
+    # each direction's logit effects over the whole vocabulary: counts in equal bins from low_F, width_F each
+    hist_counts_FN: torch.Tensor
+    hist_low_F: torch.Tensor
+    hist_width_F: torch.Tensor
     final_norm: str | None  # the module's class name, None when the model has no final norm
 
 
@@ -68,6 +73,15 @@ def norm_gain(norm: torch.nn.Module | None, d_model: int) -> tuple[torch.Tensor,
     return gain_D.float(), centres
 
 
+def row_histograms(x_BV: torch.Tensor, n_bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(counts_BN, low_B, width_B): each row's values in n_bins equal bins from its minimum to its maximum."""
+    low_B, high_B = x_BV.min(dim=1).values, x_BV.max(dim=1).values
+    width_B = ((high_B - low_B) / n_bins).clamp_min(torch.finfo(x_BV.dtype).tiny)
+    bin_BV = ((x_BV - low_B[:, None]) / width_B[:, None]).long().clamp(0, n_bins - 1)
+    counts_BN = torch.zeros(len(x_BV), n_bins, dtype=torch.int64).scatter_add_(1, bin_BV, torch.ones_like(bin_BV))
+    return counts_BN, low_B, width_B
+
+
 @torch.no_grad()
 def logit_effects(directions_FD: torch.Tensor, model: torch.nn.Module, top: int) -> LogitEffects:
     """The `top` largest and smallest entries of (centre(d) * gain) @ W_U^T for every direction d, in blocks of
@@ -87,9 +101,11 @@ def logit_effects(directions_FD: torch.Tensor, model: torch.nn.Module, top: int)
         logits_BV = (d_BD * gain_D.to(device)) @ W_U_VD.T
         promoted = logits_BV.topk(top, dim=1)
         suppressed = logits_BV.topk(top, dim=1, largest=False)
-        parts.append((promoted.indices, promoted.values, suppressed.indices, suppressed.values))
+        parts.append((promoted.indices, promoted.values, suppressed.indices, suppressed.values,
+                      *row_histograms(logits_BV.cpu(), HISTOGRAM_BINS)))
+    norm_name = None if norm is None else type(norm).__name__
     if not parts:
-        empty_ids, empty = torch.zeros(0, top, dtype=torch.int64), torch.zeros(0, top)
-        return LogitEffects(empty_ids, empty, empty_ids, empty, None if norm is None else type(norm).__name__)
-    columns = [torch.cat([part[i] for part in parts]).cpu() for i in range(4)]
-    return LogitEffects(*columns, final_norm=None if norm is None else type(norm).__name__)
+        ids, values = torch.zeros(0, top, dtype=torch.int64), torch.zeros(0, top)
+        return LogitEffects(ids, values, ids, values, torch.zeros(0, HISTOGRAM_BINS, dtype=torch.int64),
+                            torch.zeros(0), torch.zeros(0), norm_name)
+    return LogitEffects(*(torch.cat([part[i] for part in parts]).cpu() for i in range(7)), final_norm=norm_name)
