@@ -4,8 +4,9 @@
 
 Each feature gets `--contexts` contexts of 2 x `--context` + 1 tokens drawn from a 49,152-entry vocabulary of
 made-up token strings (SmolLM2's vocabulary size), the feature's activation on every token (about a third nonzero,
-as windows around a firing token tend to be), a 32-bin activation histogram and 10 promoted and 10 suppressed
-tokens. Prints the page's size, its gzip size, and features.json's size for the same records.
+as windows around a firing token tend to be), a 32-bin activation histogram, 10 promoted and 10 suppressed
+tokens and a 40-bin histogram of the logit effects. Prints the page's size, its gzip size, and features.json's
+size for the same records.
 """
 
 import argparse
@@ -42,6 +43,8 @@ def synthetic_records(n_features: int, n_contexts: int, context: int, seed: int 
         counts = np.sort(rng.poisson(50, HISTOGRAM_BINS))[::-1] * (np.arange(HISTOGRAM_BINS) < rng.integers(8, 33))
         logits = {kind: [[words[int(t)], float(f"{sign * rng.random():.4g}")] for t in rng.integers(VOCAB, size=10)]
                   for kind, sign in (("promoted", 1), ("suppressed", -1))}
+        logits["histogram"] = {"counts": np.histogram(rng.normal(size=VOCAB), bins=40)[0].tolist(),
+                               "low": float(-rng.random()), "width": float(rng.random() / 20)}
         records.append({"id": f, "density": float(10 ** rng.uniform(-5, -1)), "mean_activation": top_act / 3,
                         "role_share": {role: 1 / len(ROLES) for role in ROLES}, "special_share": 0.0,
                         "top": contexts, "histogram": {"counts": counts.tolist(), "width": top_act / HISTOGRAM_BINS},
