@@ -205,3 +205,12 @@ def test_a_bad_explanations_file_is_one_line_and_writes_nothing(store_and_sae, t
                                "--out", str(tmp_path / "out"), "--explanations", str(report))
         assert_one_line_error(code, err, "--explanations", expected)
     assert not (tmp_path / "out").exists()
+
+
+def test_default_model_ids_are_neuronpedias_style(tmp_path):
+    from instructsae.evaluate.neuronpedia import default_model_id
+
+    assert default_model_id("smollm2") == "smollm2-135m-instruct"  # the embedded model, by its hub id
+    assert default_model_id("google/gemma-2-2b-it") == "gemma-2-2b-it"
+    assert default_model_id(str(tmp_path / "Tiny-Llama") + "/") == "tiny-llama"
+    assert default_model_id("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "smollm2-135m-instruct.q4_1"
