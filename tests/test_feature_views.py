@@ -192,3 +192,35 @@ def test_logit_effects_rank_tokens_as_the_model_does_for_a_small_step(tiny_model
     torch.testing.assert_close(effects.promoted_FK[0] / rms, change_V.topk(5).values, rtol=2e-2, atol=2e-2)
     assert effects.promoted_ids_FK[0].tolist() == change_V.topk(5).indices.tolist()
     assert effects.suppressed_ids_FK[0].tolist() == change_V.topk(5, largest=False).indices.tolist()
+
+
+def tiny_hf_model(family: str) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    small = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**small, intermediate_size=32, num_key_value_heads=2),
+        "gemma2": lambda: transformers.Gemma2Config(**small, intermediate_size=32, num_key_value_heads=2, head_dim=8),
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2),
+        "opt": lambda: transformers.OPTConfig(**small, ffn_dim=32, word_embed_proj_dim=16),
+    }
+    return transformers.AutoModelForCausalLM.from_config(configs[family]()).eval()
+
+
+@pytest.mark.parametrize("family, path", [("llama", "model.norm"), ("gemma2", "model.norm"),
+                                          ("gpt2", "transformer.ln_f"), ("opt", "model.decoder.final_layer_norm")])
+def test_the_final_norm_of_each_family_is_found(family, path):
+    from instructsae.lm.unembed import final_norm
+
+    model = tiny_hf_model(family)
+    assert final_norm(model) is model.get_submodule(path)
+    randomised(final_norm(model))  # a gain that is not all ones, so finding the wrong module would show
+    directions_FD = torch.randn(3, 16, generator=torch.Generator().manual_seed(9))
+    norm = final_norm(model)
+    gain_D, centres = norm_gain(norm, 16)
+    d_FD = directions_FD - directions_FD.mean(dim=1, keepdim=True) if centres else directions_FD
+    logits_FV = (d_FD * gain_D) @ model.get_output_embeddings().weight.detach().T
+    assert centres == isinstance(norm, torch.nn.LayerNorm)
+    effects = logit_effects(directions_FD, model, top=3)
+    assert torch.equal(effects.promoted_ids_FK, logits_FV.topk(3, dim=1).indices)

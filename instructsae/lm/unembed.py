@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from instructsae.lm.models import decoder_layers
-
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm")
 LOGIT_BUDGET = 1 << 24  # logits per matmul block (64 MB of float32), whatever the vocabulary size
 HISTOGRAM_BINS = 40
@@ -36,13 +34,16 @@ class LogitEffects:
 
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The norm between the last decoder layer and the LM head (a sibling of the decoder layers)."""
-    base = getattr(model, "base_model", model)
-    decoder_layers(model)  # the same model shapes the rest of the code accepts, else its one-line error
-    for name in FINAL_NORM_NAMES:
-        module = getattr(base, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
+    """The norm between the last decoder layer and the LM head: beside the decoder layers, in the decoder
+    (transformers' `get_decoder()`: `model.norm` in Llama, Gemma, Qwen; `model.decoder.final_layer_norm` in OPT) or
+    in the base model (`transformer.ln_f` in GPT-2)."""
+    roots = [model.get_decoder()] if hasattr(model, "get_decoder") else []
+    roots += [getattr(model, "base_model", model), model]
+    for root in roots:
+        for name in FINAL_NORM_NAMES:
+            module = getattr(root, name, None)
+            if isinstance(module, torch.nn.Module):
+                return module
     return None
 
 
