@@ -1,5 +1,5 @@
 """`instructsae extract | dedup | train | sweep | evaluate | features | steer | autointerp | inspect | verify |
-convert | demo | pipeline compare`.
+convert | demo | pipeline compare | export neuronpedia`.
 
 Bad input: one line on stderr, exit 2."""
 
@@ -17,6 +17,7 @@ from instructsae.schemas.dataset import DedupConfig
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.features import FeaturesConfig
+from instructsae.schemas.neuronpedia import NeuronpediaExportConfig
 from instructsae.schemas.steer import SteerConfig
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import ARCHITECTURES, PRESETS, JumpReLUConfig, OptimConfig, TopKConfig, TrainConfig
@@ -206,6 +207,23 @@ def autointerp(config_file, **options):
 
     options["scorers"] = split_list(options["scorers"])
     click.echo(format_summary(run_autointerp(build(AutointerpConfig, read_yaml(config_file), options))))
+
+
+@cli.group(name="export")
+def export_group():
+    """Hand an SAE's features to other tools."""
+
+
+@export_group.command(name="neuronpedia")
+@options_from(NeuronpediaExportConfig)
+def export_neuronpedia(**options):
+    """Write Neuronpedia's bulk-import layout (as SAEDashboard's exporter does): features with their activation
+    records (per-token values and chat roles), logits, histograms and explanations."""
+    from instructsae.evaluate.neuronpedia import run_neuronpedia_export
+
+    result = run_neuronpedia_export(build(NeuronpediaExportConfig, options))
+    click.echo(f"{result['n_features']:,} features, {result['n_activations']:,} activation records, "
+               f"{result['n_explanations']:,} explanations in {result['n_batches']} batches; wrote {result['out']}")
 
 
 @cli.group()

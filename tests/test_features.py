@@ -23,8 +23,8 @@ from instructsae.sae.export import load_sae
 from instructsae.train.run import run_training
 
 CHROMIUM = Path("/usr/bin/chromium")
-FEATURE_FIELDS = {"id", "density", "mean_activation", "role_share", "special_share", "top"}
-CONTEXT_FIELDS = {"activation", "instance", "position", "role", "tokens", "focus"}
+FEATURE_FIELDS = {"id", "density", "mean_activation", "role_share", "special_share", "top", "histogram", "logits"}
+CONTEXT_FIELDS = {"activation", "instance", "position", "role", "tokens", "focus", "acts", "roles"}
 
 
 def sparse_latents(n_tokens: int, d_sae: int, seed: int = 0) -> torch.Tensor:
@@ -136,7 +136,7 @@ def direct_latents(store, sae_dir) -> torch.Tensor:
 def test_cli_writes_every_live_feature_with_the_documented_fields(features_out, store_and_sae, tiny_tokenizer):
     store, sae = store_and_sae
     assert sorted(p.name for p in features_out.iterdir()) == [
-        "dashboard.html", "features.json", "features.parquet", "special_token_features.json"]
+        "contexts.parquet", "dashboard.html", "features.json", "features.parquet", "special_token_features.json"]
     result = json.loads((features_out / "features.json").read_text())
     latents_NF = direct_latents(store, sae)
     live = torch.nonzero((latents_NF > 0).any(dim=0)).flatten().tolist()
@@ -169,6 +169,53 @@ def test_cli_writes_every_live_feature_with_the_documented_fields(features_out, 
     assert {"density", "mean_activation", "special_share", *(f"role_share_{r}" for r in ROLES)} <= set(table.columns)
 
 
+def test_contexts_carry_every_tokens_activation_roles_histogram_and_logits(features_out, store_and_sae,
+                                                                            tiny_model_dir):
+    store, sae = store_and_sae
+    result = json.loads((features_out / "features.json").read_text())
+    latents_NF = direct_latents(store, sae)
+    reader = open_complete_store(store)
+    instance, position = reader.read_column("instance"), reader.read_column("position")
+    role = reader.read_column("role")
+    sae_module, _ = load_sae(sae)
+    from instructsae.lm.models import load_model
+
+    lm = load_model(str(tiny_model_dir))
+    # the tiny Llama's final RMSNorm: its weight is the gain; no centring
+    logits_FV = (sae_module.W_dec.detach() * lm.model.model.norm.weight.detach()) @ lm.model.lm_head.weight.detach().T
+    table = pd.read_parquet(features_out / "contexts.parquet")
+    assert len(table) == sum(len(f["top"]) for f in result["features"])
+    assert "RMSNorm" in result["logits"]
+    for feature in result["features"]:
+        f = feature["id"]
+        for rank, context in enumerate(feature["top"]):
+            row = int(np.flatnonzero((instance == context["instance"]) & (position == context["position"]))[0])
+            window = np.arange(row - context["focus"], row - context["focus"] + len(context["tokens"]))
+            np.testing.assert_allclose(context["acts"], latents_NF[window, f].numpy(), rtol=1e-3, atol=1e-6)
+            assert context["acts"][context["focus"]] == pytest.approx(context["activation"], rel=1e-3)
+            expanded = [name for name, count in context["roles"] for _ in range(count)]
+            assert expanded == [ROLES[code] for code in role[window]]
+            saved = table[(table["feature"] == f) & (table["rank"] == rank)].iloc[0]
+            assert list(saved["tokens"]) == context["tokens"] and list(saved["roles"]) == expanded
+            np.testing.assert_allclose(saved["acts"], context["acts"], rtol=1e-6)
+        nonzero = latents_NF[:, f][latents_NF[:, f] > 0].double().numpy()
+        counts, width = feature["histogram"]["counts"], feature["histogram"]["width"]
+        assert sum(counts) == len(nonzero) and counts[-1] > 0
+        expected, _ = np.histogram(nonzero, bins=len(counts), range=(0, width * len(counts)))
+        assert counts == expected.tolist()
+        promoted = logits_FV[f].topk(10)
+        assert [token for token, _ in feature["logits"]["promoted"]] == [
+            tiny_tokenizer_decode(lm.tokenizer, i) for i in promoted.indices.tolist()]
+        np.testing.assert_allclose([v for _, v in feature["logits"]["promoted"]], promoted.values.numpy(), rtol=1e-3)
+        suppressed = logits_FV[f].topk(10, largest=False)
+        np.testing.assert_allclose([v for _, v in feature["logits"]["suppressed"]], suppressed.values.numpy(),
+                                   rtol=1e-3)
+
+
+def tiny_tokenizer_decode(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
 def test_special_token_features_are_those_over_the_threshold(features_out, store_and_sae):
     store, sae = store_and_sae
     reader = open_complete_store(store)
@@ -193,6 +240,24 @@ def test_bad_sae_path_is_one_line(store_and_sae, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_model_is_one_line_naming_logits_0(store_and_sae, tmp_path, monkeypatch, capsys):
+    """The logit effects need the store's model; where it cannot be loaded, the error says how to go without."""
+    from instructsae.lm.models import load_model
+
+    store, sae = store_and_sae
+    monkeypatch.setattr("instructsae.evaluate.features.load_model",
+                        lambda spec, dtype, device: load_model(str(tmp_path / "moved-model"), dtype, device))
+    code, _, err = run_cli(monkeypatch, capsys, "features", "--sae", str(sae), "--store", str(store),
+                           "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "moved-model", "--logits 0")
+    assert not (tmp_path / "out").exists()
+    code, _, err = run_cli(monkeypatch, capsys, "features", "--sae", str(sae), "--store", str(store),
+                           "--out", str(tmp_path / "out"), "--logits", "0", "--top", "2")
+    assert code == 0, err
+    records = json.loads((tmp_path / "out" / "features.json").read_text())
+    assert records["logits"] is None and all(f["logits"] is None for f in records["features"])
+
+
 def test_refuses_an_out_folder_with_other_files(store_and_sae, tmp_path, monkeypatch, capsys):
     store, sae = store_and_sae
     (tmp_path / "notes.txt").write_text("precious")
@@ -205,19 +270,23 @@ def test_refuses_an_out_folder_with_other_files(store_and_sae, tmp_path, monkeyp
 # --- the dashboard -----------------------------------------------------------------------------------------
 
 def hand_built_records() -> list[dict]:
-    def context(tokens, focus, activation):
+    def context(tokens, focus, activation, acts=None):
+        acts = acts or [activation if k == focus else 0.0 for k in range(len(tokens))]
         return {"activation": activation, "instance": 0, "position": focus, "role": "assistant", "tokens": tokens,
-                "focus": focus}
+                "focus": focus, "acts": acts, "roles": [["assistant", len(tokens)]]}
 
-    def feature(id_, special_share, top):
+    def feature(id_, special_share, top, density=0.01, logits=None):
         shares = {"template": special_share, "system": 0.0, "user": 0.0, "assistant": 1 - special_share, "text": 0.0}
-        return {"id": id_, "density": 0.01, "mean_activation": 1.5, "role_share": shares,
-                "special_share": special_share, "top": top}
+        return {"id": id_, "density": density, "mean_activation": 1.5, "role_share": shares,
+                "special_share": special_share, "top": top, "histogram": {"counts": [5, 0, 2, 1], "width": 1.0},
+                "logits": logits}
 
+    robot_logits = {"promoted": [[" robot", 0.52], [" Robot", 0.31]], "suppressed": [[" sea", -0.4], ["!", -0.2]]}
     return [
-        feature(3, 0.9, [context(["<|im_end|>", "\n", "<|im_start|>", "assistant"], 2, 4.0)]),
-        feature(7, 0.1, [context(["a", " small", " robot", "."], 2, 3.0), context([" the", " Robot"], 1, 2.0)]),
-        feature(12, 0.0, [context(["</script><!--", " x"], 0, 1.0)]),
+        feature(3, 0.9, [context(["<|im_end|>", "\n", "<|im_start|>", "assistant"], 2, 4.0)], density=0.2),
+        feature(7, 0.1, [context(["a", " small", " robot", "."], 2, 3.0, acts=[0.0, 1.5, 3.0, 0.75]),
+                         context([" the", " Robot"], 1, 2.0)], logits=robot_logits),
+        feature(12, 0.0, [context(["</script><!--", " x"], 0, 1.0)], density=0.0005),
         feature(40, 0.6, [context(["<|im_start|>", "user"], 1, 2.5)]),
         feature(50, 0.0, [context(["user", "\n", "Hi"], 1, 1.2)]),
         feature(60, 0.0, [context([" in", " 2024"], 1, 1.1)]),
@@ -295,6 +364,30 @@ def test_dashboard_search_in_headless_chromium(hand_built_page, tmp_path):
         tmp_path, "--virtual-time-budget=5000", "--dump-dom", f"{hand_built_page.as_uri()}#q=2024")
 
 
+def test_dashboard_shades_tokens_and_draws_histograms_and_logits_in_chromium(hand_built_page, tmp_path):
+    dom = run_chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", f"{hand_built_page.as_uri()}#q=7")
+    card = dom[dom.index('data-feature="7"'):]
+    first_context = card[card.index('<span class="ctx">'):card.index("</li>")]
+    tags = re.findall(r'<span [^>]*data-act[^>]*>', first_context)
+    shading = [(re.search(r'data-act="([^"]*)"', tag).group(1),
+                (re.search(r'background: (rgba?\([^)]*\))', tag) or re.match("()", "")).group(1)) for tag in tags]
+    # the top activation is 3.0: each token's shade is its share of it, none where the feature is 0
+    assert shading == [("0", ""), ("1.5", "rgba(255, 120, 0, 0.5)"), ("3", "rgb(255, 120, 0)"),
+                       ("0.75", "rgba(255, 120, 0, 0.25)")]
+    bars = re.findall(r'<rect class="bar" [^>]*data-count="(\d+)"', card[:card.index('<figcaption')])
+    assert bars == ["5", "0", "2", "1"]
+    logits = card[card.index('<table class="logits"'):card.index("</table>")]
+    assert re.findall(r'<span class="tok">([^<]*)</span>', logits) == [" robot", " sea", " Robot", "!"]
+    assert re.findall(r'<td class="val">([^<]*)</td>', logits) == ["+0.52", "-0.4", "+0.31", "-0.2"]
+    # all 6 live features by log10(density) in quarter decades from 1/n_tokens = 1e-2 to 1: four at 0.01 and
+    # feature 12's 5e-4 (below what 100 tokens can show, so counted in the lowest bin), feature 3's 0.2 in bin 5
+    header = dom[:dom.index('<main id="features">')]
+    assert [int(n) for n in re.findall(r'data-count="(\d+)"', header)] == [5, 0, 0, 0, 0, 1, 0, 0]
+    assert "58 dead" in header
+    density_chart = card[card.index("</figure>"):card.index('<table class="logits"')]
+    assert re.findall(r'<rect class="bar( here)?"', density_chart) == [" here"] + [""] * 7  # feature 7's bin
+
+
 def test_dashboard_screenshot_in_headless_chromium(hand_built_page, tmp_path):
     shot = tmp_path / "dashboard.png"
     run_chromium(tmp_path, "--window-size=1000,700", "--virtual-time-budget=5000", f"--screenshot={shot}",
@@ -302,8 +395,12 @@ def test_dashboard_screenshot_in_headless_chromium(hand_built_page, tmp_path):
     pixels = matplotlib.image.imread(shot)[..., :3]
     assert pixels.shape == (700, 1000, 3)
     assert pixels.std() > 0.05 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # not blank or uniform
-    highlight = np.abs(pixels - np.array([0xFF, 0xD5, 0x4F]) / 255).max(axis=-1) < 0.02  # the firing token's colour
-    assert highlight.sum() > 50
+    def painted(rgb) -> int:
+        return int((np.abs(pixels - np.array(rgb) / 255).max(axis=-1) < 0.02).sum())
+
+    assert painted([255, 120, 0]) > 50  # the top token, at full shade
+    assert painted([255, 187.5, 127.5]) > 50  # " small", at half the feature's largest activation over white
+    assert painted([0x4C, 0x78, 0xA8]) > 50  # histogram bars
 
 
 def test_real_dashboard_filters_like_its_json(features_out, tmp_path):

@@ -2,13 +2,18 @@
 
 A feature fires on a token when its latent is > 0 (SAE latents are never negative); its activation mass
 is the sum of its latents. The running top-N keeps, per feature, the N largest latents seen so far and
-the store rows they came from (-inf and row -1 while a feature has fired fewer than N times).
+the store rows they came from (-inf and row -1 while a feature has fired fewer than N times). Each feature's
+histogram of its nonzero activations has HISTOGRAM_BINS equal bins from 0; when a larger activation arrives the
+bins double in width (pairs merge), so the counts stay exact for the final bins without a second pass.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+HISTOGRAM_BINS = 32  # even: a doubling merges bins in pairs
+FIRST_WIDTH_MARGIN = 1 + 2**-10  # the first maximum falls inside the last bin, not on its upper edge
 
 
 def merge_top_n(top_acts_FN: torch.Tensor, top_rows_FN: torch.Tensor, feature_K: torch.Tensor,
@@ -30,6 +35,24 @@ def merge_top_n(top_acts_FN: torch.Tensor, top_rows_FN: torch.Tensor, feature_K:
     return acts_M[keep].view(n_features, n_kept), rows_M[keep].view(n_features, n_kept)
 
 
+def add_to_histograms(counts_FB: torch.Tensor, width_F: torch.Tensor, feature_K: torch.Tensor,
+                      acts_K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histograms (counts, bin width; width 0 = none yet) with K more nonzero activations counted in."""
+    n_features, n_bins = counts_FB.shape
+    acts64_K = acts_K.double()
+    max_F = torch.zeros(n_features, dtype=torch.float64).scatter_reduce(0, feature_K, acts64_K, "amax")
+    first_F = (width_F == 0) & (max_F > 0)
+    width_F = torch.where(first_F, max_F * FIRST_WIDTH_MARGIN / n_bins, width_F)
+    counts_FB = counts_FB.clone()
+    while (grow_F := max_F > width_F * n_bins).any():
+        merged = counts_FB[grow_F].view(-1, n_bins // 2, 2).sum(dim=2)
+        counts_FB[grow_F] = torch.cat([merged, torch.zeros_like(merged)], dim=1)
+        width_F = torch.where(grow_F, width_F * 2, width_F)
+    bin_K = (acts64_K / width_F[feature_K]).floor().long().clamp(max=n_bins - 1)
+    counts_FB.index_put_((feature_K, bin_K), torch.ones_like(bin_K), accumulate=True)
+    return counts_FB, width_F
+
+
 @dataclass
 class FeatureStats:
     """Running sums (float64) and the running top-N of every feature."""
@@ -41,6 +64,8 @@ class FeatureStats:
     special_mass_F: torch.Tensor
     top_acts_FN: torch.Tensor
     top_rows_FN: torch.Tensor
+    hist_counts_FB: torch.Tensor
+    hist_width_F: torch.Tensor
 
     @classmethod
     def empty(cls, d_sae: int, n_roles: int, top_n: int) -> "FeatureStats":
@@ -52,6 +77,8 @@ class FeatureStats:
             special_mass_F=torch.zeros(d_sae, dtype=torch.float64),
             top_acts_FN=torch.full((d_sae, top_n), -torch.inf),
             top_rows_FN=torch.full((d_sae, top_n), -1, dtype=torch.int64),
+            hist_counts_FB=torch.zeros(d_sae, HISTOGRAM_BINS, dtype=torch.int64),
+            hist_width_F=torch.zeros(d_sae, dtype=torch.float64),
         )
 
     def add(self, latents_BF: torch.Tensor, rows_B: torch.Tensor, roles_B: torch.Tensor,
@@ -68,6 +95,8 @@ class FeatureStats:
         self.special_mass_F.index_add_(0, feature_K[special_K], acts64_K[special_K])
         self.top_acts_FN, self.top_rows_FN = merge_top_n(self.top_acts_FN, self.top_rows_FN, feature_K, acts_K,
                                                          rows_B[token_K])
+        self.hist_counts_FB, self.hist_width_F = add_to_histograms(self.hist_counts_FB, self.hist_width_F,
+                                                                   feature_K, acts_K)
 
     @property
     def live_F(self) -> torch.Tensor:
@@ -90,3 +119,10 @@ class FeatureStats:
     @property
     def special_share_F(self) -> torch.Tensor:
         return self.special_mass_F / self.act_sum_F.clamp(min=torch.finfo(torch.float64).tiny)
+
+    def histogram(self, feature: int) -> tuple[list[int], float]:
+        """(counts, bin width) of a feature's nonzero activations: bin b holds [b·width, (b+1)·width); the empty
+        bins above its largest activation are left out."""
+        counts = self.hist_counts_FB[feature]
+        used = int(torch.nonzero(counts).max()) + 1 if counts.any() else 0
+        return counts[:used].tolist(), float(self.hist_width_F[feature])

@@ -1,8 +1,17 @@
 """`instructsae features`: what each SAE feature responds to on a store, for a person to look at.
 
-One streaming pass gives every feature's density, mean activation, role shares and top-N rows; then the
-contexts of those rows are read and decoded. Writes features.json (all live features), features.parquet
-(the per-feature table), special_token_features.json and dashboard.html.
+One streaming pass gives every feature's density, mean activation, role shares, activation histogram and top-N
+rows; then the contexts of those rows are read, decoded and encoded again, so every token of a context carries
+the feature's activation; the model's unembedding gives each feature's logit effects (lm/unembed.py). Writes
+features.json (all live features), features.parquet (the per-feature table), contexts.parquet (one row per
+context, per-token tokens, activations and roles), special_token_features.json and dashboard.html.
+
+A context in features.json: activation, instance, position and role of its top token, `tokens` (strings),
+`focus` (the top token's index in them), `acts` (the feature's latent on each token, 4 significant digits) and
+`roles` ([[role, count], ...] runs over the tokens). A feature's `histogram`: counts of its nonzero activations
+in bins of `width` from 0 (bin b: [b·width, (b+1)·width)). Its `logits`: {"promoted": [[token, logit change per
+unit of activation], ...], "suppressed": [...], "histogram": the logit changes of the whole vocabulary in 40
+bins from `low`, `width` each}, or null with --logits 0.
 """
 
 import json
@@ -15,19 +24,22 @@ import torch
 from tqdm.auto import tqdm
 
 from instructsae.errors import UserError
-from instructsae.evaluate.contexts import context_windows, gather_column, token_strings, window_rows
+from instructsae.evaluate.contexts import (context_windows, gather_column, latents_at, role_runs, significant,
+                                          token_strings, window_rows)
 from instructsae.evaluate.dashboard import render_dashboard
 from instructsae.evaluate.feature_stats import FeatureStats
 from instructsae.evaluate.run import open_sae_and_store
 from instructsae.store.reader import StoreReader
 from instructsae.fileio import write_atomically, write_text_atomically
-from instructsae.lm.models import load_tokenizer
+from instructsae.lm.models import load_model, load_tokenizer
+from instructsae.lm.unembed import logit_effects
 from instructsae.schemas.features import FeaturesConfig
 from instructsae.schemas.manifest import ROLE_CODE, ROLES
 from instructsae.sae import SparseAutoencoder
 
 LATENT_BUDGET = 1 << 24  # latents per encoded batch (64 MB of float32), whatever d_sae is
-OUTPUT_FILES = ("features.json", "features.parquet", "special_token_features.json", "dashboard.html")
+OUTPUT_FILES = ("features.json", "features.parquet", "contexts.parquet", "special_token_features.json",
+                "dashboard.html")
 FIRES_ON_SHOWN = 5
 SPECIAL_PRINTED = 25
 
@@ -69,36 +81,77 @@ def measure_features(sae: SparseAutoencoder, reader: StoreReader, layer: int, sp
     return stats
 
 
-def top_contexts(stats: FeatureStats, feature_ids: np.ndarray, reader: StoreReader, tokenizer,
-                 context: int) -> list[list[dict]]:
-    """Per feature, its top tokens (activation > 0, largest first) with their decoded context windows."""
+def top_contexts(stats: FeatureStats, feature_ids: np.ndarray, reader: StoreReader, tokenizer, context: int,
+                 sae: SparseAutoencoder, layer: int) -> list[list[dict]]:
+    """Per feature, its top tokens (activation > 0, largest first) with their decoded context windows, the
+    feature's activation on every token of each window and the windows' roles."""
     acts_KN = stats.top_acts_FN[feature_ids].numpy()
     rows_KN = stats.top_rows_FN[feature_ids].numpy()
     fired_KN = acts_KN > 0
     rows = rows_KN[fired_KN]
     instance = gather_column(reader, "instance", rows)
     position = gather_column(reader, "position", rows)
-    role = gather_column(reader, "role", rows)
     start, stop = context_windows(rows, instance, reader.read_column("instance_start"),
                                   reader.read_column("instance_length"), context)
     all_rows, offsets = window_rows(start, stop)
     strings = token_strings(tokenizer, gather_column(reader, "token_id", all_rows))
-    contexts = [{"activation": float(activation), "instance": int(instance[k]), "position": int(position[k]),
-                 "role": ROLES[role[k]], "tokens": strings[offsets[k]:offsets[k + 1]],
-                 "focus": int(rows[k] - start[k])}
-                for k, activation in enumerate(acts_KN[fired_KN])]
+    roles = [ROLES[code] for code in gather_column(reader, "role", all_rows)]
+    feature_of_context = np.repeat(feature_ids, fired_KN.sum(axis=1))
+    with torch.no_grad():
+        window_acts = latents_at(sae.encode, reader, layer, all_rows, np.repeat(feature_of_context, stop - start),
+                                 max(1, LATENT_BUDGET // sae.d_sae))
+    window_acts = significant(window_acts)
+    contexts = []
+    for k, activation in enumerate(acts_KN[fired_KN]):
+        window = slice(offsets[k], offsets[k + 1])
+        focus = int(rows[k] - start[k])
+        contexts.append({"activation": float(activation), "instance": int(instance[k]), "position": int(position[k]),
+                         "role": roles[offsets[k] + focus], "tokens": strings[window], "focus": focus,
+                         "acts": window_acts[window], "roles": role_runs(roles[window])})
     per_feature = np.cumsum([0, *fired_KN.sum(axis=1)])
     return [contexts[per_feature[i]:per_feature[i + 1]] for i in range(len(feature_ids))]
 
 
-def feature_records(stats: FeatureStats, feature_ids: np.ndarray, tops: list[list[dict]]) -> list[dict]:
+def logit_lists(sae: SparseAutoencoder, feature_ids: np.ndarray, lm, tokenizer,
+                top: int) -> tuple[list[dict | None], str | None]:
+    """Per feature, the tokens its decoder row promotes and suppresses most, and how they were computed (None for
+    all, and no description, without a model)."""
+    if lm is None:
+        return [None] * len(feature_ids), None
+    effects = logit_effects(sae.W_dec.detach()[torch.from_numpy(feature_ids)], lm.model, top)
+    ids = sorted(set(effects.promoted_ids_FK.flatten().tolist()) | set(effects.suppressed_ids_FK.flatten().tolist()))
+    names = dict(zip(ids, token_strings(tokenizer, np.array(ids, dtype=np.int64))))
+
+    def pairs(ids_FK: torch.Tensor, values_FK: torch.Tensor) -> list[list[list]]:
+        values = significant(values_FK.numpy().reshape(-1))
+        per_feature = values_FK.shape[1]
+        return [[[names[i], values[k * per_feature + j]] for j, i in enumerate(ids)]
+                for k, ids in enumerate(ids_FK.tolist())]
+
+    histograms = [{"counts": counts, "low": low, "width": width} for counts, low, width in
+                  zip(effects.hist_counts_FN.tolist(), effects.hist_low_F.tolist(), effects.hist_width_F.tolist())]
+    lists = [{"promoted": promoted, "suppressed": suppressed, "histogram": histogram}
+             for promoted, suppressed, histogram in zip(pairs(effects.promoted_ids_FK, effects.promoted_FK),
+                                                        pairs(effects.suppressed_ids_FK, effects.suppressed_FK),
+                                                        histograms)]
+    return lists, (f"W_dec[f] @ W_U after the final norm's gain ({effects.final_norm or 'no final norm'}), "
+                   f"the logit change per unit of activation")
+
+
+def feature_records(stats: FeatureStats, feature_ids: np.ndarray, tops: list[list[dict]],
+                    logits: list[dict | None]) -> list[dict]:
     """The features.json entries (autointerp reads these field names)."""
     density, mean = stats.density_F.tolist(), stats.mean_activation_F.tolist()
     role_share_RF, special_share = stats.role_share_RF.numpy(), stats.special_share_F.tolist()
-    return [{"id": int(f), "density": density[f], "mean_activation": mean[f],
-             "role_share": {role: float(role_share_RF[r, f]) for r, role in enumerate(ROLES)},
-             "special_share": special_share[f], "top": top}
-            for f, top in zip(feature_ids.tolist(), tops)]
+    records = []
+    for f, top, logit in zip(feature_ids.tolist(), tops, logits):
+        counts, width = stats.histogram(f)
+        records.append({"id": int(f), "density": density[f], "mean_activation": mean[f],
+                        "role_share": {role: float(role_share_RF[r, f]) for r, role in enumerate(ROLES)},
+                        "special_share": special_share[f], "top": top,
+                        "histogram": {"counts": counts, "width": width},
+                        "logits": logit})
+    return records
 
 
 def special_token_features(records: list[dict], threshold: float) -> list[dict]:
@@ -117,22 +170,53 @@ def feature_table(records: list[dict]) -> pd.DataFrame:
                          for r in records])
 
 
-def run_features(cfg: FeaturesConfig) -> dict:
-    out = Path(cfg.out)
-    check_out_folder(out)
+def context_table(records: list[dict]) -> pd.DataFrame:
+    """contexts.parquet: one row per (feature, rank) with its tokens, the feature's activation on each and roles."""
+    return pd.DataFrame([{"feature": r["id"], "rank": rank, "activation": c["activation"], "instance": c["instance"],
+                          "position": c["position"], "role": c["role"], "focus": c["focus"], "tokens": c["tokens"],
+                          "acts": np.array(c["acts"], dtype=np.float32),
+                          "roles": [role for role, count in c["roles"] for _ in range(count)]}
+                         for r in records for rank, c in enumerate(r["top"])])
+
+
+def load_views_model(cfg: FeaturesConfig, reader: StoreReader):
+    """The model that made the store (its unembedding gives the logit effects), or None with --logits 0."""
+    if cfg.logits == 0:
+        return None
+    identity = reader.manifest.identity
+    try:
+        return load_model(identity.model, identity.model_dtype, "cpu")
+    except UserError as error:
+        raise UserError(f"{error} (the store's model, for its unembedding; --logits 0 goes without it)") from None
+
+
+def measure_views(cfg: FeaturesConfig) -> tuple[dict, list[dict], list[dict]]:
+    """(summary, records of every live feature, special-token features): what the files and the page show."""
     sae, _, reader, layer = open_sae_and_store(cfg.sae, cfg.store)
-    tokenizer = load_tokenizer(reader.manifest.identity.tokenizer)
+    lm = load_views_model(cfg, reader)
+    tokenizer = load_tokenizer(reader.manifest.identity.tokenizer)  # the store's, which made its token ids
     special_ids = special_token_ids(tokenizer)
     stats = measure_features(sae, reader, layer, special_ids, cfg.top, cfg.max_tokens)
     live_ids = torch.nonzero(stats.live_F).flatten().numpy()
-    records = feature_records(stats, live_ids, top_contexts(stats, live_ids, reader, tokenizer, cfg.context))
+    tops = top_contexts(stats, live_ids, reader, tokenizer, cfg.context, sae, layer)
+    logits, logits_method = logit_lists(sae, live_ids, lm, tokenizer, cfg.logits)
+    records = feature_records(stats, live_ids, tops, logits)
     special = special_token_features(records, cfg.special_threshold)
     summary = {"sae": cfg.sae, "store": cfg.store, "store_fingerprint": reader.manifest.fingerprint,
-               "layer": layer, "d_sae": sae.d_sae, "n_tokens": stats.n_tokens, "n_live": len(records),
-               "special_threshold": cfg.special_threshold,
-               "special_tokens": tokenizer.convert_ids_to_tokens(special_ids.tolist())}
+               "model": reader.manifest.identity.model, "layer": layer, "d_sae": sae.d_sae,
+               "n_tokens": stats.n_tokens, "n_live": len(records), "special_threshold": cfg.special_threshold,
+               "special_tokens": tokenizer.convert_ids_to_tokens(special_ids.tolist()),
+               "logits": logits_method}
+    return summary, records, special
+
+
+def run_features(cfg: FeaturesConfig) -> dict:
+    out = Path(cfg.out)
+    check_out_folder(out)
+    summary, records, special = measure_views(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_atomically(out / "features.parquet", lambda path: feature_table(records).to_parquet(path, index=False))
+    write_atomically(out / "contexts.parquet", lambda path: context_table(records).to_parquet(path, index=False))
     write_text_atomically(out / "special_token_features.json", json.dumps({**summary, "features": special}, indent=1))
     html = render_dashboard(summary, records, special, cfg.dashboard_features, cfg.dashboard_contexts)
     write_text_atomically(out / "dashboard.html", html)

@@ -17,3 +17,5 @@ class FeaturesConfig(FrozenModel):
         "template and special tokens")
     dashboard_features: int = Field(5000, gt=0, description="features embedded in dashboard.html (all go to the JSON)")
     dashboard_contexts: int = Field(5, gt=0, description="top contexts per feature shown in dashboard.html")
+    logits: int = Field(10, ge=0, description="tokens each feature's decoder row promotes and suppresses most "
+                        "through the model's unembedding (0: none, and the model is not loaded)")
