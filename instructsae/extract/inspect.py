@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 
+from instructsae.extract.chat import describe_changes
 from instructsae.store.reader import open_store
 from instructsae.schemas.manifest import ROLES
 
@@ -29,6 +30,13 @@ def store_summary(store: str) -> dict:
     }
 
 
+def truncation_line(manifest: dict, identity: dict) -> str:
+    if manifest.get("n_truncated") is None:  # a store from before they were counted
+        return "truncated   not counted (a store made before instructsae counted the instances cut at max_len)"
+    return (f"truncated   {manifest['n_truncated']:,} instances cut at max_len={identity['max_len']}, "
+            f"{manifest['tokens_truncated']:,} tokens lost")
+
+
 def describe_store(store: str, as_json: bool) -> str:
     summary = store_summary(store)
     if as_json:
@@ -47,8 +55,12 @@ def describe_store(store: str, as_json: bool) -> str:
         f"rows        {manifest['rows_used']:,} usable read ({identity['skip_instances']:,} passed over by "
         f"--skip-instances), {manifest['rows_skipped']:,} skipped as unusable",
         "mean |x|^2  " + ", ".join(f"layer {k}: {v:.1f}" for k, v in summary["mean_sq_norm"].items()),
+        truncation_line(manifest, identity),
         f"fingerprint {manifest['fingerprint']}  (instructsae {manifest['tool_version']})",
     ]
+    changes = describe_changes(manifest.get("rendering_changes") or {})
+    if changes:
+        lines.insert(-1, f"template    {changes}")
     if manifest.get("part_tokens") is not None:  # written under torchrun
         lines.append(f"parts       {len(manifest['parts'])} work units of ~{manifest['part_tokens']:,} tokens under "
                      f"parts/, written by torchrun ranks" + ("" if manifest["complete"] else " (so far: see parts/)"))
