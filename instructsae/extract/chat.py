@@ -182,7 +182,7 @@ def _assistant(message: Message, traits: TemplateTraits, changes: Counter) -> tu
                 inner = ((len(content) - len(content.lstrip()), match.end(), "reasoning"),)
     if reasoning is not None and not traits.reasoning:
         head = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}"
-        content, inner, reasoning = f"{head}\n\n{content}", ((0, len(head), "reasoning"),), None
+        content, inner, reasoning = f"{head}\n\n{content}" if content else head, ((0, len(head), "reasoning"),), None
         changes["reasoning as text"] += 1
     if message.tool_calls:
         if traits.tool_calls:
@@ -206,7 +206,9 @@ def build_chat(tokenizer, messages, tools, policy: str, source_row: int) -> Chat
         content = message.content
         if system_head:
             content = f"{system_head}{MERGE_SEPARATOR}{content}" if content else system_head
-            inner = ((0, len(system_head), "system"),)
+            # the separator is ours, neither the system prompt nor the user's
+            inner = ((0, len(system_head), "system"),
+                     (len(system_head), len(system_head) + len(MERGE_SEPARATOR), "template"))
         if message.role == "assistant":
             extra, reasoning, content, inner = _assistant(message, traits, changes)
             turn.update(extra)

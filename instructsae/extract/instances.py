@@ -7,6 +7,7 @@ chat.py), 'system' for a default system prompt the chat template injects, 'text'
 markup it writes around tool calls and tool definitions).
 """
 
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from instructsae.errors import UserError, first_line
-from instructsae.extract.chat import Chat, Piece, build_chat
+from instructsae.extract.chat import Chat, Piece, build_chat, template_traits
 from instructsae.extract.rows import Message, Record
 from instructsae.schemas.manifest import ROLE_CODE
 
@@ -73,16 +74,43 @@ def _exact_spans(tokenizer, chat: Chat, rendered: str, source_row: int) -> list[
         return None
     for stripped in (False, True):
         spans, out, length = [], [], 0
+        shifts = []  # (start in the skeleton, start in the rendering) of each template part
+        in_skeleton = 0
         for part_at, part in enumerate(parts):
             if part_at % 2:
                 piece = chat.pieces[int(part)]
                 spans += _piece_spans(piece, length, stripped)
+                in_skeleton += len(PLACEHOLDER.format(part))
                 part = piece.text.strip() if stripped else piece.text
+            else:
+                shifts.append((in_skeleton, length))
+                in_skeleton += len(part)
             out.append(part)
             length += len(part)
         if "".join(out) == rendered:
-            return spans
+            return spans + _call_spans(tokenizer, skeleton_chat, skeleton, shifts, source_row, chat.tools)
     return None
+
+
+def _call_spans(tokenizer, skeleton_chat: list[dict], skeleton: str, shifts: list[tuple[int, int]],
+                source_row: int, tools) -> list[Span]:
+    """The text a template writes for an assistant turn's tool calls (its own markup included: the model writes
+    it), as 'assistant' spans: what changes in the rendering when that turn's calls are taken away."""
+    spans = []
+    for index, turn in enumerate(skeleton_chat):
+        if turn["role"] != "assistant" or not turn.get("tool_calls"):
+            continue
+        without = [dict(other) for other in skeleton_chat]
+        del without[index]["tool_calls"]
+        plain = _render(tokenizer, without, source_row, tools)
+        prefix = len(os.path.commonprefix([skeleton, plain]))
+        suffix = len(os.path.commonprefix([skeleton[prefix:][::-1], plain[prefix:][::-1]]))
+        start, end = prefix, len(skeleton) - suffix
+        if end <= start or any(mark in skeleton[start:end] for mark in "\ue000\ue001"):
+            continue  # the calls are not one stretch of template text: left 'template'
+        at_skeleton, at_rendered = max((shift for shift in shifts if shift[0] <= start), default=(0, 0))
+        spans.append((at_rendered + start - at_skeleton, at_rendered + end - at_skeleton, ROLE_CODE["assistant"]))
+    return spans
 
 
 def _searched_spans(pieces: Sequence[Piece], rendered: str, cursor: int) -> list[Span]:
@@ -146,7 +174,9 @@ def tokenize_dialogue(tokenizer, messages: Sequence[Message], max_len: int | Non
     rendered = _render(tokenizer, chat.messages, source_row, chat.tools)
     # the template writes BOS itself where the model wants one, so add no special tokens here
     encoding = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    injected = _injected_system_span(tokenizer, chat.messages, rendered)
+    # a tools list the template renders sits where a default system prompt would: not taken for one
+    injected = None if chat.tools and template_traits(tokenizer).tools else \
+        _injected_system_span(tokenizer, chat.messages, rendered)
     spans = _exact_spans(tokenizer, chat, rendered, source_row)
     if spans is None:
         spans = _searched_spans(chat.pieces, rendered, injected[1] if injected else 0)
