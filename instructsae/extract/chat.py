@@ -182,7 +182,8 @@ def _assistant(message: Message, traits: TemplateTraits, changes: Counter) -> tu
                 inner = ((len(content) - len(content.lstrip()), match.end(), "reasoning"),)
     if reasoning is not None and not traits.reasoning:
         head = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}"
-        content, inner, reasoning = f"{head}\n\n{content}" if content else head, ((0, len(head), "reasoning"),), None
+        inner = ((0, len(head), "reasoning"), (len(head), len(head) + len(MERGE_SEPARATOR), "template"))
+        content, reasoning = f"{head}{MERGE_SEPARATOR}{content}" if content else head, None
         changes["reasoning as text"] += 1
     if message.tool_calls:
         if traits.tool_calls:
