@@ -131,8 +131,8 @@ def test_tool_calls_a_template_ignores_are_written_as_json_in_the_assistant_turn
     assert "<|im_start|>tool\n18 degrees, sunny<|im_end|>" in rendered(tiny_tokenizer, instance)
     assert dict(instance.changes) == {"tool calls as text": 1, "tools not rendered": 1}
     assert describe_changes(dict(instance.changes)) == (
-        "1 tool call written as JSON text in the assistant turn (the template ignores tool_calls); 1 row had a "
-        "tools list the template ignores (not stored)")
+        "tool calls written as JSON text in the assistant turn (the template ignores tool_calls): 1 call; "
+        "tools list not stored (the template ignores tools): 1 row")
 
 
 # ---------------------------------------------------------------- reasoning

@@ -33,16 +33,15 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # reasoning at the head of a content: "<think>...</think>answer", or "...</think>answer" (the template opened it)
 _INLINE_THINK = re.compile(r"^(\s*<think>)?(.*?)</think>", re.DOTALL)
 
-# What each counted adaptation is, for the report: key -> (unit, what happened)
+# What each counted adaptation is, for the report: key -> (what happened, unit counted)
 CHANGES = {
-    "system merged": ("row", "had its system prompt merged into the first user turn (the template has no system "
-                              "role)"),
-    "system dropped": ("row", "had its system prompt dropped (the template has no system role; --system-prompt drop)"),
-    "tool calls as text": ("tool call", "written as JSON text in the assistant turn (the template ignores "
-                                        "tool_calls)"),
-    "tools not rendered": ("row", "had a tools list the template ignores (not stored)"),
-    "reasoning as text": ("reasoning turn", "written as <think>...</think> text before the answer (the template "
-                                            "ignores reasoning_content)"),
+    "system merged": ("system prompt merged into the first user turn (the template has no system role)", "row"),
+    "system dropped": ("system prompt dropped (the template has no system role; --system-prompt drop)", "row"),
+    "tool calls as text": ("tool calls written as JSON text in the assistant turn (the template ignores "
+                           "tool_calls)", "call"),
+    "tools not rendered": ("tools list not stored (the template ignores tools)", "row"),
+    "reasoning as text": ("reasoning_content written as <think>...</think> text before the answer (the template "
+                          "ignores it)", "turn"),
 }
 
 
@@ -227,9 +226,7 @@ def build_chat(tokenizer, messages, tools, policy: str, source_row: int) -> Chat
 
 def describe_changes(changes: dict[str, int]) -> str | None:
     """One line saying what was adapted to the template, and how often (None when nothing was)."""
-    said = []
-    for key, count in changes.items():
-        if count and key in CHANGES:
-            unit, what = CHANGES[key]
-            said.append(f"{count:,} {unit}{'s' if count != 1 else ''} {what}")
+    counts = [(key, changes.get(key, 0)) for key in CHANGES]  # in CHANGES' order, whatever the dict's
+    said = [f"{CHANGES[key][0]}: {count:,} {CHANGES[key][1]}{'s' if count != 1 else ''}" for key, count in counts
+            if count]
     return "; ".join(said) if said else None
