@@ -18,8 +18,9 @@ SYSTEM = "Answer in French."
 USER = "Tell me a story about a robot."
 ANSWER = "Once upon a time there was a small robot."
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}, "id": "call_1"}
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
 TOOLS = ({"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},)
+                                           "parameters": CITY}},)
 TOOL_DIALOGUE = (Message("user", "Weather in Paris?"), Message("assistant", "", tool_calls=(CALL,)),
                  Message("tool", "18 degrees, sunny", name="get_weather", tool_call_id="call_1"),
                  Message("assistant", "It is 18 degrees and sunny."))

@@ -29,7 +29,8 @@ def test_system_column_becomes_the_first_turn(tmp_path):
             {"system": "Be kind.", "messages": [{"role": "system", "content": "Own prompt."}, *TURNS]},
             {"system": "", "messages": TURNS}]
     records, reader = read(write_jsonl(tmp_path / "d.jsonl", rows), system_column="system")
-    assert records[0].messages == (Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello!"))
+    assert records[0].messages == (Message("system", "Be brief."), Message("user", "Hi"),
+                                   Message("assistant", "Hello!"))
     # the column's prompt replaces the dialogue's own; an empty one leaves the row as it is
     assert records[1].messages[0] == Message("system", "Be kind.") and len(records[1].messages) == 3
     assert records[2].messages == (Message("user", "Hi"), Message("assistant", "Hello!"))

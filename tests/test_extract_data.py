@@ -120,8 +120,9 @@ def test_tool_calls_and_reasoning_in_a_store(tiny_model_dir, tmp_path, monkeypat
 
 def test_truncation_is_counted_and_shown(tiny_model_dir, dialogues_jsonl, tmp_path, monkeypatch, capsys):
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    lengths = [len(tokenizer(tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False),
-                             add_special_tokens=False)["input_ids"]) for line in dialogues_jsonl.read_text().splitlines()]
+    rendered = [tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False)
+                for line in dialogues_jsonl.read_text().splitlines()]
+    lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered]
     max_len = sorted(lengths)[len(lengths) // 2]
     expected_cut = [n - max_len for n in lengths if n > max_len]
     assert expected_cut and len(expected_cut) < len(lengths)
