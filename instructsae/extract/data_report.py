@@ -37,7 +37,8 @@ def summed(manifests: Sequence[StoreManifest]) -> dict:
 def truncation_note(manifest: StoreManifest) -> str | None:
     if not manifest.n_truncated:
         return None
-    return (f"{manifest.n_truncated:,} of {manifest.n_instances:,} instances were cut at --max-len "
+    verb = "was" if manifest.n_truncated == 1 else "were"
+    return (f"{manifest.n_truncated:,} of {manifest.n_instances:,} instances {verb} cut at --max-len "
             f"{manifest.identity.max_len}, losing {manifest.tokens_truncated:,} tokens")
 
 
