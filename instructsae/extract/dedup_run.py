@@ -2,6 +2,7 @@
 `messages` format (or `text` for plain text) that every command reads. Rows stream through; memory holds the
 dedup index and one batch of kept rows."""
 
+import json
 import os
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from tqdm import tqdm
 
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader
-from instructsae.extract.rows import Record
+from instructsae.extract.rows import Message, Record
 from instructsae.schemas.dataset import DedupConfig, DedupSettings
 
 BATCH_ROWS = 1000
@@ -19,18 +20,26 @@ BATCH_ROWS = 1000
 def _schema():
     import pyarrow as pa
 
-    turn = pa.struct([("role", pa.string()), ("content", pa.string())])
+    # a turn's tool calls and a row's tools list are JSON text (their arguments and schemas have no fixed shape);
+    # the reader parses them back
+    turn = pa.struct([("role", pa.string()), ("content", pa.string()), ("reasoning_content", pa.string()),
+                      ("tool_calls", pa.string()), ("name", pa.string()), ("tool_call_id", pa.string())])
     # `text` holds plain-text rows (messages null); `conversation` keeps ShareGPT's grouping of split rows;
     # `source_row` is the row's number in the input, so a kept row can be traced back.
     return pa.schema([("messages", pa.list_(turn)), ("text", pa.string()), ("conversation", pa.string()),
-                      ("source_row", pa.int64())])
+                      ("source_row", pa.int64()), ("tools", pa.string())])
+
+
+def _turn(message: Message) -> dict:
+    return {"role": message.role, "content": message.content, "reasoning_content": message.reasoning,
+            "tool_calls": None if message.tool_calls is None else json.dumps(list(message.tool_calls)),
+            "name": message.name, "tool_call_id": message.tool_call_id}
 
 
 def _row(record: Record) -> dict:
-    messages = None if record.messages is None else [
-        {"role": message.role, "content": message.content} for message in record.messages]
+    messages = None if record.messages is None else [_turn(message) for message in record.messages]
     return {"messages": messages, "text": record.text, "conversation": record.conversation,
-            "source_row": record.source_row}
+            "source_row": record.source_row, "tools": None if record.tools is None else json.dumps(list(record.tools))}
 
 
 def _check_out(cfg: DedupConfig) -> Path:
