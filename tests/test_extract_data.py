@@ -174,3 +174,13 @@ def test_columns_define_the_store(tiny_model_dir, tmp_path):
     # runtime knobs are not part of it
     again = run_extract(ExtractConfig(**base, system_column="system", batch_tokens=64), show_progress=False)
     assert again.fingerprint == manifest.fingerprint
+
+
+def test_every_stored_role_has_a_colour_in_the_feature_dashboard():
+    from importlib.resources import files
+
+    from instructsae.schemas.manifest import ROLES
+
+    page = files("instructsae.evaluate").joinpath("dashboard_template.html").read_text()
+    colours = page[page.index("const ROLE_COLORS"):].split("};")[0]
+    assert all(f"{role}: " in colours for role in ROLES)
