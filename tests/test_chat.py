@@ -52,9 +52,11 @@ def rendered(tokenizer, instance) -> str:
 
 def test_what_a_template_renders_is_found_by_rendering(tiny_tokenizer, gemma, qwen):
     assert template_traits(tiny_tokenizer) == TemplateTraits(system=True, tool_calls=False, tools=False,
-                                                             reasoning=False)
-    assert template_traits(gemma) == TemplateTraits(system=False, tool_calls=False, tools=False, reasoning=False)
-    assert template_traits(qwen) == TemplateTraits(system=True, tool_calls=True, tools=True, reasoning=True)
+                                                             reasoning=False, tool_role=True)
+    assert template_traits(gemma) == TemplateTraits(system=False, tool_calls=False, tools=False, reasoning=False,
+                                                    tool_role=False)
+    assert template_traits(qwen) == TemplateTraits(system=True, tool_calls=True, tools=True, reasoning=True,
+                                                   tool_role=True)
 
 
 # ---------------------------------------------------------------- system prompts
@@ -134,6 +136,22 @@ def test_tool_calls_a_template_ignores_are_written_as_json_in_the_assistant_turn
     assert describe_changes(dict(instance.changes)) == (
         "tool calls written as JSON text in the assistant turn (the template ignores tool_calls): 1 call; "
         "tools list not stored (the template ignores tools): 1 row")
+
+
+def test_tool_turns_on_a_template_without_a_tool_role_become_user_turns(gemma):
+    with pytest.raises(Exception, match="Conversation roles must alternate"):  # as given, the template refuses
+        gemma.apply_chat_template([{"role": m.role, "content": m.content} for m in TOOL_DIALOGUE], tokenize=False)
+    second_result = Message("tool", "no rain", name="get_rain", tool_call_id="call_2")
+    dialogue = TOOL_DIALOGUE[:3] + (second_result, Message("user", "And tomorrow?"), TOOL_DIALOGUE[3])
+    instance = tokenize_dialogue(gemma, (Message("system", SYSTEM),) + dialogue, None)
+    text = rendered(gemma, instance)
+    # both results and the next user turn in one user turn; the call as JSON text in the model's turn
+    assert "<start_of_turn>user\n18 degrees, sunny\n\nno rain\n\nAnd tomorrow?<end_of_turn>" in text
+    assert '<start_of_turn>model\n{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "call_1"}' in text
+    assert text_of(gemma, instance, "tool") == "18 degrees, sunnyno rain"
+    assert text_of(gemma, instance, "user") == "Weather in Paris?And tomorrow?"
+    assert text_of(gemma, instance, "system") == SYSTEM
+    assert dict(instance.changes) == {"system merged": 1, "tool calls as text": 1, "tool turns as user turns": 2}
 
 
 # ---------------------------------------------------------------- reasoning

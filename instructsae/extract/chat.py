@@ -8,13 +8,15 @@ never from a model's name. Where it cannot render something the dialogue holds:
   head of the next user turn, as those families' guides advise; `drop` leaves it out; `refuse` stops, naming the row;
 - an assistant turn's `tool_calls` (SmolLM2's ChatML template ignores them): each call is written as one line of
   JSON text at the end of the turn, never dropped;
-- an assistant turn's `reasoning_content`: written before the answer as <think>...</think> text.
+- an assistant turn's `reasoning_content`: written before the answer as <think>...</think> text;
+- a tool turn (Gemma's templates have no tool role and raise on one): given as a user turn, joined to the user turn
+  next to it, as Gemma's function-calling guide passes tool results.
 A template that renders reasoning is given <think>...</think> found inline in a content as `reasoning_content` (as
 Qwen3's template itself splits it). A row's `tools` list goes to every template as apply_chat_template's tools=;
 where the template ignores it, that is counted.
 
 Every text the template is given is a Piece whose characters carry roles (a merged system prompt keeps 'system',
-reasoning gets 'reasoning'), so instances.py can give each token its role. Each adaptation is counted per dialogue
+a tool result given as a user turn keeps 'tool', reasoning gets 'reasoning'), so instances.py can give each token its role. Each adaptation is counted per dialogue
 (Chat.changes) for the manifest and the end-of-run report.
 """
 
@@ -42,6 +44,8 @@ CHANGES = {
     "tools not rendered": ("tools list not stored (the template ignores tools)", "row"),
     "reasoning as text": ("reasoning_content written as <think>...</think> text before the answer (the template "
                           "ignores it)", "turn"),
+    "tool turns as user turns": ("tool results given to the template as user turns (it has no tool role; their "
+                                 "tokens keep the tool role)", "turn"),
 }
 
 
@@ -53,6 +57,7 @@ class TemplateTraits:
     tool_calls: bool  # an assistant turn's tool_calls
     tools: bool  # apply_chat_template's tools=
     reasoning: bool  # an assistant turn's reasoning_content
+    tool_role: bool  # a turn of role 'tool'
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,8 @@ def _traits(tokenizer, template: str) -> TemplateTraits:
         reasoning=_renders(tokenizer, [user, {"role": "assistant", "content": "A",
                                               "reasoning_content": _PROBE.format("reasoning")}],
                            _PROBE.format("reasoning")),
+        tool_role=_renders(tokenizer, [user, {"role": "assistant", "content": "A"},
+                                       {"role": "tool", "content": _PROBE.format("tool")}], _PROBE.format("tool")),
     )
 
 
@@ -122,34 +129,73 @@ def system_policy_applies(tokenizer) -> bool:
 # ---------------------------------------------------------------- fitting a dialogue to it
 
 
-def _merge_systems(messages: list[Message], policy: str, source_row: int, changes: Counter) -> list[tuple]:
-    """(message, system text merged at its head) per turn, system turns removed by the policy."""
-    if not any(message.role == "system" for message in messages):
-        return [(message, "") for message in messages]
+@dataclass
+class _Turn:
+    """A turn as the template gets it: its role, and its text as (role of the characters, text) segments that are
+    joined by MERGE_SEPARATOR (a merged system prompt, the turn's own text); `message` holds its other fields."""
+
+    role: str
+    segments: list[tuple[str, str]]
+    message: Message
+    folded: bool = False  # a tool result given as a user turn
+
+
+def _turns(messages) -> list[_Turn]:
+    return [_Turn(message.role, [(message.role, message.content)], message) for message in messages]
+
+
+def _merge_systems(turns: list[_Turn], policy: str, source_row: int, changes: Counter) -> list[_Turn]:
+    """System turns (on a template without a system role) merged into the next user turn, or dropped, or refused."""
+    if not any(turn.role == "system" for turn in turns):
+        return turns
     if policy == "refuse":
         raise UserError(f"row {source_row} has a system prompt and the chat template has no system role: "
                         "--system-prompt merge puts it at the head of the first user turn, drop leaves it out")
     changes["system merged" if policy == "merge" else "system dropped"] += 1
-    kept = [(message, "") for message in messages if message.role != "system"]
     if policy == "drop":
-        return kept
+        return [turn for turn in turns if turn.role != "system"]
     out, pending = [], []
-    for message in messages:
-        if message.role == "system":
-            pending.append(message.content.strip())
-        elif message.role == "user" and pending:
-            out.append((message, MERGE_SEPARATOR.join(pending)))
+    for turn in turns:
+        if turn.role == "system":
+            pending.append(("system", turn.message.content.strip()))
+        elif turn.role == "user" and pending:
+            out.append(_Turn("user", pending + turn.segments, turn.message))
             pending = []
         else:
-            out.append((message, ""))
+            out.append(turn)
     if pending:  # no user turn after it: the last user turn before takes it, or a user turn of its own
-        users = [index for index, (message, _) in enumerate(out) if message.role == "user"]
+        users = [index for index, turn in enumerate(out) if turn.role == "user"]
         if users:
-            message, head = out[users[-1]]
-            out[users[-1]] = (message, MERGE_SEPARATOR.join(filter(None, [head, *pending])))
+            out[users[-1]].segments[:0] = pending
         else:
-            out.insert(0, (Message("user", ""), MERGE_SEPARATOR.join(pending)))
+            out.insert(0, _Turn("user", pending, Message("user", "")))
     return out
+
+
+def _fold_tools(turns: list[_Turn], changes: Counter) -> list[_Turn]:
+    """Tool turns (on a template without a tool role) given as user turns, joined to an adjacent user turn."""
+    out: list[_Turn] = []
+    for turn in turns:
+        if turn.role == "tool":
+            changes["tool turns as user turns"] += 1
+            turn = _Turn("user", turn.segments, Message("user", turn.message.content), folded=True)
+        if turn.role == "user" and out and out[-1].role == "user" and (turn.folded or out[-1].folded):
+            out[-1] = _Turn("user", out[-1].segments + turn.segments, turn.message, folded=True)
+        else:
+            out.append(turn)
+    return out
+
+
+def _joined(segments: list[tuple[str, str]]) -> tuple[str, tuple[tuple[int, int, str], ...]]:
+    """The text of a turn's segments and the role of each stretch of it (separators are ours: 'template')."""
+    text, inner = "", []
+    for role, part in ((role, part) for role, part in segments if part):
+        if text:
+            inner.append((len(text), len(text) + len(MERGE_SEPARATOR), "template"))
+            text += MERGE_SEPARATOR
+        inner.append((len(text), len(text) + len(part), role))
+        text += part
+    return text, tuple(inner)
 
 
 def _inline_reasoning(content: str) -> tuple[str, str] | None:
@@ -198,27 +244,27 @@ def build_chat(tokenizer, messages, tools, policy: str, source_row: int) -> Chat
     """The dialogue as its template is to be given it (see the module's docstring)."""
     traits = template_traits(tokenizer)
     changes: Counter = Counter()
-    turns = [(message, "") for message in messages] if traits.system else \
-        _merge_systems(list(messages), policy, source_row, changes)
+    turns = _turns(messages)
+    if not traits.system:
+        turns = _merge_systems(turns, policy, source_row, changes)
+    if not traits.tool_role:
+        turns = _fold_tools(turns, changes)
     chat, pieces = [], []
-    for index, (message, system_head) in enumerate(turns):
-        turn, inner = {"role": message.role}, ()
-        content = message.content
-        if system_head:
-            content = f"{system_head}{MERGE_SEPARATOR}{content}" if content else system_head
-            # the separator is ours, neither the system prompt nor the user's
-            inner = ((0, len(system_head), "system"),
-                     (len(system_head), len(system_head) + len(MERGE_SEPARATOR), "template"))
-        if message.role == "assistant":
-            extra, reasoning, content, inner = _assistant(message, traits, changes)
-            turn.update(extra)
+    for index, turn in enumerate(turns):
+        given = {"role": turn.role}
+        content, inner = _joined(turn.segments)
+        if turn.role == "assistant":
+            extra, reasoning, content, inner = _assistant(turn.message, traits, changes)
+            given.update(extra)
             if reasoning is not None:
-                turn["reasoning_content"] = reasoning
+                given["reasoning_content"] = reasoning
                 pieces.append(Piece(index, "reasoning_content", reasoning, "reasoning"))
-        turn["content"] = content
-        pieces.append(Piece(index, "content", content, message.role, inner))
-        turn.update({key: getattr(message, key) for key in ("name", "tool_call_id") if getattr(message, key)})
-        chat.append(turn)
+        given["content"] = content
+        pieces.append(Piece(index, "content", content, turn.role, inner))
+        if turn.role == "tool":
+            given.update({key: getattr(turn.message, key) for key in ("name", "tool_call_id")
+                          if getattr(turn.message, key)})
+        chat.append(given)
     if tools and not traits.tools:
         changes["tools not rendered"] += 1
     return Chat(chat, pieces, list(tools) if tools else None, changes)
