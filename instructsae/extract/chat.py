@@ -10,14 +10,14 @@ never from a model's name. Where it cannot render something the dialogue holds:
   JSON text at the end of the turn, never dropped;
 - an assistant turn's `reasoning_content`: written before the answer as <think>...</think> text;
 - a tool turn (Gemma's templates have no tool role and raise on one): given as a user turn, joined to the user turn
-  next to it, as Gemma's function-calling guide passes tool results.
+  next to it (roles must alternate there).
 A template that renders reasoning is given <think>...</think> found inline in a content as `reasoning_content` (as
 Qwen3's template itself splits it). A row's `tools` list goes to every template as apply_chat_template's tools=;
 where the template ignores it, that is counted.
 
 Every text the template is given is a Piece whose characters carry roles (a merged system prompt keeps 'system',
-a tool result given as a user turn keeps 'tool', reasoning gets 'reasoning'), so instances.py can give each token its role. Each adaptation is counted per dialogue
-(Chat.changes) for the manifest and the end-of-run report.
+a tool result given as a user turn keeps 'tool', reasoning gets 'reasoning'), so instances.py can give each token
+its role. Each adaptation is counted per dialogue (Chat.changes) for the manifest and the end-of-run report.
 """
 
 import json
@@ -29,7 +29,6 @@ from functools import lru_cache
 from instructsae.errors import UserError
 from instructsae.extract.rows import Message
 
-SYSTEM_POLICIES = ("merge", "drop", "refuse")
 MERGE_SEPARATOR = "\n\n"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # reasoning at the head of a content: "<think>...</think>answer", or "...</think>answer" (the template opened it)

@@ -18,8 +18,8 @@ class DatasetOptions(FrozenModel):
     )
     column: str | None = Field(
         None,
-        description="column holding the dialogue or text [default: the first of messages, conversations, chosen, "
-        "instruction/input/output, text]",
+        description="column holding the dialogue or text, e.g. rejected for the other half of preference data "
+        "[default: the first of messages, conversations, chosen, instruction/input/output, text]",
     )
     role_key: str | None = Field(None, description="key of a turn's speaker [default: role or from]")
     content_key: str | None = Field(None, description="key of a turn's text [default: content or value]")
