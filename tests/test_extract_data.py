@@ -114,6 +114,9 @@ def test_tool_calls_and_reasoning_in_a_store(tiny_model_dir, tmp_path, monkeypat
     assert manifest.rendering_changes == {"tool calls as text": 6, "reasoning as text": 3, "tools not rendered": 3}
     roles = store_summary(str(store))["counts"]["tokens_by_role"]
     assert roles["reasoning"] > 0 and roles["tool"] > 0 and roles["assistant"] > 0
+    import zarr  # the role array names its codes for any zarr reader
+
+    assert zarr.open_array(str(store / "role"), mode="r").attrs["codes"]["6"] == "reasoning"
     said = notes(out + err, "tool calls written as JSON text")
     assert len(said) == 1 and ": 6 calls;" in said[0] and "reasoning_content written as <think>" in said[0]
 
