@@ -187,3 +187,28 @@ def test_every_stored_role_has_a_colour_in_the_feature_dashboard():
     page = files("instructsae.evaluate").joinpath("dashboard_template.html").read_text()
     colours = page[page.index("const ROLE_COLORS"):].split("};")[0]
     assert all(f"{role}: " in colours for role in ROLES)
+
+
+def test_evaluate_shows_reasoning_apart_and_replays_the_policy(gemma_model_dir, tmp_path, monkeypatch, capsys):
+    """The LM view replays the store's dataset to put back dropped first tokens: with the store's --system-prompt
+    (here drop, not the default merge), else the replayed tokens would differ and evaluate would stop."""
+    from instructsae.schemas import OptimConfig, StandardConfig, TrainConfig
+    from instructsae.train.run import run_training
+
+    rows = [{"messages": [{"role": "system", "content": SYSTEM},
+                          {"role": "user", "content": f"Tell me story {i}."},
+                          {"role": "assistant", "content": "<think>A short one.</think>Once upon a time."}]}
+            for i in range(8)]
+    dataset = write_jsonl(tmp_path / "r.jsonl", rows)
+    store, sae = tmp_path / "store", tmp_path / "sae"
+    run_extract(ExtractConfig(model=str(gemma_model_dir), dataset=dataset, layers=(1,), chunk_tokens=64,
+                              dtype="float32", out=str(store), system_prompt="drop"), show_progress=False)
+    run_training(TrainConfig(store=str(store), out=str(sae), sae=StandardConfig(expansion=2), batch_size=32,
+                             tokens=500, buffer_tokens=128, optim=OptimConfig(lr=3e-3, lr_warmup_steps=2)))
+    capsys.readouterr()  # training's own lines
+    code, out, err = run_cli(monkeypatch, capsys, "evaluate", "--sae", str(sae), "--store", str(store),
+                             "--lm-tokens", "200", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert {"reasoning", "assistant", "user"} <= set(result["per_role"]) and "system" not in result["per_role"]
+    assert result["per_role"]["reasoning"]["n_tokens"] > 0 and "reasoning" in result["lm"]["per_role"]
