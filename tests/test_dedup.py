@@ -10,7 +10,7 @@ import pytest
 from helpers import assert_one_line_error, run_cli
 from instructsae.extract.data import DatasetReader
 from instructsae.extract.dedup import DuplicateFilter, shingle_hashes
-from instructsae.extract.dedup_run import run_dedup
+from instructsae.extract.dedup_run import format_report, run_dedup
 from instructsae.schemas.dataset import DedupConfig, DedupSettings
 
 WORDS = ("robot sea book small read liked time upon once there was a who about the quick brown fox jumps over lazy "
@@ -156,6 +156,16 @@ def test_dedup_keeps_tool_calls_reasoning_and_tools(tmp_path):
                         {"role": "tool", "content": "ok", "name": "f", "tool_call_id": "c1"}]}
     data = write_jsonl(tmp_path / "d.jsonl", [row, {"messages": [{"role": "user", "content": "Hello"}]}])
     out = tmp_path / "deduped.parquet"
-    run_dedup(DedupConfig(dataset=str(data), out=str(out)))
+    report = run_dedup(DedupConfig(dataset=str(data), out=str(out)), show_progress=False)
+    assert report["unused_columns"] == []  # tools are kept
     before, after = list(DatasetReader(str(data))), list(DatasetReader(str(out)))
     assert after == before and after[0].messages[1].tool_calls == (call,) and after[0].tools is not None
+
+
+def test_dedup_names_the_columns_it_does_not_write(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"chosen": [{"role": "user", "content": "Hi"}], "rejected": "Bye",
+                                               "prompt": "Hi"}])
+    report = run_dedup(DedupConfig(dataset=str(data), out=str(tmp_path / "o.parquet")), show_progress=False)
+    assert report["unused_columns"] == ["rejected", "prompt"]
+    assert format_report(report).endswith("\nnote: columns rejected, prompt of the dataset not written (see --column, "
+                                          "--system-column, --prompt-column, --response-column)")

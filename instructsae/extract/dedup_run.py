@@ -88,13 +88,17 @@ def run_dedup(cfg: DedupConfig, show_progress: bool = True) -> dict:
         "rows_unusable": sum(unusable.values()), "unusable_by_reason": unusable, "rows_out": reader.rows_used,
         "duplicates": counts.duplicates, "near_duplicates": counts.near_duplicates, "clusters": counts.clusters,
         "seconds": round(time.perf_counter() - started, 1), "settings": settings.model_dump(),
+        "unused_columns": reader.unused_columns,
     }
 
 
 def format_report(report: dict) -> str:
     unusable = ", ".join(f"{n:,} {reason}" for reason, n in report["unusable_by_reason"].items())
+    unused = report.get("unused_columns") or []
     return (f"dedup {report['dataset']}: {report['rows_in']:,} rows in, {report['rows_out']:,} out; removed "
             f"{report['duplicates']:,} exact and {report['near_duplicates']:,} near duplicates in "
             f"{report['clusters']:,} clusters"
             + (f", skipped {report['rows_unusable']:,} unusable ({unusable})" if unusable else "")
-            + f"; {report['seconds']} s; wrote {report['out']}")
+            + f"; {report['seconds']} s; wrote {report['out']}"
+            + (f"\nnote: column{'s' if len(unused) > 1 else ''} {', '.join(unused)} of the dataset not written "
+               "(see --column, --system-column, --prompt-column, --response-column)" if unused else ""))
