@@ -2,9 +2,9 @@
 
 Every token carries a role code (schemas.manifest.ROLE_CODE): the role of the message whose content it
 lies in ('reasoning' for an assistant turn's reasoning, 'system' for a system prompt merged into a user turn:
-chat.py), 'system' for a default system prompt the chat template injects, 'text' for plain text, and
-'template' for everything the template adds (role headers, <|im_start|>, <|im_end|>, newlines, BOS/EOS, and the
-markup it writes around tool calls and tool definitions).
+chat.py), 'assistant' for the tool calls a template writes (markup included: the model writes them), 'system'
+for a default system prompt the chat template injects, 'text' for plain text, and 'template' for everything
+else the template adds (role headers, <|im_start|>, <|im_end|>, newlines, BOS/EOS, tool definitions).
 """
 
 import os
