@@ -105,3 +105,14 @@ def test_column_option_errors_are_one_line(monkeypatch, capsys, tmp_path, flags,
     code, _, err = run_cli(monkeypatch, capsys, "extract", "--dataset", path, "--out", str(tmp_path / "s"), *flags)
     assert_one_line_error(code, err, expected)
     assert not (tmp_path / "s").exists()
+
+
+def test_trl_preference_rows_pair_a_prompt_with_either_answer(tmp_path):
+    """TRL's conversational preference format: prompt, chosen and rejected each a list of turns."""
+    row = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
+           "rejected": [{"role": "assistant", "content": "Go away."}]}
+    path = write_jsonl(tmp_path / "trl.jsonl", [row])
+    for answer, said in (("chosen", "Hello!"), ("rejected", "Go away.")):
+        records, reader = read(path, prompt_column="prompt", response_column=answer)
+        assert records[0].messages == (Message("user", "Hi"), Message("assistant", said))
+        assert reader.unused_columns == ["rejected" if answer == "chosen" else "chosen"]
