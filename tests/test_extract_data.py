@@ -72,7 +72,8 @@ def test_system_prompts_on_a_template_without_a_system_role(gemma_model_dir, sys
     what = "merged into the first user turn" if policy == "merge" else "dropped"
     said = notes(out + err, f"system prompt {what}")
     assert len(said) == 1 and said[0].endswith(": 4 rows")
-    assert f"template    system prompt {what}" in describe_store(str(store), as_json=False)
+    described = describe_store(str(store), as_json=False)
+    assert f"template    no system role: --system-prompt {policy}\ntemplate    system prompt {what}" in described
     # the policy changes the stored bytes: a rerun with another one is refused, not resumed
     other = "drop" if policy == "merge" else "merge"
     code, _, err = run_cli(monkeypatch, capsys, *extract_args(gemma_model_dir, system_dataset, store,
@@ -172,6 +173,8 @@ def test_columns_define_the_store(tiny_model_dir, tmp_path):
     manifest = run_extract(ExtractConfig(**base, system_column="system"), show_progress=False)
     assert (manifest.identity.prompt_column, manifest.identity.system_column) == ("question", "system")
     assert store_summary(base["out"])["counts"]["tokens_by_role"]["system"] > 0
+    assert "columns     --system-column system  --prompt-column question  --response-column answer" in \
+        describe_store(base["out"], as_json=False)
     with pytest.raises(UserError, match="system_column: system -> None"):
         run_extract(ExtractConfig(**base), show_progress=False)
     # runtime knobs are not part of it
