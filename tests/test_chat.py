@@ -114,13 +114,14 @@ def test_a_later_system_turn_merges_into_the_next_user_turn(gemma):
 def test_tool_calls_and_tools_go_to_a_template_that_renders_them(qwen):
     instance = tokenize_dialogue(qwen, TOOL_DIALOGUE, None, tools=TOOLS)
     text = rendered(qwen, instance)
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n' \
+        '</tool_call><|im_end|>' in text
     assert '"description": "Weather of a city"' in text  # the tools list, in the system turn
     assert "<tool_response>\n18 degrees, sunny\n</tool_response>" in text
     assert instance.changes == ()
     # the calls the model writes are assistant tokens (markup included), the tool's answer tool tokens
     assert text_of(qwen, instance, "assistant") == \
-        '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' \
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' \
         "It is 18 degrees and sunny."
     assert text_of(qwen, instance, "tool") == "18 degrees, sunny"
     assert "get_weather" not in text_of(qwen, instance, "system")
@@ -166,6 +167,15 @@ def test_reasoning_has_its_own_role_through_a_template_that_renders_it(qwen, sha
     assert text_of(qwen, instance, "reasoning") == "The user wants a story."
     assert text_of(qwen, instance, "assistant") == ANSWER
     assert instance.changes == ()
+
+
+def test_reasoning_a_template_leaves_out_is_counted(qwen):
+    earlier = Message("assistant", "Hello.", reasoning="Greet back.")
+    dialogue = (Message("user", "Hi"), earlier, Message("user", USER), Message("assistant", ANSWER, reasoning="Go."))
+    instance = tokenize_dialogue(qwen, dialogue, None)
+    assert "Greet back." not in rendered(qwen, instance)  # the template renders only the last turns' reasoning
+    assert text_of(qwen, instance, "reasoning") == "Go." and text_of(qwen, instance, "assistant") == "Hello." + ANSWER
+    assert dict(instance.changes) == {"reasoning left out": 1}
 
 
 def test_reasoning_on_a_template_that_ignores_it(tiny_tokenizer):

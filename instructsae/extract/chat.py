@@ -43,6 +43,8 @@ CHANGES = {
     "tools not rendered": ("tools list not stored (the template ignores tools)", "row"),
     "reasoning as text": ("reasoning_content written as <think>...</think> text before the answer (the template "
                           "ignores it)", "turn"),
+    "reasoning left out": ("reasoning of earlier turns left out by the template (as Qwen3's renders only the "
+                           "turns after the last user turn)", "turn"),
     "tool turns as user turns": ("tool results given to the template as user turns (it has no tool role; their "
                                  "tokens keep the tool role)", "turn"),
 }

@@ -57,17 +57,31 @@ def _piece_spans(piece: Piece, start: int, stripped: bool) -> list[Span]:
     return spans
 
 
-def _exact_spans(tokenizer, chat: Chat, rendered: str, source_row: int) -> list[Span] | None:
-    """Spans found by rendering a placeholder per piece of text and putting the texts back in their place.
+def _skeleton(tokenizer, chat: Chat, source_row: int) -> tuple[list[dict], str]:
+    """The chat with a placeholder for each piece of text, and its rendering. Empty texts stay empty: templates
+    test a content's truth (Qwen3 writes a newline before a call only after a content)."""
+    skeleton_chat = [dict(turn) for turn in chat.messages]
+    for index, piece in enumerate(chat.pieces):
+        if piece.text:
+            skeleton_chat[piece.message][piece.key] = PLACEHOLDER.format(index)
+    return skeleton_chat, _render(tokenizer, skeleton_chat, source_row, chat.tools)
+
+
+def _left_out(chat: Chat, skeleton: str) -> int:
+    """Reasoning the template does not render (Qwen3's renders it only after the last user turn)."""
+    return sum(1 for index, piece in enumerate(chat.pieces)
+               if piece.role == "reasoning" and piece.text and PLACEHOLDER.format(index) not in skeleton)
+
+
+def _exact_spans(tokenizer, chat: Chat, skeleton_chat: list[dict], skeleton: str, rendered: str,
+                 source_row: int) -> list[Span] | None:
+    """Spans found by rendering a placeholder per piece of text (_skeleton) and putting the texts back in their
+    place.
 
     Exact whenever the template inserts each text verbatim (or stripped, as Llama 3's does): the
     rebuilt string must equal the real rendering, else None. Text search alone could match a short content
     ("user") inside a role header.
     """
-    skeleton_chat = [dict(turn) for turn in chat.messages]
-    for index, piece in enumerate(chat.pieces):
-        skeleton_chat[piece.message][piece.key] = PLACEHOLDER.format(index)
-    skeleton = _render(tokenizer, skeleton_chat, source_row, chat.tools)
     parts = PLACEHOLDER_RE.split(skeleton)  # [template, index, template, index, ..., template]
     indices = [int(index) for index in parts[1::2]]
     if indices != sorted(set(indices)):  # a template that repeats or reorders texts
@@ -106,8 +120,12 @@ def _call_spans(tokenizer, skeleton_chat: list[dict], skeleton: str, shifts: lis
         prefix = len(os.path.commonprefix([skeleton, plain]))
         suffix = len(os.path.commonprefix([skeleton[prefix:][::-1], plain[prefix:][::-1]]))
         start, end = prefix, len(skeleton) - suffix
-        if end <= start or any(mark in skeleton[start:end] for mark in "\ue000\ue001"):
+        if end <= start or plain != skeleton[:start] + skeleton[end:] or \
+                any(mark in skeleton[start:end] for mark in "\ue000\ue001"):
             continue  # the calls are not one stretch of template text: left 'template'
+        # an insertion can slide where its ends repeat: take the leftmost ("<tool_call>...", not "tool_call>...<")
+        while start > 0 and skeleton[start - 1] == skeleton[end - 1]:
+            start, end = start - 1, end - 1
         at_skeleton, at_rendered = max((shift for shift in shifts if shift[0] <= start), default=(0, 0))
         spans.append((at_rendered + start - at_skeleton, at_rendered + end - at_skeleton, ROLE_CODE["assistant"]))
     return spans
@@ -177,14 +195,16 @@ def tokenize_dialogue(tokenizer, messages: Sequence[Message], max_len: int | Non
     # a tools list the template renders sits where a default system prompt would: not taken for one
     injected = None if chat.tools and template_traits(tokenizer).tools else \
         _injected_system_span(tokenizer, chat.messages, rendered)
-    spans = _exact_spans(tokenizer, chat, rendered, source_row)
+    skeleton_chat, skeleton = _skeleton(tokenizer, chat, source_row)
+    chat.changes["reasoning left out"] += _left_out(chat, skeleton)
+    spans = _exact_spans(tokenizer, chat, skeleton_chat, skeleton, rendered, source_row)
     if spans is None:
         spans = _searched_spans(chat.pieces, rendered, injected[1] if injected else 0)
     roles = _roles_from_offsets(encoding["offset_mapping"], spans + ([injected] if injected else []))
     token_ids = np.asarray(encoding["input_ids"], dtype=np.int32)
     cut = 0 if max_len is None else max(len(token_ids) - max_len, 0)
     return TokenizedInstance(token_ids[:max_len], roles[:max_len], source_row, cut,
-                             tuple(sorted(chat.changes.items())))
+                             tuple(sorted((key, n) for key, n in chat.changes.items() if n)))
 
 
 def tokenize_text(tokenizer, text: str, max_len: int | None, source_row: int = 0) -> TokenizedInstance:
