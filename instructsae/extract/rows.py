@@ -1,9 +1,11 @@
 """One dataset row -> one Record (a dialogue or a plain text), or the reason it cannot be used. Pure functions.
 
-Which column holds the data is decided once per dataset (`detect_column`, from the first row's keys); each row
-is then read from that column. Speakers go through one table (ROLE_TABLE) to the roles the store codes
-(schemas.manifest.ROLES). A row that cannot be used is not an error: it is skipped with a reason (SKIP_REASONS)
-and the reasons are counted and reported once.
+Which column holds the data is decided once per dataset (`detect_column`, from the first row's keys, or
+--prompt-column/--response-column for pairs; --system-column adds a system turn); each row is then read from those
+columns. Speakers go through one table (ROLE_TABLE) to the roles the store codes (schemas.manifest.ROLES). A turn
+keeps what a chat template may render besides its text: reasoning, tool calls, a tool turn's name and call id; a
+row keeps its tools list (what becomes of them is chat.py's business). A row that cannot be used is not an error:
+it is skipped with a reason (SKIP_REASONS) and the reasons are counted and reported once.
 """
 
 import json
