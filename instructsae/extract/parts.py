@@ -79,9 +79,9 @@ def run_parts(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader, ident
     if place.is_main and top is None:
         remove_store(cfg.out)  # --overwrite of a store (check_top refused anything else)
         top = StoreManifest(tool_version=__version__, identity=identity, fingerprint=identity.fingerprint(),
-                            chat_template=chat_template, n_truncated=0, tokens_truncated=0,
+                            chat_template=chat_template,
                             part_tokens=cfg.part_tokens or default_part_tokens(identity.chunk_tokens))
-        commit_top(cfg.out, top, create=True)
+        commit_top(cfg.out, top.model_copy(update={"n_truncated": 0, "tokens_truncated": 0}), create=True)
     distributed.barrier()  # the top-level store exists before any rank reads it
     top = read_manifest(cfg.out)
     if top.complete:

@@ -108,8 +108,6 @@ class StoreManifest(FrozenModel):
         default_factory=dict,
         description="the same by reason: empty, unknown role, no text, malformed, cut off, duplicate, near duplicate",
     )
-    layer_stats: dict[str, LayerStats] = Field(default_factory=dict)
-    complete: bool = False
     n_truncated: int | None = Field(
         None, description="instances cut at max_len (None: a store from before they were counted)")
     tokens_truncated: int | None = Field(
@@ -118,6 +116,8 @@ class StoreManifest(FrozenModel):
         default_factory=dict, description="what was adapted to the chat template in the stored instances, counted: "
         "system merged / system dropped (rows), tool calls as text (calls), tools not rendered (rows), reasoning as "
         "text (turns)")
+    layer_stats: dict[str, LayerStats] = Field(default_factory=dict)
+    complete: bool = False
     part_tokens: int | None = Field(
         None, description="a store written under torchrun: the stored tokens of each work unit, one sub-store per "
         "unit under parts/ (None: one store, written by one process)")
