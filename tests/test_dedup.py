@@ -10,7 +10,8 @@ import pytest
 from helpers import assert_one_line_error, run_cli
 from instructsae.extract.data import DatasetReader
 from instructsae.extract.dedup import DuplicateFilter, shingle_hashes
-from instructsae.schemas.dataset import DedupSettings
+from instructsae.extract.dedup_run import format_report, run_dedup
+from instructsae.schemas.dataset import DedupConfig, DedupSettings
 
 WORDS = ("robot sea book small read liked time upon once there was a who about the quick brown fox jumps over lazy "
          "dog hello how are you today fine thank name story tell me numbers river mountain green blue light").split()
@@ -95,7 +96,8 @@ def test_dedup_command_writes_messages_parquet_that_extract_reads(monkeypatch, c
         in stdout
     table = pq.read_table(out).to_pylist()
     assert [row["source_row"] for row in table] == list(range(40))
-    assert table[0]["messages"] == planted_rows()[0]["messages"]
+    assert [{"role": turn["role"], "content": turn["content"]} for turn in table[0]["messages"]] == \
+        planted_rows()[0]["messages"]
     assert [r.source_row for r in DatasetReader(str(out))] == list(range(40))  # read back as any dataset
     code, _, err = run_cli(monkeypatch, capsys, "dedup", "--dataset", str(data), "--out", str(out))
     assert_one_line_error(code, err, "exists")
@@ -144,3 +146,26 @@ def test_a_second_pass_reuses_each_rows_verdict(tmp_path, monkeypatch):
     assert dict(reader.skipped) == {"duplicate": 5, "near duplicate": 5}
     counts = reader.duplicates.counts
     assert (counts.duplicates, counts.near_duplicates, counts.clusters) == (5, 5, 10)
+
+
+def test_dedup_keeps_tool_calls_reasoning_and_tools(tmp_path):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": [1, 2]}}}
+    row = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+           "messages": [{"role": "user", "content": "Call f"},
+                        {"role": "assistant", "content": "", "reasoning_content": "f it is.", "tool_calls": [call]},
+                        {"role": "tool", "content": "ok", "name": "f", "tool_call_id": "c1"}]}
+    data = write_jsonl(tmp_path / "d.jsonl", [row, {"messages": [{"role": "user", "content": "Hello"}]}])
+    out = tmp_path / "deduped.parquet"
+    report = run_dedup(DedupConfig(dataset=str(data), out=str(out)), show_progress=False)
+    assert report["unused_columns"] == []  # tools are kept
+    before, after = list(DatasetReader(str(data))), list(DatasetReader(str(out)))
+    assert after == before and after[0].messages[1].tool_calls == (call,) and after[0].tools is not None
+
+
+def test_dedup_names_the_columns_it_does_not_write(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"chosen": [{"role": "user", "content": "Hi"}], "rejected": "Bye",
+                                               "prompt": "Hi"}])
+    report = run_dedup(DedupConfig(dataset=str(data), out=str(tmp_path / "o.parquet")), show_progress=False)
+    assert report["unused_columns"] == ["rejected", "prompt"]
+    assert format_report(report).endswith("\nnote: columns rejected, prompt of the dataset not written (see --column, "
+                                          "--system-column, --prompt-column, --response-column)")

@@ -30,15 +30,16 @@ from instructsae.store.reader import StoreReader
 from instructsae.train.run import run_training, split_chunks
 
 # Shards of 2 chunks: a part (250 tokens) commits as it goes, so a killed rank leaves a part to resume midway.
+# max_len 120 cuts a few of the 60 dialogues: the parts' truncation counts must add up to one process's.
 SETTINGS = dict(dataset="chatterbot", layers=(0, 1), max_instances=60, dtype="float32", chunk_tokens=32,
-                batch_tokens=64, shard_mb=0.02)
+                batch_tokens=64, shard_mb=0.02, max_len=120)
 PART_TOKENS = 250
 
 
 def args(model_dir, out) -> list[str]:
     return ["extract", "--model", str(model_dir), "--dataset", "chatterbot", "--layers", "0,1", "--max-instances",
             "60", "--dtype", "float32", "--chunk-tokens", "32", "--batch-tokens", "64", "--shard-mb", "0.02",
-            "--part-tokens", str(PART_TOKENS), "--out", str(out)]
+            "--max-len", "120", "--part-tokens", str(PART_TOKENS), "--out", str(out)]
 
 
 def extract_here(model_dir, out) -> None:
@@ -84,6 +85,9 @@ def assert_same_instances(expected, store) -> None:
             np.testing.assert_array_equal(columns[name][0][a:a + n], columns[name][1][b:b + n])
         for layer, (mine_acts, their_acts) in acts.items():
             torch.testing.assert_close(mine_acts[a:a + n], their_acts[b:b + n])
+    assert expected.manifest.n_truncated > 0
+    assert (got.manifest.n_truncated, got.manifest.tokens_truncated) == \
+        (expected.manifest.n_truncated, expected.manifest.tokens_truncated)
     for layer, stats in expected.manifest.layer_stats.items():
         assert got.manifest.layer_stats[layer].count == stats.count
         assert got.manifest.layer_stats[layer].sum_sq_norm == pytest.approx(stats.sum_sq_norm, rel=1e-6)

@@ -56,7 +56,7 @@ def replayed_instances(reader: StoreReader, lm: LoadedModel, dataset: str | None
         raise UserError(f"store {reader.path} was extracted from dialogues given in Python ({dataset}): pass "
                         "--dataset a file with the same dialogues to replay its dropped first tokens")
     records = DatasetReader(dataset, identity.split, identity.column, identity.role_key, identity.content_key,
-                            identity.dedup)
+                            identity.dedup, identity.system_column, identity.prompt_column, identity.response_column)
     return (instance.token_ids for instance in planned_instances(identity, lm.tokenizer, records))
 
 

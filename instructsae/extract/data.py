@@ -13,7 +13,9 @@ from instructsae.errors import UserError
 from instructsae.extract.data_checks import check_files, explain_read_error
 from instructsae.extract.dedup import DuplicateFilter, record_text
 from instructsae.extract.json_array import TruncatedTail, iter_json_array  # noqa: F401 (re-exported)
-from instructsae.extract.rows import Message, Record, RowFormat, Skip, detect_column, normalize_row  # noqa: F401
+from instructsae.extract.rows import (  # noqa: F401 (re-exported)
+    PAIR, Message, Record, RowFormat, Skip, check_columns, detect_column, normalize_row,
+)
 from instructsae.extract.sources import (  # noqa: F401 (re-exported)
     Source, open_source, shakespeare_files, sharegpt_file, source_rows, source_sha256,
 )
@@ -33,12 +35,13 @@ class DatasetReader:
     """
 
     def __init__(self, dataset: str, split: str | None = None, column: str | None = None,
-                 role_key: str | None = None, content_key: str | None = None, dedup: DedupSettings | None = None):
+                 role_key: str | None = None, content_key: str | None = None, dedup: DedupSettings | None = None,
+                 system_column: str | None = None, prompt_column: str | None = None,
+                 response_column: str | None = None):
         self.source: Source = open_source(dataset, split)
         self.dataset = dataset
         self.split = self.source.split
-        self.column, self.role_key, self.content_key = column, role_key, content_key
-        self.format: RowFormat | None = None
+        self._columns(column, role_key, content_key, system_column, prompt_column, response_column)
         self._start_dedup(dedup)
         self._reset()
 
@@ -48,9 +51,16 @@ class DatasetReader:
         self._checked_through = -1  # rows up to this index have their duplicate verdict
         self._duplicate_rows: dict[int, str] = {}  # index: verdict, for the rows found to be duplicates
 
+    def _columns(self, column, role_key, content_key, system_column, prompt_column, response_column) -> None:
+        self.column, self.role_key, self.content_key = column, role_key, content_key
+        self.system_column, self.prompt_column, self.response_column = system_column, prompt_column, response_column
+        self.format: RowFormat | None = None
+        self.unused_columns: list[str] = []  # columns that look like dialogue content but are not read
+
     @classmethod
     def from_options(cls, options: DatasetOptions, dedup: DedupSettings | None = None) -> "DatasetReader":
-        return cls(options.dataset, options.split, options.column, options.role_key, options.content_key, dedup)
+        return cls(options.dataset, options.split, options.column, options.role_key, options.content_key, dedup,
+                   options.system_column, options.prompt_column, options.response_column)
 
     def _reset(self) -> None:
         self.rows_used = 0
@@ -80,9 +90,15 @@ class DatasetReader:
             raise explain_read_error(self.source, read, error) from None
 
     def _format(self, first) -> RowFormat:
-        keys = first.keys() if isinstance(first, dict) else ()
-        column = detect_column(keys, self.column, f"dataset {self.source.where}")
-        return RowFormat(column, self.role_key, self.content_key)
+        keys = list(first.keys()) if isinstance(first, dict) else []
+        where = f"dataset {self.source.where}"
+        check_columns(keys, {"--system-column": self.system_column, "--prompt-column": self.prompt_column,
+                             "--response-column": self.response_column}, where)
+        column = PAIR if self.prompt_column is not None else detect_column(keys, self.column, where)
+        fmt = RowFormat(column, self.role_key, self.content_key, self.system_column, self.prompt_column,
+                        self.response_column)
+        self.unused_columns = fmt.unused_columns(keys)
+        return fmt
 
     def __iter__(self) -> Iterator[Record]:
         self._reset()

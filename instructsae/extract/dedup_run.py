@@ -2,6 +2,7 @@
 `messages` format (or `text` for plain text) that every command reads. Rows stream through; memory holds the
 dedup index and one batch of kept rows."""
 
+import json
 import os
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from tqdm.auto import tqdm
 
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader
-from instructsae.extract.rows import Record
+from instructsae.extract.rows import Message, Record
 from instructsae.schemas.dataset import DedupConfig, DedupSettings
 
 BATCH_ROWS = 1000
@@ -19,18 +20,26 @@ BATCH_ROWS = 1000
 def _schema():
     import pyarrow as pa
 
-    turn = pa.struct([("role", pa.string()), ("content", pa.string())])
+    # a turn's tool calls and a row's tools list are JSON text (their arguments and schemas have no fixed shape);
+    # the reader parses them back
+    turn = pa.struct([("role", pa.string()), ("content", pa.string()), ("reasoning_content", pa.string()),
+                      ("tool_calls", pa.string()), ("name", pa.string()), ("tool_call_id", pa.string())])
     # `text` holds plain-text rows (messages null); `conversation` keeps ShareGPT's grouping of split rows;
     # `source_row` is the row's number in the input, so a kept row can be traced back.
     return pa.schema([("messages", pa.list_(turn)), ("text", pa.string()), ("conversation", pa.string()),
-                      ("source_row", pa.int64())])
+                      ("source_row", pa.int64()), ("tools", pa.string())])
+
+
+def _turn(message: Message) -> dict:
+    return {"role": message.role, "content": message.content, "reasoning_content": message.reasoning,
+            "tool_calls": None if message.tool_calls is None else json.dumps(list(message.tool_calls)),
+            "name": message.name, "tool_call_id": message.tool_call_id}
 
 
 def _row(record: Record) -> dict:
-    messages = None if record.messages is None else [
-        {"role": message.role, "content": message.content} for message in record.messages]
+    messages = None if record.messages is None else [_turn(message) for message in record.messages]
     return {"messages": messages, "text": record.text, "conversation": record.conversation,
-            "source_row": record.source_row}
+            "source_row": record.source_row, "tools": None if record.tools is None else json.dumps(list(record.tools))}
 
 
 def _check_out(cfg: DedupConfig) -> Path:
@@ -79,13 +88,17 @@ def run_dedup(cfg: DedupConfig, show_progress: bool = True) -> dict:
         "rows_unusable": sum(unusable.values()), "unusable_by_reason": unusable, "rows_out": reader.rows_used,
         "duplicates": counts.duplicates, "near_duplicates": counts.near_duplicates, "clusters": counts.clusters,
         "seconds": round(time.perf_counter() - started, 1), "settings": settings.model_dump(),
+        "unused_columns": reader.unused_columns,
     }
 
 
 def format_report(report: dict) -> str:
     unusable = ", ".join(f"{n:,} {reason}" for reason, n in report["unusable_by_reason"].items())
+    unused = report.get("unused_columns") or []
     return (f"dedup {report['dataset']}: {report['rows_in']:,} rows in, {report['rows_out']:,} out; removed "
             f"{report['duplicates']:,} exact and {report['near_duplicates']:,} near duplicates in "
             f"{report['clusters']:,} clusters"
             + (f", skipped {report['rows_unusable']:,} unusable ({unusable})" if unusable else "")
-            + f"; {report['seconds']} s; wrote {report['out']}")
+            + f"; {report['seconds']} s; wrote {report['out']}"
+            + (f"\nnote: column{'s' if len(unused) > 1 else ''} {', '.join(unused)} of the dataset not written "
+               "(see --column, --system-column, --prompt-column, --response-column)" if unused else ""))

@@ -61,7 +61,8 @@ def _write(activations, out: str, layer: int, max_tokens: int | None, dtype: str
         mode="fast", max_len=0, block_len=0, max_instances=None, skip_instances=0, max_tokens=max_tokens,
         keep_first_token=True, layers=(layer,), d_model=d_model, dtype=dtype, model_dtype="float32",
         chunk_tokens=chunk_tokens, shard_tokens=default_shard_tokens(d_model, dtype, chunk_tokens))
-    manifest = StoreManifest(tool_version=__version__, identity=identity, fingerprint="", n_tokens=0)
+    manifest = StoreManifest(tool_version=__version__, identity=identity, fingerprint="", n_tokens=0,
+                             n_truncated=0, tokens_truncated=0)  # nothing is cut: the tensors are stored whole
     writer = StoreWriter.create(out, manifest)
     digest = hashlib.sha256()
     try:

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 
+from instructsae.extract.chat import describe_changes
 from instructsae.store.reader import open_store
 from instructsae.schemas.manifest import ROLES
 
@@ -29,6 +30,28 @@ def store_summary(store: str) -> dict:
     }
 
 
+def truncation_line(manifest: dict, identity: dict) -> str:
+    if manifest.get("n_truncated") is None:  # a store from before they were counted
+        return "truncated   not counted (a store made before instructsae counted the instances cut at max_len)"
+    return (f"truncated   {manifest['n_truncated']:,} instances cut at max_len={identity['max_len']}, "
+            f"{manifest['tokens_truncated']:,} tokens lost")
+
+
+def data_lines(manifest: dict, identity: dict) -> list[str]:
+    """How the data was read and fitted to the chat template: truncation, the options that shaped the rows."""
+    lines = [truncation_line(manifest, identity)]
+    columns = [f"--{name.replace('_', '-')} {identity[name]}"
+               for name in ("column", "system_column", "prompt_column", "response_column") if identity.get(name)]
+    if columns:
+        lines.append(f"columns     {'  '.join(columns)}")
+    if identity.get("system_prompt"):  # recorded only where the template has no system role
+        lines.append(f"template    no system role: --system-prompt {identity['system_prompt']}")
+    changes = describe_changes(manifest.get("rendering_changes") or {})
+    if changes:
+        lines.append(f"template    {changes}")
+    return lines
+
+
 def describe_store(store: str, as_json: bool) -> str:
     summary = store_summary(store)
     if as_json:
@@ -48,6 +71,7 @@ def describe_store(store: str, as_json: bool) -> str:
         f"rows        {manifest['rows_used']:,} usable read ({identity['skip_instances']:,} passed over by "
         f"--skip-instances), {manifest['rows_skipped']:,} skipped as unusable",
         "mean |x|^2  " + ", ".join(f"layer {k}: {v:.1f}" for k, v in summary["mean_sq_norm"].items()),
+        *data_lines(manifest, identity),
         f"fingerprint {manifest['fingerprint']}  (instructsae {manifest['tool_version']})",
     ]
     if manifest.get("part_tokens") is not None:  # written under torchrun

@@ -59,8 +59,8 @@ class InMemoryReader(DatasetReader):
         self.source = Source(dialogues.name, "memory", "train")
         self.dataset = dialogues.name
         self.split = "train"
-        self.column, self.role_key, self.content_key = options.column, options.role_key, options.content_key
-        self.format = None
+        self._columns(options.column, options.role_key, options.content_key, options.system_column,
+                      options.prompt_column, options.response_column)
         self._start_dedup(dedup)
         self._reset()
 

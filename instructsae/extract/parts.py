@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from instructsae import __version__, distributed
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader
+from instructsae.extract.data_report import data_notes, summed
 from instructsae.extract.instances import TokenizedInstance
 from instructsae.lm.models import LoadedModel
 from instructsae.extract.plan import work_units
@@ -83,7 +84,7 @@ def run_parts(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader, ident
         top = StoreManifest(tool_version=__version__, identity=identity, fingerprint=identity.fingerprint(),
                             chat_template=chat_template, attn_implementation=lm.attn_implementation,
                             part_tokens=cfg.part_tokens or default_part_tokens(identity.chunk_tokens))
-        commit_top(cfg.out, top, create=True)
+        commit_top(cfg.out, top.model_copy(update={"n_truncated": 0, "tokens_truncated": 0}), create=True)
     distributed.barrier()  # the top-level store exists before any rank reads it
     top = read_manifest(cfg.out)
     if top.complete:
@@ -113,8 +114,8 @@ def run_parts(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader, ident
     distributed.barrier()  # every unit is written
     if place.is_main:
         top = finish_top(cfg.out, top, n_units, dataset)
-        if dataset.rows_skipped:
-            tqdm.write(f"note: {dataset.skip_report()}")
+        for note in data_notes(top, dataset):
+            tqdm.write(f"note: {note}")
     distributed.finish()  # rank 0 has committed the whole store before any rank returns
     return read_manifest(cfg.out)
 
@@ -129,7 +130,7 @@ def extract_unit(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader, lo
         writer = StoreWriter.resume(location)
     else:
         fresh = StoreManifest(tool_version=__version__, identity=top.identity, fingerprint=top.fingerprint,
-                              chat_template=top.chat_template)
+                              chat_template=top.chat_template, n_truncated=0, tokens_truncated=0)
         writer = StoreWriter.create(location, fresh)
     manifest = write_instances(writer, unit[writer.manifest.n_instances:], cfg, lm, dataset, bar)
     writer.finish(manifest.model_copy(update={"complete": True}))
@@ -151,6 +152,7 @@ def finish_top(out: str, top: StoreManifest, n_units: int, dataset: DatasetReade
         "n_instances": sum(parts[i].n_instances for i in range(n_units)),
         "rows_used": dataset.rows_used, "rows_skipped": dataset.rows_skipped,
         "rows_skipped_by_reason": dict(dataset.skipped), "layer_stats": layer_stats,
+        **summed([parts[i] for i in range(n_units)]),
         "parts": [StorePart(name=part_name(i), n_tokens=parts[i].n_tokens, n_instances=parts[i].n_instances)
                   for i in range(n_units)],
         "complete": True,

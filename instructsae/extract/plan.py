@@ -19,10 +19,12 @@ def planned_instances(plan: ExtractConfig | StoreIdentity, tokenizer, records: I
     the dataset's records (a DatasetReader); a resumed run replays and skips it."""
     stop = None if plan.max_instances is None else plan.skip_instances + plan.max_instances
     chosen = itertools.islice(iter(records), plan.skip_instances, stop)
+    # a store from before --system-prompt, or whose template has a system role, records None: merge is the default
+    system_prompt = plan.system_prompt or "merge"
     if plan.mode == "fast":
-        instances = fast_instances(chosen, tokenizer, plan.max_len)
+        instances = fast_instances(chosen, tokenizer, plan.max_len, system_prompt)
     else:
-        instances = bt_blocks(chosen, tokenizer, plan.block_len)
+        instances = bt_blocks(chosen, tokenizer, plan.block_len, system_prompt)
     return within_budget(instances, plan.max_tokens, plan.keep_first_token)
 
 

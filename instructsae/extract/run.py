@@ -12,7 +12,9 @@ from tqdm.auto import tqdm
 from instructsae import __version__, distributed
 from instructsae.devices import resolve_device, resolve_model_dtype
 from instructsae.errors import UserError
+from instructsae.extract.chat import system_policy_applies
 from instructsae.extract.data import DatasetReader
+from instructsae.extract.data_report import counted, data_notes
 from instructsae.extract.instances import TokenizedInstance
 from instructsae.extract.parts import run_parts
 from instructsae.extract.plan import grouped, planned_instances
@@ -41,6 +43,8 @@ def identity_from_arguments(cfg: ExtractConfig) -> dict:
                   skip_instances=cfg.skip_instances, max_tokens=cfg.max_tokens, keep_first_token=cfg.keep_first_token,
                   layers=list(cfg.layers), dtype=cfg.dtype, model_dtype=cfg.model_dtype,
                   column=cfg.column, role_key=cfg.role_key, content_key=cfg.content_key)
+    fields.update(system_column=cfg.system_column, prompt_column=cfg.prompt_column,
+                  response_column=cfg.response_column)
     if cfg.chunk_tokens is not None:
         fields["chunk_tokens"] = cfg.chunk_tokens
     return fields
@@ -59,6 +63,8 @@ def build_identity(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader) 
         skip_instances=cfg.skip_instances, max_tokens=cfg.max_tokens, keep_first_token=cfg.keep_first_token,
         layers=cfg.layers, d_model=lm.d_model, dtype=cfg.dtype, model_dtype=cfg.model_dtype,
         chunk_tokens=chunk_tokens, shard_tokens=default_shard_tokens(lm.d_model, cfg.dtype, chunk_tokens, cfg.shard_mb),
+        system_prompt=cfg.system_prompt if system_policy_applies(lm.tokenizer) else None,
+        system_column=cfg.system_column, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
     )
 
 
@@ -99,7 +105,7 @@ def open_writer(cfg: ExtractConfig, identity: StoreIdentity, chat_template: str 
         raise UserError(f"output path exists and is not a store: {out} (--overwrite replaces only instructsae "
                         "stores: move it away or choose another --out)")
     manifest = StoreManifest(tool_version=__version__, identity=identity, fingerprint=identity.fingerprint(),
-                             chat_template=chat_template)
+                             chat_template=chat_template, n_truncated=0, tokens_truncated=0)
     return StoreWriter.create(out, manifest)
 
 
@@ -178,7 +184,7 @@ def build_block(group: list[TokenizedInstance], acts: GroupActs, first_instance:
 
 
 def advance_manifest(manifest: StoreManifest, block: TokenBlock, stats: LayerSums,
-                     dataset: DatasetReader) -> StoreManifest:
+                     dataset: DatasetReader, group: list[TokenizedInstance] = ()) -> StoreManifest:
     layer_stats = dict(manifest.layer_stats)
     for layer, (count, sum_sq, sum_norm, nonfinite) in stats.items():
         layer_stats[str(layer)] = layer_stats.get(str(layer), LayerStats()).add(count, sum_sq, sum_norm, nonfinite)
@@ -186,7 +192,7 @@ def advance_manifest(manifest: StoreManifest, block: TokenBlock, stats: LayerSum
         "n_tokens": manifest.n_tokens + block.n_tokens,
         "n_instances": manifest.n_instances + len(block.instance_start),
         "rows_used": dataset.rows_used, "rows_skipped": dataset.rows_skipped,
-        "rows_skipped_by_reason": dict(dataset.skipped), "layer_stats": layer_stats,
+        "rows_skipped_by_reason": dict(dataset.skipped), "layer_stats": layer_stats, **counted(manifest, group),
     })
 
 
@@ -283,7 +289,7 @@ def write_instances(writer: StoreWriter, instances: Iterable[TokenizedInstance],
             acts = forward_group(lm, group, cfg)
             block, stats = build_block(group, acts, manifest.n_instances, manifest.n_tokens, cfg)
             refuse_nonfinite(stats, group, cfg)
-            manifest = advance_manifest(manifest, block, stats, dataset)
+            manifest = advance_manifest(manifest, block, stats, dataset, group)
             background.submit(block, manifest)
             bar.update(block.n_tokens)
     finally:
@@ -311,6 +317,6 @@ def _extract_into(writer: StoreWriter, cfg: ExtractConfig, lm: LoadedModel, data
                                            "rows_skipped": dataset.rows_skipped,
                                            "rows_skipped_by_reason": dict(dataset.skipped)})
     writer.finish(manifest)
-    if dataset.rows_skipped:
-        tqdm.write(f"note: {dataset.skip_report()}")
+    for note in data_notes(manifest, dataset):
+        tqdm.write(f"note: {note}")
     return manifest

@@ -1,6 +1,6 @@
 """How a dataset is read (shared by extract and dedup) and how near-duplicates are found."""
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from instructsae.schemas.base import FrozenModel
 
@@ -18,11 +18,27 @@ class DatasetOptions(FrozenModel):
     )
     column: str | None = Field(
         None,
-        description="column holding the dialogue or text [default: the first of messages, conversations, chosen, "
-        "instruction/input/output, text]",
+        description="column holding the dialogue or text, e.g. rejected for the other half of preference data "
+        "[default: the first of messages, conversations, chosen, instruction/input/output, text]",
     )
     role_key: str | None = Field(None, description="key of a turn's speaker [default: role or from]")
     content_key: str | None = Field(None, description="key of a turn's text [default: content or value]")
+    system_column: str | None = Field(
+        None, description="column holding each row's system prompt: it becomes the dialogue's first turn, in place "
+        "of a system turn the dialogue has (an empty value leaves the row as it is)")
+    prompt_column: str | None = Field(
+        None, description="column holding each row's prompt (text, or a list of turns); with --response-column the "
+        "pair becomes a user/assistant dialogue")
+    response_column: str | None = Field(
+        None, description="column holding each row's response (text, or a list of turns), with --prompt-column")
+
+    @model_validator(mode="after")
+    def _pair_of_columns(self):
+        if (self.prompt_column is None) != (self.response_column is None):
+            raise ValueError("--prompt-column and --response-column go together: name both")
+        if self.prompt_column is not None and self.column is not None:
+            raise ValueError("--column and --prompt-column/--response-column name the dialogue two ways: use one")
+        return self
 
 
 class DedupSettings(FrozenModel):

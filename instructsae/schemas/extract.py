@@ -26,6 +26,10 @@ class ExtractConfig(DatasetOptions):
     dedup_ngram: int = Field(20, gt=0, description="with --dedup: words per shingle")
     dedup_threshold: float = Field(0.8, gt=0, le=1, description="with --dedup: MinHash Jaccard similarity threshold")
     dedup_seed: int = Field(0, ge=0, description="with --dedup: seed of the MinHash permutations")
+    system_prompt: Literal["merge", "drop", "refuse"] = Field(
+        "merge", description="a system prompt on a chat template without a system role (Gemma's, Mistral's): merge "
+        "puts it at the head of the first user turn (its tokens keep the system role), drop leaves it out, refuse "
+        "stops at the first such row; decided by rendering the template, not by the model's name")
     mode: Literal["fast", "bt"] = Field(
         "fast", description="fast: one chat-templated dialogue per sequence; bt: concatenate and cut fixed blocks"
     )

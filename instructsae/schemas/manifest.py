@@ -15,7 +15,7 @@ MANIFEST_KEY = "instructsae"
 FORMAT_VERSION = 2
 
 # Role codes stored per token.
-ROLES = ("template", "system", "user", "assistant", "text", "tool")  # append only: codes are stored
+ROLES = ("template", "system", "user", "assistant", "text", "tool", "reasoning")  # append only: codes are stored
 ROLE_CODE = {name: code for code, name in enumerate(ROLES)}
 
 
@@ -68,10 +68,18 @@ class StoreIdentity(FrozenModel):
     role_key: str | None = None
     content_key: str | None = None
     dedup: DedupSettings | None = None
+    # --system-prompt, recorded only where the chat template has no system role (elsewhere it changes nothing)
+    system_prompt: Literal["merge", "drop", "refuse"] | None = None
+    system_column: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
 
     def fingerprint(self) -> str:
         fields = self.model_dump(mode="json")
         for name in ("model_sha256", "dataset_revision", "column", "role_key", "content_key", "dedup"):
+            if fields[name] is None:
+                del fields[name]
+        for name in ("system_prompt", "system_column", "prompt_column", "response_column"):
             if fields[name] is None:
                 del fields[name]
         blob = json.dumps(fields, sort_keys=True).encode()
@@ -107,6 +115,14 @@ class StoreManifest(FrozenModel):
         default_factory=dict,
         description="the same by reason: empty, unknown role, no text, malformed, cut off, duplicate, near duplicate",
     )
+    n_truncated: int | None = Field(
+        None, description="instances cut at max_len (None: a store from before they were counted)")
+    tokens_truncated: int | None = Field(
+        None, description="tokens those instances lost at max_len (None: a store from before they were counted)")
+    rendering_changes: dict[str, int] = Field(
+        default_factory=dict, description="what was adapted to the chat template in the stored instances, counted: "
+        "system merged / system dropped (rows), tool calls as text (calls), tools not rendered (rows), reasoning as "
+        "text (turns)")
     layer_stats: dict[str, LayerStats] = Field(default_factory=dict)
     complete: bool = False
     # Not in the identity: implementations compute the same function (transformers refuses one that cannot, such

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from instructsae.schemas.manifest import ROLES
+
 TOKEN_COLUMNS = {"token_id": np.int32, "instance": np.int32, "position": np.int32, "role": np.uint8}
 INSTANCE_COLUMNS = {"instance_start": np.int64, "instance_length": np.int32, "instance_source": np.int64}
 # Activations barely compress (zstd saves ~10% for a lot of CPU), so they are stored raw.
@@ -132,6 +134,8 @@ def array_specs(identity) -> list[ArraySpec]:
 def array_attributes(spec: ArraySpec, identity) -> dict:
     """What an array says about itself, for any zarr reader: activations name their real dtype (bf16 is
     stored as its uint16 bit pattern, zarr having no bfloat16), layer, hook site and width."""
+    if spec.name == "role":  # the codes' names, so a plain zarr reader can tell reasoning from the answer
+        return {"rows": "one per stored token", "codes": {str(code): name for code, name in enumerate(ROLES)}}
     if not spec.name.startswith(ACTS_PREFIX):
         return {"rows": f"one per stored {spec.per}"}
     return {"dtype": identity.dtype, "layer": int(spec.name.removeprefix(ACTS_PREFIX)),
