@@ -4,11 +4,12 @@ from instructsae.schemas.train import SAEConfig
 from instructsae.sae.base import LossOutput, SparseAutoencoder
 from instructsae.sae.batchtopk import BatchTopKSAE
 from instructsae.sae.jumprelu import JumpReLUSAE
+from instructsae.sae.matryoshka_batchtopk import MatryoshkaBatchTopKSAE
 from instructsae.sae.standard import StandardSAE
 from instructsae.sae.topk import TopKSAE
 
 SAE_CLASSES: dict[str, type[SparseAutoencoder]] = {
-    cls.architecture: cls for cls in (StandardSAE, JumpReLUSAE, TopKSAE, BatchTopKSAE)}
+    cls.architecture: cls for cls in (StandardSAE, JumpReLUSAE, TopKSAE, BatchTopKSAE, MatryoshkaBatchTopKSAE)}
 TRAINER_FIELDS = {"arch", "expansion", "sparsity_coeff"}  # read by build_sae and the trainer, not the module
 
 
