@@ -1,8 +1,10 @@
-"""JumpReLU towards a target L0 against today's JumpReLU and TopK at matched L0, side by side in one run; with
-the optimiser check for TopK and BatchTopK and the new forms' step times riding on the same pass.
+"""JumpReLU towards a target L0 against today's JumpReLU and TopK at matched L0, side by side in one run, with a
+Matryoshka BatchTopK riding on the same pass; or (--optimiser-check) TopK and BatchTopK under Adam β1 = 0 and 0.9,
+with and without clipping, in one run.
 
     .venv/bin/python bench/jumprelu_target_l0.py --store runs/demo/stores/fast-train \
         --heldout runs/demo/stores/fast-heldout --out /tmp/bench-target-l0 [--tokens 300000] [--expansion 8]
+    .venv/bin/python bench/jumprelu_target_l0.py ... --out /tmp/bench-optimiser --optimiser-check
 
 Every SAE trains in one pass over the store (the same batches, `instructsae sweep`'s code path) with the
 schedule `instructsae train --tokens 300000` fits when nothing else is given (batch 1024, lr 1e-3, short
@@ -11,10 +13,9 @@ JumpReLU (an L0 penalty, one coefficient per point) and TopK (one k per point) e
 NMSE against L0; at the L0 each target-L0 SAE ended at, both frontiers are read off, linear in log L0 between
 their points (instructsae.evaluate.matched), and the table says by how much the target-L0 SAE beats each.
 
-The same pass also trains TopK and BatchTopK at k = 32 under other optimiser settings (β1 = 0.9; no clipping)
-and a Matryoshka BatchTopK at k = 32, and prints every SAE's training seconds per step (the SAEs step one after
-another on each batch, so they share the machine's conditions) and, with --lm-tokens, the LM view (CE loss
-recovered) of the SAEs at k or target 32 and today's JumpReLU nearest them.
+The same pass also trains a Matryoshka BatchTopK at k = 30, and the table gives every SAE's training seconds per
+step (the SAEs step one after another on each batch, so they share the machine's conditions); with --lm-tokens,
+the LM view (CE loss recovered) of the SAEs near L0 30.
 """
 
 import argparse
@@ -34,15 +35,16 @@ def configs(args, root: Path) -> dict[str, list[TrainConfig]]:
         return TrainConfig(store=args.store, out=str(root / name), tokens=args.tokens, buffer_tokens=65_536,
                            sae={"expansion": args.expansion, **sae}, optim=optim or {})
 
+    if args.optimiser_check:
+        return {"optimiser": [config(f"{arch}32{name}", {"arch": arch, "k": 32}, optim)
+                              for arch in ("topk", "batchtopk")
+                              for name, optim in (("", {}), ("-beta0.9", {"beta1": 0.9}),
+                                                  ("-noclip", {"grad_clip": None}))]}
     return {
         "target": [config(f"jumprelu-target{t:g}", {"arch": "jumprelu", "target_l0": t}) for t in args.targets],
         "jumprelu": [config(f"jumprelu-c{c:g}", {"arch": "jumprelu", "sparsity_coeff": c}) for c in args.coeffs],
         "topk": [config(f"topk{k}", {"arch": "topk", "k": k}) for k in args.ks],
-        "optimiser": [config("topk32-beta0.9", {"arch": "topk", "k": 32}, {"beta1": 0.9}),
-                      config("topk32-noclip", {"arch": "topk", "k": 32}, {"grad_clip": None}),
-                      config("batchtopk32", {"arch": "batchtopk", "k": 32}),
-                      config("batchtopk32-beta0.9", {"arch": "batchtopk", "k": 32}, {"beta1": 0.9})],
-        "matryoshka": [config("matryoshka32", {"arch": "matryoshka_batchtopk", "k": 32})],
+        "matryoshka": [config("matryoshka30", {"arch": "matryoshka_batchtopk", "k": 30})],
     }
 
 
@@ -70,8 +72,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=300_000)
     parser.add_argument("--expansion", type=int, default=8)
     parser.add_argument("--targets", type=float, nargs="+", default=[20, 30, 42])
-    parser.add_argument("--coeffs", type=float, nargs="+", default=[0.004, 0.002, 0.001, 0.0005])
-    parser.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--coeffs", type=float, nargs="+", default=[0.004, 0.0015, 0.0006])
+    parser.add_argument("--ks", type=int, nargs="+", default=[16, 30, 60])
+    parser.add_argument("--optimiser-check", action="store_true", help="train the optimiser check instead")
     parser.add_argument("--lm-tokens", type=int, default=0, help="held-out tokens for the LM view (0: skip it)")
     args = parser.parse_args()
 
@@ -89,10 +92,11 @@ def main() -> None:
             print(f"| {Path(cfg.out).name} | {result['l0']:.1f} | {result['nmse']:.4f} | "
                   f"{result['explained_variance']:.4f} | {result['dead_fraction']:.3f} | "
                   f"{summary['sae_seconds'] / summary['n_steps']:.3f} |")
+    if args.optimiser_check:
+        return
     matched_table(args, results)
     if args.lm_tokens:
-        chosen = [root / name for name in ("jumprelu-c0.001", "jumprelu-target30", "topk32", "batchtopk32",
-                                           "matryoshka32")]
+        chosen = [root / name for name in ("jumprelu-c0.0015", "jumprelu-target30", "topk30", "matryoshka30")]
         print("\n| SAE | L0 | NMSE | CE recovered |\n|---|---|---|---|")
         for folder, result in zip(chosen, evaluate_sae([str(f) for f in chosen], args.heldout,
                                                        lm_tokens=args.lm_tokens)):

@@ -82,7 +82,7 @@ class JumpReLUSAE(SparseAutoencoder):
     @classmethod
     def sweep_label(cls, cfg) -> str:
         target = "" if cfg.target_l0 is None else f"-t{cfg.target_l0:g}"
-        return f"c{cfg.sparsity_coeff:g}{target}"
+        return f"c{cls.penalty_coeff(cfg):g}{target}"
 
     def __init__(self, d_in: int, d_sae: int, bandwidth: float = 1e-3, init_threshold: float = 1e-3,
                  target_l0: float | None = None):

@@ -214,8 +214,9 @@ class _Checkpointer:
 def _export_and_summarise(configs, runs, plan: _Plan, trainees, member_layers, view: StoreView,
                           stats: dict) -> list[dict]:
     """Each SAE saved in its RUN.partial, measured on the held-out chunks, and its summary written."""
-    exported = [_export(cfg, run, key, trainee.sae, layer, view) for cfg, run, key, trainee, layer
-                in zip(configs, runs, plan.keys, trainees, member_layers)]
+    exported = [_export(cfg, settings_that_ran(cfg, plan, optim, schedule), run, key, trainee.sae, layer, view)
+                for cfg, optim, schedule, run, key, trainee, layer
+                in zip(configs, plan.optims, plan.schedules, runs, plan.keys, trainees, member_layers)]
     metrics = _heldout_metrics(exported, member_layers, view)
     return [_summary(run, key, trainee, layer, view, {**stats, "schedule": schedule}, result)
             for run, key, trainee, layer, result, schedule
@@ -306,12 +307,26 @@ def _initial_sample(view: StoreView, layer: int, cfg: TrainConfig) -> torch.Tens
     return sample_ND[pick[: cfg.geometric_median_tokens]]
 
 
-def _export(cfg: TrainConfig, run: RunPaths, key: str, sae, layer: int, view: StoreView):
+def settings_that_ran(cfg: TrainConfig, plan: _Plan, optim: OptimConfig, schedule: dict) -> dict:
+    """cfg.json's record of training: `train_config`, the settings the run followed (the batch, lr and warm-ups
+    fitted to its length, its tokens, the penalty coefficient in force); `given_config`, the config as given;
+    `fitted`, each setting the run chose itself, with the default it replaced."""
+    ran = cfg.model_copy(update={"batch_size": plan.batch_size, "optim": optim, "tokens": plan.tokens})
+    train_config = ran.model_dump(mode="json")
+    fitted = dict(schedule["fitted"])
+    coeff = sparsity_coeff(cfg)
+    if sae_class(cfg.sae.arch).has_sparsity_penalty and coeff != cfg.sae.sparsity_coeff:
+        train_config["sae"]["sparsity_coeff"] = coeff
+        fitted["sparsity_coeff"] = {"default": cfg.sae.sparsity_coeff, "used": coeff}
+    return {"train_config": train_config, "given_config": cfg.model_dump(mode="json"), "fitted": fitted}
+
+
+def _export(cfg: TrainConfig, ran: dict, run: RunPaths, key: str, sae, layer: int, view: StoreView):
     """Save the SAE (raw activation space) and its curves; the exported SAE, as a user will load it."""
     root, reader = run.building.root, view.reader
     own = {"layer": layer, "store": cfg.store, "store_fingerprint": reader.manifest.fingerprint,
            "model": reader.manifest.identity.model, "input_scale": view.scales[layer],
-           "train_config": cfg.model_dump(mode="json"), "config_key": key, "instructsae_version": __version__}
+           **ran, "config_key": key, "instructsae_version": __version__}
     save_sae(root, sae.cpu(), view.scales[layer], own, reader.manifest.identity)
     plot_training_curves(MetricsLog.read(run.building.metrics), run.building.curves, title=run.root.name)
     return load_sae(root)[0]
@@ -341,6 +356,7 @@ def _summary(run: RunPaths, key: str, trainee: Trainee, layer: int, view: StoreV
         "dead_fraction_train": trainee.dead.dead_fraction(), "heldout_tokens": metrics["n_tokens"], **stats,
         "sae_seconds": trainee.seconds, "config_key": key,
         "evaluated_on": "held-out chunks" if view.holdout_chunks else "training chunks (no chunk was held out)",
+        "held_out": bool(view.holdout_chunks),
     }
     write_text_atomically(run.building.summary, json.dumps(summary, indent=2))
     return summary
