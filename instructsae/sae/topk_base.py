@@ -9,6 +9,7 @@ Subclasses only say which latents are active (`select`).
 
 import torch
 
+from instructsae.errors import UserError
 from instructsae.sae.base import LossOutput, SparseAutoencoder
 from instructsae.sae.sparse_codes import decode_codes, gather_codes, scatter_codes
 
@@ -26,6 +27,20 @@ class TopKBase(SparseAutoencoder):
     unit_norm_decoder = True
     exported_settings = ("k", "aux_k", "aux_coeff")
     selects_by_rank = True
+    has_sparsity_penalty = False  # k sets the sparsity
+
+    @classmethod
+    def check_config(cls, cfg, d_in: int) -> None:
+        if cfg.k > cfg.width(d_in):
+            raise UserError(f"k {cfg.k} exceeds {cfg.describe_width(d_in)}")
+
+    @classmethod
+    def sweep_label(cls, cfg) -> str:
+        return f"k{cfg.k}"
+
+    @classmethod
+    def decoder_rows_per_token(cls, cfg, d_sae: int) -> int:
+        return min(cfg.k, d_sae)  # the sparse decoder product touches only the chosen rows
 
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coeff: float = 1 / 32):
         super().__init__(d_in, d_sae)
@@ -51,11 +66,17 @@ class TopKBase(SparseAutoencoder):
             pre_BF = torch.addmm(self.b_enc, centred_BD, self.W_enc)
         rows, cols = self.select(pre_BF)
         values_N = gather_codes(centred_BD, self.W_enc, self.b_enc, pre_BF, rows, cols)
-        recon_BD = decode_codes(values_N, self.W_dec, rows, cols, len(x_BD)) + self.b_dec
-        mse = self.squared_error(x_BD, recon_BD)
+        reconstruction, mse, recon_BD = self.reconstruction_loss(x_BD, values_N, rows, cols)
         aux = self.auxk_loss(centred_BD, pre_BF, (x_BD - recon_BD).detach(), dead_F)
         latents_BF = scatter_codes(values_N.detach(), rows, cols, pre_BF.shape)
-        return LossOutput(mse + self.aux_coeff * aux, mse, aux.detach(), latents_BF, recon_BD)
+        return LossOutput(reconstruction + self.aux_coeff * aux, mse, aux.detach(), latents_BF, recon_BD)
+
+    def reconstruction_loss(self, x_BD: torch.Tensor, values_N: torch.Tensor, rows: torch.Tensor,
+                            cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the loss's reconstruction term, the squared error, the reconstruction) from the active latents."""
+        recon_BD = decode_codes(values_N, self.W_dec, rows, cols, len(x_BD)) + self.b_dec
+        mse = self.squared_error(x_BD, recon_BD)
+        return mse, mse, recon_BD
 
     def auxk_loss(self, centred_BD: torch.Tensor, pre_BF: torch.Tensor, error_BD: torch.Tensor,
                   dead_F: torch.Tensor | None) -> torch.Tensor:

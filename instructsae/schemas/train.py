@@ -32,6 +32,11 @@ class SAEWidth(FrozenModel):
         """d_sae for a model of width d_model."""
         return self.d_sae if self.d_sae is not None else (self.expansion or DEFAULT_EXPANSION) * d_model
 
+    def describe_width(self, d_in: int) -> str:
+        """'d_sae 4608 (expansion 8 × d_in 576)', for messages that name the width."""
+        how = "as given" if self.d_sae is not None else f"expansion {self.expansion or DEFAULT_EXPANSION} × d_in {d_in}"
+        return f"d_sae {self.width(d_in)} ({how})"
+
 
 class StandardConfig(SAEWidth):
     """ReLU SAE with an L1 penalty weighted by decoder row norms (Anthropic, April 2024 update)."""
@@ -57,6 +62,9 @@ class JumpReLUConfig(SAEWidth):
                                                                             "jumprelu_init_threshold"),
                                   description="initial threshold of every feature (SAELens's "
                                   "jumprelu_init_threshold t is t / sqrt(d_model) here)")
+    target_l0: float | None = Field(None, gt=0, description="aim L0 at this target: the penalty becomes "
+                                    "sparsity_coeff · (2/T)·(L0 − T)² per token (Gemma Scope 2) instead of "
+                                    "sparsity_coeff · L0 (None: no target)")
 
 
 class TopKConfig(SAEWidth):
@@ -77,7 +85,16 @@ class BatchTopKConfig(TopKConfig):
     k: int = Field(32, gt=0, description="active latents per token on average over a batch (at most d_sae)")
 
 
-SAE_CONFIGS = (StandardConfig, JumpReLUConfig, TopKConfig, BatchTopKConfig)
+class MatryoshkaBatchTopKConfig(BatchTopKConfig):
+    """Matryoshka BatchTopK SAE: BatchTopK whose nested prefixes of the dictionary each learn to reconstruct too."""
+
+    arch: Literal["matryoshka_batchtopk"] = "matryoshka_batchtopk"
+    prefixes: tuple[int, ...] | None = Field(
+        None, description="sizes of the nested prefixes below the whole dictionary, increasing, each under d_sae "
+                          "(None: d_sae/16 and d_sae/4); in a sweep grid, a list of such lists")
+
+
+SAE_CONFIGS = (StandardConfig, JumpReLUConfig, TopKConfig, BatchTopKConfig, MatryoshkaBatchTopKConfig)
 SAEConfig = Annotated[Union[SAE_CONFIGS], Field(discriminator="arch")]
 ARCHITECTURES = tuple(config.model_fields["arch"].default for config in SAE_CONFIGS)
 
