@@ -227,22 +227,60 @@ def _end_progress_bars() -> None:
         bar.close()
 
 
+INTERRUPTED = "interrupted (a store keeps what it committed, a run its last checkpoint; rerun to resume)"
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler's stop, `kill`) ends a command the way Ctrl-C does: the same line, locks released and
+    `.partial` files removed by the blocks that hold them, instead of a silent death."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def _say(line: str) -> None:
+    """A line on stderr; under torchrun only rank 0 says it (every rank meets the same refusal)."""
+    from instructsae.distributed import ranks
+
+    if ranks().is_main:
+        click.echo(line, err=True)
+
+
+def _leave(code: int) -> None:
+    """Exit; under torchrun leave the process group first, or its threads abort the process at exit (SIGABRT,
+    'terminate called without an active exception')."""
+    from instructsae.distributed import abandon
+
+    abandon()
+    sys.exit(code)
+
+
 def main() -> None:
+    from instructsae.fileio import os_error_line
+
+    _interrupt_on_sigterm()
     try:
         cli.main(standalone_mode=False)
     except UserError as error:
         _end_progress_bars()
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+        _say(f"error: {error}")
+        _leave(2)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns KeyboardInterrupt into Abort
+        _end_progress_bars()
+        _say(INTERRUPTED)
+        _leave(130)
     except click.ClickException as error:  # a bad flag or value: one line too, not click's usage block
         click.echo(f"error: {error.format_message()}", err=True)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted (a store keeps what it committed; rerun to resume)", err=True)
-        sys.exit(130)
+    except OSError as error:  # a full disk, a read-only file system, no permission: the file, not a traceback
+        _end_progress_bars()
+        _say(f"error: {os_error_line(error)}")
+        _leave(2)
 
 
 if __name__ == "__main__":

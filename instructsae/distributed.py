@@ -121,3 +121,12 @@ def balanced_assignment(costs: list[tuple[float, ...]], world: int) -> list[int]
         loads[best] = [a + b for a, b in zip(loads[best], shares[index])]
         owner[index] = best
     return owner
+
+
+def abandon() -> None:
+    """Leave the process group without waiting for the other ranks (a rank that stops on an error)."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - already failing; the error being reported matters more
+            pass

@@ -66,6 +66,8 @@ def move_folder_into_place(built: Path, target: Path) -> None:
     """`built` takes `target`'s place; what `target` held is removed after. A reader (or a kill) sees the old
     folder or the new one: the two swap in one step (Linux's renameat2 RENAME_EXCHANGE) where the file system
     can, and otherwise the old one is renamed aside first, a window of one rename with neither in place."""
+    if target.is_symlink():  # the writer lock refuses these first; a link swapped away would leave its target stale
+        raise UserError(f"{target} is a symbolic link: give the folder it points to")
     if not target.exists():
         os.rename(built, target)
         return

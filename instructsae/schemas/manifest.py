@@ -4,7 +4,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from instructsae.schemas.base import FrozenModel
 from instructsae.schemas.dataset import DedupSettings
@@ -21,6 +21,8 @@ ROLE_CODE = {name: code for code, name in enumerate(ROLES)}
 
 class LayerStats(FrozenModel):
     """Running sums over the stored tokens of one layer, in float64, so a resumed run can add to them."""
+
+    model_config = ConfigDict(allow_inf_nan=True)  # measured, not set: --keep-nonfinite can make them inf
 
     count: int = 0
     sum_sq_norm: float = 0.0

@@ -21,6 +21,7 @@ from instructsae.fileio import move_folder_into_place, write_text_atomically
 from instructsae.metrics import ReconstructionSums
 from instructsae.run_folder import (
     RunPaths, check_existing_run, prepare_building_folder, refuse_enclosing_cwd, refuse_unless_ours,
+    remove_building_folders,
 )
 from instructsae.schemas.train import TrainConfig
 from instructsae.store.reader import StoreReader, open_complete_store
@@ -119,6 +120,19 @@ class StoreView:
 
 def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool = False,
                parallel: DataParallel | None = None) -> list[dict]:
+    """_train_saes; a run that fails (or is interrupted) before its first checkpoint leaves nothing resumable,
+    so the RUN.partial folders it made go again (those of an earlier run, or with a checkpoint, stay)."""
+    prepared: list[Path] = []
+    try:
+        return _train_saes(configs, checkpoint_path, resume, parallel, prepared)
+    except BaseException:
+        if not checkpoint_path.is_file():
+            remove_building_folders(prepared)
+        raise
+
+
+def _train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool,
+                parallel: DataParallel | None, prepared: list[Path]) -> list[dict]:
     """Train every config on the same batches from one pass over their (common) store; their summaries.
 
     Each SAE is built in its RUN.partial and moved into its RUN when every SAE is finished. Data-parallel
@@ -155,6 +169,7 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
         for run in runs if writes else ():
             refuse_unless_ours(run.root)
             prepare_building_folder(run.building)
+            prepared.append(run.building.root)
 
     tokens = first.tokens or view.train_tokens()
     batch_size = fitted_batch_size(configs, tokens)  # the defaults fitted to a short run (train/schedule.py)
