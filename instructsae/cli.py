@@ -158,7 +158,8 @@ def verify(store, as_json):
 @click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=512.0, show_default=True,
               help=_describe(ExtractConfig, "shard_mb"))
 def convert(store, out, shard_mb):
-    """Rewrite a finished store of an older format (1: no checksums, a file per chunk) in the current one."""
+    """Rewrite a finished store of an older format (1: no checksums, a file per chunk; 2: chunks not bound to their
+    place) in the current one."""
     from instructsae.store.convert import convert_store, describe
 
     click.echo(describe(convert_store(store, out, shard_mb), out))

@@ -12,7 +12,11 @@ from instructsae.schemas.extract import StoreDtype
 
 MANIFEST_KEY = "instructsae"
 # 2: sharded arrays with a crc32c on every inner chunk (1: one file per chunk, no checksums)
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Format 3 binds every chunk to its place (store_id, array, chunk index: store/places.py); format 2 stores, whose
+# chunks carry only their own crc32c, are still read (their chunks' places cannot be checked) and `convert`
+# rewrites them in format 3.
+READABLE_FORMATS = (2, 3)
 
 # Role codes stored per token.
 ROLES = ("template", "system", "user", "assistant", "text", "tool")  # append only: codes are stored
@@ -90,6 +94,9 @@ class StorePart(FrozenModel):
 
 class StoreManifest(FrozenModel):
     format_version: int = FORMAT_VERSION
+    store_id: str | None = Field(
+        None, description="drawn at random when the store is created (format 3); every chunk's place tag names it, "
+        "so a chunk copied from another store is told from this store's own")
     tool_version: str
     identity: StoreIdentity
     fingerprint: str

@@ -9,6 +9,7 @@ shards beyond the commit: `resume` reads back the committed rows of each array's
 rest, and the extraction redoes the work after the commit. The last partial shards are written by `finish`.
 """
 
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -16,7 +17,8 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from instructsae.schemas.manifest import MANIFEST_KEY, StoreManifest
+from instructsae.errors import UserError
+from instructsae.schemas.manifest import FORMAT_VERSION, MANIFEST_KEY, StoreManifest
 from instructsae.store.chunks import ShardedArray, shard_path
 from instructsae.store.layout import ArraySpec, TokenBlock, array_attributes, array_specs
 from instructsae.store.location import filesystem, zarr_location
@@ -75,7 +77,7 @@ class PendingRows:
             self.n -= row
             self.base += row
 
-    def write(self, array: zarr.Array, fs: fsspec.AbstractFileSystem, root: str, upto: int) -> None:
+    def write(self, array: zarr.Array, fs: fsspec.AbstractFileSystem, root: str, upto: int, store_id: str) -> None:
         """Write rows [base, upto) of `array`, each shard one whole file, and keep only the rows of the
         shard that `upto` leaves unfinished (they are written again, with more, next time)."""
         if upto <= self.base:
@@ -85,7 +87,8 @@ class PendingRows:
             first = shard * shard_rows - self.base
             stop = min(first + shard_rows, upto - self.base)
             chunks = (self.rows(start, min(start + chunk_rows, stop)) for start in range(first, stop, chunk_rows))
-            put_shard(fs, shard_path(root, self.spec, shard), encode_shard(self.spec, chunks))
+            first_chunk = shard * (shard_rows // chunk_rows)
+            put_shard(fs, shard_path(root, self.spec, shard), encode_shard(self.spec, chunks, store_id, first_chunk))
         if array.shape[0] != upto:  # after the data, so the array never claims rows that are not there
             array.resize((upto, *self.spec.row_shape))
         self.drop_before(upto - upto % shard_rows - self.base)
@@ -100,6 +103,7 @@ class StoreWriter:
         self.fs, self.root = filesystem(path)
         self.arrays = {name: group[name] for name in pending}
         self.manifest = manifest  # the last one committed
+        self.store_id = manifest.store_id or uuid.uuid4().hex  # a new store draws its id; a resumed one keeps it
         self.pending = pending
         self.uncommitted: list[StoreManifest] = []  # one per appended block, counting the rows through it
         self.specs = array_specs(manifest.identity)
@@ -120,6 +124,10 @@ class StoreWriter:
     def resume(cls, path: str | Path) -> "StoreWriter":
         group = zarr.open_group(zarr_location(path), mode="r+")
         manifest = StoreManifest.model_validate(group.attrs[MANIFEST_KEY])
+        if manifest.format_version != FORMAT_VERSION or manifest.store_id is None:
+            raise UserError(f"store {path} is an unfinished store of format {manifest.format_version}, which this "
+                            f"version cannot continue (it writes format {FORMAT_VERSION}): extract it again with "
+                            "--overwrite")
         fs, root = filesystem(path)
         pending = {}
         for spec in array_specs(manifest.identity):
@@ -127,7 +135,7 @@ class StoreWriter:
             base = committed - committed % spec.shard_rows
             # The committed rows of the unfinished shard, checked as any read is; then everything after
             # `base` goes, and the shard is written again, whole, when it fills.
-            rows = ShardedArray(fs, root, spec, committed, str(path)).read_rows(base, committed)
+            rows = ShardedArray(fs, root, spec, committed, str(path), manifest.store_id).read_rows(base, committed)
             group[spec.name].resize((base, *spec.row_shape))
             pending[spec.name] = PendingRows(spec, base, rows)
         return cls(path, group, manifest, pending)
@@ -142,7 +150,7 @@ class StoreWriter:
         if filled <= token_rows[0].base:
             return
         for rows in token_rows:
-            rows.write(self.arrays[rows.spec.name], self.fs, self.root, filled)
+            rows.write(self.arrays[rows.spec.name], self.fs, self.root, filled, self.store_id)
         done = [m for m in self.uncommitted if m.n_tokens <= filled]
         if done:  # else one block spans the whole shard: its commit comes with a later shard
             self._commit_through(done[-1])
@@ -150,7 +158,8 @@ class StoreWriter:
     def _commit_through(self, manifest: StoreManifest) -> None:
         for spec in self.specs:
             if spec.per == "instance":
-                self.pending[spec.name].write(self.arrays[spec.name], self.fs, self.root, manifest.n_instances)
+                self.pending[spec.name].write(self.arrays[spec.name], self.fs, self.root, manifest.n_instances,
+                                              self.store_id)
         self.commit(manifest)
         self.uncommitted = [m for m in self.uncommitted if m.n_tokens > manifest.n_tokens]
 
@@ -158,10 +167,11 @@ class StoreWriter:
         """Write every row still held (the last, partial shards) and commit `manifest`, the final record."""
         for spec in self.specs:
             count = manifest.n_tokens if spec.per == "token" else manifest.n_instances
-            self.pending[spec.name].write(self.arrays[spec.name], self.fs, self.root, count)
+            self.pending[spec.name].write(self.arrays[spec.name], self.fs, self.root, count, self.store_id)
         self.commit(manifest)
         self.uncommitted = []
 
     def commit(self, manifest: StoreManifest) -> None:
+        manifest = manifest.model_copy(update={"store_id": self.store_id, "format_version": FORMAT_VERSION})
         self.group.attrs[MANIFEST_KEY] = manifest.model_dump(mode="json")
         self.manifest = manifest
