@@ -20,7 +20,8 @@ from instructsae.evaluate.dashboard import render_dashboard
 from instructsae.evaluate.feature_stats import FeatureStats
 from instructsae.evaluate.run import open_sae_and_store
 from instructsae.store.reader import StoreReader
-from instructsae.fileio import write_atomically, write_text_atomically
+from instructsae.fileio import made_for_this_command, write_atomically, write_text_atomically
+from instructsae.locks import writer_lock
 from instructsae.lm.models import load_tokenizer
 from instructsae.schemas.features import FeaturesConfig
 from instructsae.schemas.manifest import ROLE_CODE, ROLES
@@ -119,6 +120,11 @@ def feature_table(records: list[dict]) -> pd.DataFrame:
 
 def run_features(cfg: FeaturesConfig) -> dict:
     out = Path(cfg.out)
+    with writer_lock(out, "features folder"):  # one writer at a time; a link or a read-only --out: one line
+        return _run_features(cfg, out)
+
+
+def _run_features(cfg: FeaturesConfig, out: Path) -> dict:
     check_out_folder(out)
     sae, _, reader, layer = open_sae_and_store(cfg.sae, cfg.store)
     tokenizer = load_tokenizer(reader.manifest.identity.tokenizer)
@@ -131,12 +137,13 @@ def run_features(cfg: FeaturesConfig) -> dict:
                "layer": layer, "d_sae": sae.d_sae, "n_tokens": stats.n_tokens, "n_live": len(records),
                "special_threshold": cfg.special_threshold,
                "special_tokens": tokenizer.convert_ids_to_tokens(special_ids.tolist())}
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / "features.parquet", lambda path: feature_table(records).to_parquet(path, index=False))
-    write_text_atomically(out / "special_token_features.json", json.dumps({**summary, "features": special}, indent=1))
-    html = render_dashboard(summary, records, special, cfg.dashboard_features, cfg.dashboard_contexts)
-    write_text_atomically(out / "dashboard.html", html)
-    write_text_atomically(out / "features.json", json.dumps({**summary, "features": records}))
+    with made_for_this_command(out):
+        write_atomically(out / "features.parquet", lambda path: feature_table(records).to_parquet(path, index=False))
+        write_text_atomically(out / "special_token_features.json",
+                              json.dumps({**summary, "features": special}, indent=1))
+        html = render_dashboard(summary, records, special, cfg.dashboard_features, cfg.dashboard_contexts)
+        write_text_atomically(out / "dashboard.html", html)
+        write_text_atomically(out / "features.json", json.dumps({**summary, "features": records}))
     return {**summary, "special": special, "out": str(out)}
 
 

@@ -83,3 +83,23 @@ def shard_file_problems(reader) -> Iterator[Problem]:
             if expected is not None and size < expected:
                 yield Problem(name, chunks, rows, "truncated", f"shard file {path} has {size:,} of at least "
                                                                f"{expected:,} bytes")
+
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def leftover_files(fs, root: str) -> list[str]:
+    """`.partial` files inside a store (zarr's own `zarr.json` writes, our shard writes) that a killed writer
+    left: never part of the store, and nothing a reader should find there."""
+    try:
+        found = fs.find(root.rstrip("/"))
+    except FileNotFoundError:
+        return []
+    return sorted(path for path in found if path.endswith(PARTIAL_SUFFIX) or ".partial-" in path.rsplit("/", 1)[-1])
+
+
+def leftover_problems(reader) -> Iterator[Problem]:
+    fs, root = next(iter(reader.arrays.values())).fs, next(iter(reader.arrays.values())).root
+    for path in leftover_files(fs, root):
+        yield Problem("store", None, None, "left over", f"{path} is a half-written file a killed writer left "
+                                                         "(rerun the extract to resume, which removes it)")

@@ -68,7 +68,8 @@ class ShardedArray:
         self.tag_bytes = 0 if store_id is None else TAG_BYTES * self.chunks_per_shard
         self.tail_bytes = self.tag_bytes + self.index_bytes  # what follows the chunks in a shard file
         self.chunk_bytes = spec.chunk_rows * spec.row_bytes  # before the codecs; what an uncompressed chunk holds
-        self._indexes: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._indexes: dict[int, np.ndarray] = {}
+        self._tags: dict[int, np.ndarray | None] = {}
         self._lock = threading.Lock()
         self._local = isinstance(fs, LocalFileSystem)
 
@@ -93,8 +94,8 @@ class ShardedArray:
     def _missing_shard(self, chunk: int, path: str) -> ChunkError:
         return self._error(chunk, "missing", f"its shard file {path} is not there")
 
-    def _shard_index(self, shard: int, chunk: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The shard's index of (offset, length) pairs and (format 3) its chunks' place tags."""
+    def _shard_index(self, shard: int, chunk: int) -> np.ndarray:
+        """The shard's index of (offset, length) pairs; its chunks' place tags (format 3) are kept beside it."""
         cached = self._indexes.get(shard)
         if cached is not None:
             return cached
@@ -114,16 +115,17 @@ class ShardedArray:
         index = np.frombuffer(raw[:-CRC_BYTES], dtype="<u8").reshape(self.chunks_per_shard, 2)
         tags = read_tags(tail[: self.tag_bytes], self.chunks_per_shard) if self.tag_bytes else None
         with self._lock:
-            self._indexes[shard] = (index, tags)
-        return index, tags
+            self._tags[shard] = tags
+            self._indexes[shard] = index
+        return index
 
     def read_chunk(self, chunk: int) -> np.ndarray:
         """The committed rows of inner chunk `chunk`, in the storage dtype."""
         if not 0 <= chunk < self.n_chunks:
             raise IndexError(f"{self.spec.name}: chunk {chunk} outside 0..{self.n_chunks - 1}")
         shard, local = divmod(chunk, self.chunks_per_shard)
-        index, tags = self._shard_index(shard, chunk)
-        offset, length = index[local]
+        offset, length = self._shard_index(shard, chunk)[local]
+        tags = self._tags[shard]
         if offset == EMPTY:
             raise self._error(chunk, "missing", f"shard file {self.shard_path(shard)} has no bytes for it")
         payload = self._read_range(self.shard_path(shard), int(offset), int(length), chunk)

@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 from tqdm import tqdm
 
-from instructsae.store.checks import Problem, length_problems, shard_file_problems
+from instructsae.store.checks import Problem, leftover_problems, length_problems, shard_file_problems
 from instructsae.store.chunks import ChunkError, ShardedArray
 from instructsae.errors import UserError
 from instructsae.store.layout import count_nonfinite
@@ -76,6 +76,7 @@ def verify_store(reader: StoreReader, show_progress: bool = True) -> list[Proble
         problems.append(Problem("manifest", None, None, "incomplete",
                                 "the extraction has not finished: rerun its extract (only committed rows checked)"))
     problems += shard_file_problems(reader)
+    problems += leftover_problems(reader)
     skip = {(p.array, chunk) for p in problems if p.chunks is not None and p.what in ("missing", "truncated")
             for chunk in range(p.chunks[0], p.chunks[1] + 1)}
     problems += chunk_problems(reader, skip, show_progress)

@@ -19,6 +19,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from instructsae.errors import UserError
 from instructsae.schemas.manifest import FORMAT_VERSION, MANIFEST_KEY, StoreManifest
+from instructsae.store.checks import leftover_files
 from instructsae.store.chunks import ShardedArray, shard_path
 from instructsae.store.layout import ArraySpec, TokenBlock, array_attributes, array_specs
 from instructsae.store.location import filesystem, zarr_location
@@ -129,6 +130,8 @@ class StoreWriter:
                             f"version cannot continue (it writes format {FORMAT_VERSION}): extract it again with "
                             "--overwrite")
         fs, root = filesystem(path)
+        for leftover in leftover_files(fs, root):  # half-written files of the writer that was killed: ours
+            fs.rm(leftover)
         pending = {}
         for spec in array_specs(manifest.identity):
             committed = manifest.n_tokens if spec.per == "token" else manifest.n_instances
