@@ -22,6 +22,7 @@ ROLE_TABLE = {
 }
 # Columns tried in order when --column is not given; instruction/input/output is the Alpaca triple.
 DIALOGUE_COLUMNS = ("messages", "conversations", "chosen")
+TURN_COLUMNS = ("messages", "conversations")  # a list of turns or nothing (`chosen` may be an HH transcript)
 ALPACA = "instruction/input/output"
 TEXT_COLUMN = "text"
 ROLE_KEYS = ("role", "from")
@@ -179,10 +180,14 @@ def normalize_row(row, index: int, fmt: RowFormat) -> Record | Skip:
         messages = _alpaca(row)
         return messages if isinstance(messages, Skip) else Record(index, messages=messages)
     value = row.get(fmt.column)
+    turns_expected = fmt.column in TURN_COLUMNS
     if value is None and isinstance(row.get(TEXT_COLUMN), str):  # plain text in a `messages` file dedup wrote
-        value = row[TEXT_COLUMN]
+        value, turns_expected = row[TEXT_COLUMN], False
     if isinstance(value, str):  # plain text, or an HH-style transcript in a dialogue column
         messages = transcript(value) if fmt.column in DIALOGUE_COLUMNS else None
+        if messages is None and turns_expected:
+            # a string where turns belong (not a transcript): stored as plain text it would pass for a dialogue
+            return Skip("malformed") if value.strip() else Skip("empty")
         if messages is None:
             return Record(index, text=value) if value.strip() else Skip("empty")
     else:
