@@ -249,10 +249,13 @@ def test_a_full_disk_while_extracting_is_one_line(tmp_path, monkeypatch, capsys,
 # ---------------------------------------------------------------- 8. decode errors and read-only outputs
 
 
-def test_a_corrupt_gzip_dataset_is_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("damage", ["overwritten", "cut short"])
+def test_a_corrupt_gzip_dataset_is_one_line(damage, tmp_path, monkeypatch, capsys):
     dataset = tmp_path / "d.jsonl.gz"
     whole = gzip.compress(write_dialogues(tmp_path / "d.jsonl", 400).read_bytes())
-    dataset.write_bytes(whole[: len(whole) // 2] + bytes(200) + whole[len(whole) // 2:])
+    # zlib.error (a deflate block overwritten) and EOFError (a download cut short)
+    damaged = whole[:20] + b"\xff" * 50 + whole[70:] if damage == "overwritten" else whole[: len(whole) // 2]
+    dataset.write_bytes(damaged)
     code, _, err = run_cli(monkeypatch, capsys, "dedup", "--dataset", str(dataset), "--out",
                            str(tmp_path / "c.parquet"))
     assert_one_line_error(code, err, str(dataset), "cannot be decompressed")
@@ -277,11 +280,11 @@ def test_dedup_into_a_read_only_folder_is_one_line(read_only_dir, tmp_path, monk
 
 
 def test_ctrl_c_says_interrupted_not_aborted(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    interrupt_extraction_at(monkeypatch, 2)
+    interrupt_extraction_at(monkeypatch, 3)  # Ctrl-C between groups
     out = tmp_path / "store"
     code, _, err = run_cli(monkeypatch, capsys, "extract", "--model", str(tiny_model_dir), "--dataset",
-                           "chatterbot", "--layers", "0", "--max-instances", "40", "--batch-tokens", "64",
-                           "--out", str(out))
+                           "chatterbot", "--layers", "0", "--max-instances", "40", "--chunk-tokens", "32",
+                           "--batch-tokens", "64", "--out", str(out))
     assert code == 130 and "interrupted" in err and "rerun to resume" in err and "aborted" not in err, err
     assert not Path(lock_location(out)).exists()
 

@@ -80,7 +80,10 @@ def shard_file_problems(reader) -> Iterator[Problem]:
                 continue
             expected = array.expected_shard_size(shard, array.n_rows)
             # A shard may hold more than the committed rows (an unfinished extraction), never less.
-            if expected is not None and size < expected:
+            if expected is not None and size == expected - array.tag_bytes and array.tag_bytes:
+                yield Problem(name, chunks, rows, "misplaced", f"shard file {path} has no place tags: rewritten "
+                                                               "by another writer (plain zarr?)")
+            elif expected is not None and size < expected:
                 yield Problem(name, chunks, rows, "truncated", f"shard file {path} has {size:,} of at least "
                                                                f"{expected:,} bytes")
 
