@@ -4,6 +4,7 @@ convert | demo | pipeline compare`.
 Bad input: one line on stderr, exit 2."""
 
 import json
+import os
 import sys
 
 import click
@@ -244,20 +245,20 @@ def _interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
-def _say(line: str) -> None:
-    """A line on stderr; under torchrun only rank 0 says it (every rank meets the same refusal)."""
-    from instructsae.distributed import ranks
-
-    if ranks().is_main:
+def _say(line: str, every_rank: bool = True) -> None:
+    """A line on stderr; under torchrun, a line every rank would say alike (a refusal rank 0 decided for all, an
+    interrupt) is said by rank 0 alone."""
+    if every_rank or os.environ.get("RANK", "0") == "0":  # torchrun's rank (distributed.ranks, without torch)
         click.echo(line, err=True)
 
 
 def _leave(code: int) -> None:
     """Exit; under torchrun leave the process group first, or its threads abort the process at exit (SIGABRT,
     'terminate called without an active exception')."""
-    from instructsae.distributed import abandon
+    if "torch.distributed" in sys.modules:  # (a command that failed before importing torch has no group)
+        from instructsae.distributed import abandon
 
-    abandon()
+        abandon()
     sys.exit(code)
 
 
@@ -269,11 +270,11 @@ def main() -> None:
         cli.main(standalone_mode=False)
     except UserError as error:
         _end_progress_bars()
-        _say(f"error: {error}")
+        _say(f"error: {error}", every_rank=not getattr(error, "said_by_main", False))
         _leave(2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns KeyboardInterrupt into Abort
         _end_progress_bars()
-        _say(INTERRUPTED)
+        _say(INTERRUPTED, every_rank=False)
         _leave(130)
     except click.ClickException as error:  # a bad flag or value: one line too, not click's usage block
         click.echo(f"error: {error.format_message()}", err=True)

@@ -94,7 +94,9 @@ def decided_on_main(decide: Callable[[], T]) -> T:
     dist.broadcast_object_list(outcome, src=0)
     kind, value = outcome[0]
     if kind == "refused":
-        raise UserError(value)
+        refusal = UserError(value)
+        refusal.said_by_main = not ranks().is_main  # the same line on every rank: rank 0 alone says it
+        raise refusal
     return value
 
 

@@ -62,9 +62,14 @@ def put_shard(fs: fsspec.AbstractFileSystem, path: str, pieces: list) -> None:
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         partial = f"{path}.partial"
-        with open(partial, "wb") as file:
-            for piece in pieces:
-                file.write(piece)
-        os.replace(partial, path)
+        try:
+            with open(partial, "wb") as file:
+                for piece in pieces:
+                    file.write(piece)
+            os.replace(partial, path)
+        except BaseException:  # a full disk, a kill signal: no half shard left in the store
+            if os.path.exists(partial):
+                os.unlink(partial)
+            raise
     else:
         fs.pipe_file(path, b"".join(pieces))
