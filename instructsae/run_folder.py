@@ -168,7 +168,8 @@ def prepare_building_folder(building: RunPaths) -> None:
 
 
 def remove_building_folders(folders: list[Path]) -> None:
-    """RUN.partial folders this very run prepared (prepare_building_folder), when they hold nothing to resume."""
+    """RUN.partial folders this very run prepared (prepare_building_folder), when they hold nothing to resume and
+    no finished SAE (one whose move into place failed keeps its folder)."""
     for folder in folders:
-        if is_building_folder(folder) and not foreign_entries(folder):
+        if is_building_folder(folder) and not foreign_entries(folder) and not RunPaths(folder).summary.exists():
             shutil.rmtree(folder, ignore_errors=True)

@@ -13,7 +13,8 @@ class Problem:
     array: str
     chunks: tuple[int, int] | None  # first and last chunk index; None for whole-array or manifest problems
     rows: tuple[int, int] | None  # [start, stop)
-    what: str  # missing, truncated, checksum, rows beyond the committed count, NaN/inf, manifest, incomplete
+    what: str  # missing, truncated, checksum, misplaced, rows beyond the committed count, NaN/inf, manifest,
+    #            incomplete, left over
     detail: str
 
     def line(self) -> str:
