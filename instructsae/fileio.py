@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from instructsae.errors import UserError
+from instructsae.errors import UserError, first_line
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -19,7 +19,7 @@ PARTIAL_SUFFIX = ".partial"
 def os_error_line(error: OSError, path: str | Path | None = None) -> str:
     """'cannot write FILE: No space left on device' from an OSError (its own file name where it has one)."""
     where = error.filename if error.filename is not None else path
-    reason = error.strerror or os.strerror(error.errno) if error.errno else str(error) or type(error).__name__
+    reason = error.strerror or (os.strerror(error.errno) if error.errno else first_line(error))
     verb = "read" if isinstance(error, FileNotFoundError) else "write"
     return f"cannot {verb} {where}: {reason}" if where is not None else f"{type(error).__name__}: {reason}"
 

@@ -5,7 +5,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from instructsae.errors import first_line
+from instructsae.fileio import PARTIAL_SUFFIX
 from instructsae.store.chunks import ShardedArray
+from instructsae.store.location import filesystem
 
 
 @dataclass(frozen=True)
@@ -89,21 +91,19 @@ def shard_file_problems(reader) -> Iterator[Problem]:
                                                                f"{expected:,} bytes")
 
 
-PARTIAL_SUFFIX = ".partial"
-
 
 def leftover_files(fs, root: str) -> list[str]:
-    """`.partial` files inside a store (zarr's own `zarr.json` writes, our shard writes) that a killed writer
-    left: never part of the store, and nothing a reader should find there."""
+    """`.partial` files inside a store (zarr's own `zarr.<uuid>.partial` metadata writes, our shard writes) that a
+    killed writer left: never part of the store, and nothing a reader should find there."""
     try:
         found = fs.find(root.rstrip("/"))
     except FileNotFoundError:
         return []
-    return sorted(path for path in found if path.endswith(PARTIAL_SUFFIX) or ".partial-" in path.rsplit("/", 1)[-1])
+    return sorted(path for path in found if path.endswith(PARTIAL_SUFFIX))
 
 
 def leftover_problems(reader) -> Iterator[Problem]:
-    fs, root = next(iter(reader.arrays.values())).fs, next(iter(reader.arrays.values())).root
+    fs, root = filesystem(reader.path)
     for path in leftover_files(fs, root):
         yield Problem("store", None, None, "left over", f"{path} is a half-written file a killed writer left "
                                                          "(rerun the extract to resume, which removes it)")
