@@ -58,6 +58,32 @@ def made_for_this_command(folder: Path) -> Iterator[None]:
         raise
 
 
+@contextmanager
+def built_aside(target: Path, ours: Callable[[str], bool]) -> Iterator[Path]:
+    """A folder of several files built in TARGET.partial (yielded, empty) and swapped into TARGET's place when the
+    block ends, so a reader finds the old set or the new one, never a mix. A TARGET.partial that a killed run
+    left is cleared first only when every entry in it is one `ours` accepts (else refused: it is not ours); if
+    the block fails, the building folder goes."""
+    building = target.with_name(target.name + PARTIAL_SUFFIX)
+    if building.is_symlink() or (building.exists() and not building.is_dir()):
+        raise UserError(f"{building} is in the way (not a folder this command built): move it away")
+    if building.is_dir():
+        foreign = sorted(entry.name for entry in building.iterdir() if not ours(entry.name))
+        if foreign:
+            raise UserError(f"{building} holds files this command did not write ({', '.join(foreign[:3])}): "
+                            "move them away")
+        shutil.rmtree(building)
+    try:
+        building.mkdir(parents=True)
+        yield building
+        move_folder_into_place(building, target)
+    except BaseException as error:
+        shutil.rmtree(building, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise UserError(os_error_line(error, building)) from None
+        raise
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     write_atomically(path, lambda partial: partial.write_text(text))
 

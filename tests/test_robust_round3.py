@@ -56,6 +56,30 @@ def test_a_second_dedup_into_the_same_out_is_refused(tmp_path, monkeypatch, caps
     assert not Path(lock_location(out)).exists()  # released
 
 
+def test_features_takes_the_writer_lock_of_its_folder(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "features"
+    with writer_lock(out, "features folder"):
+        code, _, err = run_cli(monkeypatch, capsys, "features", "--sae", str(tmp_path / "sae"), "--store",
+                               str(tmp_path / "store"), "--out", str(out))
+    assert_one_line_error(code, err, f"features folder {out} is being written by pid {os.getpid()}")
+
+
+def test_features_builds_aside_and_swaps_in(tmp_path):
+    from instructsae.fileio import built_aside
+
+    out = tmp_path / "features"
+    out.mkdir()
+    (out / "features.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with built_aside(out, lambda name: name == "features.json") as building:
+            (building / "features.json").write_text("half")
+            raise RuntimeError("killed midway")
+    assert (out / "features.json").read_text() == "old" and not (tmp_path / "features.partial").exists()
+    with built_aside(out, lambda name: name == "features.json") as building:
+        (building / "features.json").write_text("new")
+    assert (out / "features.json").read_text() == "new" and not (tmp_path / "features.partial").exists()
+
+
 # ---------------------------------------------------------------- 2. a sweep and a train into one member
 
 

@@ -20,7 +20,7 @@ from instructsae.evaluate.dashboard import render_dashboard
 from instructsae.evaluate.feature_stats import FeatureStats
 from instructsae.evaluate.run import open_sae_and_store
 from instructsae.store.reader import StoreReader
-from instructsae.fileio import made_for_this_command, write_atomically, write_text_atomically
+from instructsae.fileio import built_aside, write_atomically, write_text_atomically
 from instructsae.locks import writer_lock
 from instructsae.lm.models import load_tokenizer
 from instructsae.schemas.features import FeaturesConfig
@@ -137,13 +137,15 @@ def _run_features(cfg: FeaturesConfig, out: Path) -> dict:
                "layer": layer, "d_sae": sae.d_sae, "n_tokens": stats.n_tokens, "n_live": len(records),
                "special_threshold": cfg.special_threshold,
                "special_tokens": tokenizer.convert_ids_to_tokens(special_ids.tolist())}
-    with made_for_this_command(out):
-        write_atomically(out / "features.parquet", lambda path: feature_table(records).to_parquet(path, index=False))
-        write_text_atomically(out / "special_token_features.json",
+    with built_aside(out, lambda name: name in OUTPUT_FILES or name.removesuffix(".partial") in OUTPUT_FILES) \
+            as building:  # the four files swap in together
+        write_atomically(building / "features.parquet",
+                         lambda path: feature_table(records).to_parquet(path, index=False))
+        write_text_atomically(building / "special_token_features.json",
                               json.dumps({**summary, "features": special}, indent=1))
         html = render_dashboard(summary, records, special, cfg.dashboard_features, cfg.dashboard_contexts)
-        write_text_atomically(out / "dashboard.html", html)
-        write_text_atomically(out / "features.json", json.dumps({**summary, "features": records}))
+        write_text_atomically(building / "dashboard.html", html)
+        write_text_atomically(building / "features.json", json.dumps({**summary, "features": records}))
     return {**summary, "special": special, "out": str(out)}
 
 
