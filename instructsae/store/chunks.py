@@ -133,7 +133,8 @@ class ShardedArray:
             raise self._error(chunk, "truncated", f"{len(payload):,} of {int(length):,} bytes")
         if not crc32c_ok(payload):
             raise self._error(chunk, "checksum", "its bytes fail their crc32c (changed since written)")
-        if tags is not None and int(tags[local]) != place_tag(self.store_id, self.spec.name, chunk, payload[-CRC_BYTES:]):
+        if tags is not None and \
+                int(tags[local]) != place_tag(self.store_id, self.spec.name, chunk, payload[-CRC_BYTES:]):
             raise self._error(chunk, "misplaced", f"shard file {self.shard_path(shard)} holds a chunk written for "
                                                   "another place (shard files moved or swapped, or copied from "
                                                   "another store)")

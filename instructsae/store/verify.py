@@ -77,7 +77,8 @@ def verify_store(reader: StoreReader, show_progress: bool = True) -> list[Proble
                                 "the extraction has not finished: rerun its extract (only committed rows checked)"))
     problems += shard_file_problems(reader)
     problems += leftover_problems(reader)
-    skip = {(p.array, chunk) for p in problems if p.chunks is not None and p.what in ("missing", "truncated", "misplaced")
+    whole_shard = ("missing", "truncated", "misplaced")  # named once for the shard file, not again per chunk
+    skip = {(p.array, chunk) for p in problems if p.chunks is not None and p.what in whole_shard
             for chunk in range(p.chunks[0], p.chunks[1] + 1)}
     problems += chunk_problems(reader, skip, show_progress)
     if not any(p.array.startswith("instance_") and p.what != "manifest" for p in problems):
