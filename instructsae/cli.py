@@ -232,17 +232,22 @@ def _end_progress_bars() -> None:
 INTERRUPTED = "interrupted (a store keeps what it committed, a run its last checkpoint; rerun to resume)"
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM (a scheduler's stop, `kill`) ends a command the way Ctrl-C does: the same line, locks released and
-    `.partial` files removed by the blocks that hold them, instead of a silent death."""
+_signalled: list[int] = []
+
+
+def _interrupt_on_signals() -> None:
+    """SIGTERM (a scheduler's stop, `kill`) ends a command the way Ctrl-C (SIGINT) does: KeyboardInterrupt, so
+    the blocks that hold locks and `.partial` files release and remove them, then the same line."""
     import signal
     import threading
 
     def interrupt(signum, frame):
+        _signalled.append(signum)
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, interrupt)
 
 
 def _say(line: str, every_rank: bool = True) -> None:
@@ -254,18 +259,24 @@ def _say(line: str, every_rank: bool = True) -> None:
 
 def _leave(code: int) -> None:
     """Exit; under torchrun leave the process group first, or its threads abort the process at exit (SIGABRT,
-    'terminate called without an active exception')."""
+    'terminate called without an active exception'). After a signal, at once: the interrupted blocks have
+    released what they held, and the interpreter's teardown would only wake zarr's event loop thread to print
+    tracebacks of the tasks the interrupt left it."""
     if "torch.distributed" in sys.modules:  # (a command that failed before importing torch has no group)
         from instructsae.distributed import abandon
 
         abandon()
+    if _signalled:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
 def main() -> None:
     from instructsae.fileio import os_error_line
 
-    _interrupt_on_sigterm()
+    _interrupt_on_signals()
     try:
         cli.main(standalone_mode=False)
     except UserError as error:

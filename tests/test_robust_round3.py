@@ -394,6 +394,28 @@ def test_a_sweep_refused_for_memory_leaves_no_folder(tmp_path, monkeypatch, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_a_store_is_created_aside_so_a_killed_creation_leaves_no_half_store(tmp_path, monkeypatch):
+    """A kill while zarr writes the new store's metadata leaves STORE.partial (cleared by the rerun), never a STORE
+    that is neither a store nor empty."""
+    from instructsae.store import writer
+
+    real_skeleton, calls = writer._skeleton, []
+
+    def killed_midway(location, manifest):
+        calls.append(location)
+        import zarr
+        zarr.open_group(location, mode="w", zarr_format=3)  # the group's zarr.json, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "_skeleton", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_store(tmp_path / "store")
+    assert calls == [f"{tmp_path / 'store'}.partial"] and not (tmp_path / "store").exists()
+    monkeypatch.setattr(writer, "_skeleton", real_skeleton)
+    tiny_store(tmp_path / "store")
+    assert problems(tmp_path / "store") == [] and sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
 def test_wandb_missing_leaves_no_run_partial(tmp_path, monkeypatch):
     use_reader(monkeypatch, FakeReader())
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError

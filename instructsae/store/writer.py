@@ -9,15 +9,19 @@ shards beyond the commit: `resume` reads back the committed rows of each array's
 rest, and the extraction redoes the work after the commit. The last partial shards are written by `finish`.
 """
 
+import os
+import shutil
 import uuid
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from instructsae.errors import UserError
+from instructsae.fileio import PARTIAL_SUFFIX
 from instructsae.schemas.manifest import FORMAT_VERSION, MANIFEST_KEY, StoreManifest
 from instructsae.store.checks import leftover_files
 from instructsae.store.chunks import ShardedArray, shard_path
@@ -35,6 +39,25 @@ def create_array(group: zarr.Group, spec: ArraySpec, attributes: dict) -> None:
         spec.name, shape=(0, *spec.row_shape), dtype=spec.dtype, chunks=(spec.chunk_rows, *spec.row_shape),
         shards=(spec.shard_rows, *spec.row_shape), compressors=compressors, fill_value=0, attributes=attributes,
     )
+
+
+def _skeleton(location: str, manifest: StoreManifest) -> None:
+    """The group, its empty arrays and the first manifest (the commit record) at `location`."""
+    group = zarr.open_group(location, mode="w", zarr_format=3)
+    for spec in array_specs(manifest.identity):
+        create_array(group, spec, array_attributes(spec, manifest.identity))
+    group.attrs[MANIFEST_KEY] = manifest.model_copy(update={"format_version": FORMAT_VERSION}).model_dump(mode="json")
+
+
+def _remove_skeleton(building: str) -> None:
+    """Remove what a killed creation left at STORE.partial, only if it is that: zarr metadata files alone."""
+    found = [] if os.path.islink(building) else [os.path.join(folder, name) for folder, _, names in
+                                                  os.walk(building) for name in names]
+    if os.path.islink(building) or not os.path.isdir(building) or \
+            any(os.path.basename(file) != "zarr.json" and not file.endswith(PARTIAL_SUFFIX) for file in found):
+        raise UserError(f"{building} is in the way of the new store and is not a skeleton this command left: move "
+                        "it away")
+    shutil.rmtree(building)
 
 
 class PendingRows:
@@ -112,14 +135,21 @@ class StoreWriter:
 
     @classmethod
     def create(cls, path: str | Path, manifest: StoreManifest) -> "StoreWriter":
-        group = zarr.open_group(zarr_location(path), mode="w", zarr_format=3)
-        pending = {}
-        for spec in array_specs(manifest.identity):
-            create_array(group, spec, array_attributes(spec, manifest.identity))
-            pending[spec.name] = PendingRows(spec, 0, np.empty((0, *spec.row_shape), dtype=spec.dtype))
-        writer = cls(path, group, manifest, pending)
-        writer.commit(manifest)
-        return writer
+        """A new, empty store. On the local disk its skeleton (group, arrays, first manifest) is built in
+        `STORE.partial` and renamed into place, so a kill while zarr writes it never leaves a folder that is
+        neither a store nor empty (which a rerun would have to refuse)."""
+        fs, root = filesystem(path)
+        manifest = manifest.model_copy(update={"store_id": manifest.store_id or uuid.uuid4().hex})
+        building = f"{root.rstrip('/')}{PARTIAL_SUFFIX}" if isinstance(fs, LocalFileSystem) else None
+        if building is not None and os.path.lexists(building):
+            _remove_skeleton(building)  # a killed creation's
+        _skeleton(building or zarr_location(path), manifest)
+        if building is not None:
+            os.replace(building, root)  # `root` is absent or an empty folder (the caller checked)
+        group = zarr.open_group(zarr_location(path), mode="r+")
+        pending = {spec.name: PendingRows(spec, 0, np.empty((0, *spec.row_shape), dtype=spec.dtype))
+                   for spec in array_specs(manifest.identity)}
+        return cls(path, group, manifest, pending)
 
     @classmethod
     def resume(cls, path: str | Path) -> "StoreWriter":
