@@ -4,6 +4,7 @@ convert | demo | pipeline compare | export neuronpedia`.
 Bad input: one line on stderr, exit 2."""
 
 import json
+import os
 import sys
 
 import click
@@ -174,7 +175,8 @@ def verify(store, as_json):
 @click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=512.0, show_default=True,
               help=_describe(ExtractConfig, "shard_mb"))
 def convert(store, out, shard_mb):
-    """Rewrite a finished store of an older format (1: no checksums, a file per chunk) in the current one."""
+    """Rewrite a finished store of an older format (1: no checksums, a file per chunk; 2: chunks not bound to their
+    place) in the current one."""
     from instructsae.store.convert import convert_store, describe
 
     click.echo(describe(convert_store(store, out, shard_mb), out))
@@ -261,22 +263,71 @@ def _end_progress_bars() -> None:
         bar.close()
 
 
+INTERRUPTED = "interrupted (a store keeps what it committed, a run its last checkpoint; rerun to resume)"
+
+
+_signalled: list[int] = []
+
+
+def _interrupt_on_signals() -> None:
+    """SIGTERM (a scheduler's stop, `kill`) ends a command the way Ctrl-C (SIGINT) does: KeyboardInterrupt, so
+    the blocks that hold locks and `.partial` files release and remove them, then the same line."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        _signalled.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, interrupt)
+
+
+def _say(line: str, every_rank: bool = True) -> None:
+    """A line on stderr; under torchrun, a line every rank would say alike (a refusal rank 0 decided for all, an
+    interrupt) is said by rank 0 alone."""
+    if every_rank or os.environ.get("RANK", "0") == "0":  # torchrun's rank (distributed.ranks, without torch)
+        click.echo(line, err=True)
+
+
+def _leave(code: int) -> None:
+    """Exit; under torchrun leave the process group first, or its threads abort the process at exit (SIGABRT,
+    'terminate called without an active exception'). After a signal, at once: the interrupted blocks have
+    released what they held, and the interpreter's teardown would only wake zarr's event loop thread to print
+    tracebacks of the tasks the interrupt left it."""
+    if "torch.distributed" in sys.modules:  # (a command that failed before importing torch has no group)
+        from instructsae.distributed import abandon
+
+        abandon()
+    if _signalled:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main() -> None:
+    from instructsae.fileio import os_error_line
+
+    _interrupt_on_signals()
     try:
         cli.main(standalone_mode=False)
     except UserError as error:
         _end_progress_bars()
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+        _say(f"error: {error}", every_rank=not getattr(error, "said_by_main", False))
+        _leave(2)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns KeyboardInterrupt into Abort
+        _end_progress_bars()
+        _say(INTERRUPTED, every_rank=False)
+        _leave(130)
     except click.ClickException as error:  # a bad flag or value: one line too, not click's usage block
         click.echo(f"error: {error.format_message()}", err=True)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted (a store keeps what it committed; rerun to resume)", err=True)
-        sys.exit(130)
+    except OSError as error:  # a full disk, a read-only file system, no permission: the file, not a traceback
+        _end_progress_bars()
+        _say(f"error: {os_error_line(error)}")
+        _leave(2)
 
 
 if __name__ == "__main__":

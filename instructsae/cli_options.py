@@ -65,7 +65,12 @@ def read_yaml(path: str | None) -> dict:
     if not file.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise UserError(f"config file {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                        f"{error.start})") from None
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror or first_line(error)}") from None
     except yaml.YAMLError as error:
         raise UserError(f"config file {path} is not valid YAML: {first_line(error)}") from None
     if not isinstance(data, dict):

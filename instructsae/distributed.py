@@ -94,7 +94,9 @@ def decided_on_main(decide: Callable[[], T]) -> T:
     dist.broadcast_object_list(outcome, src=0)
     kind, value = outcome[0]
     if kind == "refused":
-        raise UserError(value)
+        refusal = UserError(value)
+        refusal.said_by_main = not ranks().is_main  # the same line on every rank: rank 0 alone says it
+        raise refusal
     return value
 
 
@@ -121,3 +123,12 @@ def balanced_assignment(costs: list[tuple[float, ...]], world: int) -> list[int]
         loads[best] = [a + b for a, b in zip(loads[best], shares[index])]
         owner[index] = best
     return owner
+
+
+def abandon() -> None:
+    """Leave the process group without waiting for the other ranks (a rank that stops on an error)."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - already failing; the error being reported matters more
+            pass

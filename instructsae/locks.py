@@ -34,11 +34,13 @@ LOCK_SUFFIX = ".lock"
 
 
 def lock_location(target: str | Path) -> str:
-    """Where the lock of TARGET lives: TARGET.lock, on TARGET's file system (a path on the local disk)."""
+    """Where the lock of TARGET lives: TARGET.lock, on TARGET's file system (a path on the local disk). The
+    folders above TARGET are resolved, so two spellings of one target (through a linked folder) share a lock."""
     fs, root = _filesystem(target)
     root = root.rstrip("/") or "/"
     if isinstance(fs, LocalFileSystem):
-        return os.path.abspath(root) + LOCK_SUFFIX
+        path = Path(os.path.abspath(root))
+        return str(Path(os.path.realpath(path.parent)) / path.name) + LOCK_SUFFIX
     return fs.unstrip_protocol(root + LOCK_SUFFIX)
 
 
@@ -49,10 +51,17 @@ def local_path(location: str | Path) -> Path | None:
 
 
 @contextmanager
-def writer_lock(target: str | Path, what: str) -> Iterator[None]:
-    """Hold TARGET's writer lock for the block; `what` names TARGET in messages ("store", "run folder")."""
+def writer_lock(target: str | Path, what: str, is_file: bool = False) -> Iterator[None]:
+    """Hold TARGET's writer lock for the block; `what` names TARGET in messages ("store", "run folder");
+    `is_file`: TARGET is one file (dedup's parquet), not a folder.
+
+    Every command that writes takes it before it writes or removes anything, so this is also where a target
+    that is a symbolic link is refused: swapping a folder into its place, or removing it, would replace the link
+    and leave what it points to stale."""
+    refuse_symlink(target, what)
     fs, root = _filesystem(target)
-    release = _lock_local(target, what) if isinstance(fs, LocalFileSystem) else _lock_remote(fs, root, target, what)
+    release = (_lock_local(target, what, is_file) if isinstance(fs, LocalFileSystem)
+               else _lock_remote(fs, root, target, what))
     try:
         yield
     finally:
@@ -66,8 +75,17 @@ def holder_description(holder: dict | None) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}{command}"
 
 
-def check_writable(target: str | Path, what: str) -> None:
-    """TARGET can be written: it (if it exists) or the nearest folder above it accepts new entries.
+def refuse_symlink(target: str | Path, what: str) -> None:
+    """A target on the local disk that is a symbolic link is refused, naming what it points to."""
+    path = local_path(target)
+    if path is not None and path.is_symlink():
+        raise UserError(f"{what} {target} is a symbolic link (to {os.path.realpath(path)}): give the path it "
+                        "points to, so that what is replaced is the folder itself, not the link")
+
+
+def check_writable(target: str | Path, what: str, is_file: bool = False) -> None:
+    """TARGET can be written: it (if it exists) or the nearest folder above it accepts new entries (a file
+    target: its folder, where it is built aside and renamed into place).
 
     Checked before any slow work, so a read-only location is one line at once rather than a traceback later."""
     fs, root = _filesystem(target)
@@ -75,7 +93,9 @@ def check_writable(target: str | Path, what: str) -> None:
         return  # remote permissions show only on the first write; the lock object is that first write
     path = Path(os.path.abspath(root))
     existing = next(folder for folder in (path, *path.parents) if folder.exists())
-    if existing == path and not path.is_dir():
+    if existing == path and is_file:
+        existing = path.parent
+    elif existing == path and not path.is_dir():
         raise UserError(f"output path exists and is not a {what}: {target} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         reason = "the file system is read-only" if _read_only_mount(existing) else "no write permission"
@@ -116,8 +136,8 @@ def _refusal(target, what: str, holder: dict | None, lock: str) -> UserError:
                      f"(lock {lock})")
 
 
-def _lock_local(target, what: str):
-    check_writable(target, what)
+def _lock_local(target, what: str, is_file: bool):
+    check_writable(target, what, is_file)
     lock = lock_location(target)
     try:
         Path(lock).parent.mkdir(parents=True, exist_ok=True)

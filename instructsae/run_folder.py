@@ -87,11 +87,12 @@ def is_finished(folder: str | Path, key: str) -> bool:
 
 
 def foreign_entries(folder: Path) -> list[str]:
-    """What is in the folder that no training run writes."""
+    """What is in the folder that no training run writes: anything but a run's own entries and their
+    `.partial` files (a `.partial` of any other name is the user's, and is never ours to remove)."""
     if not folder.is_dir():
         return []
-    return sorted(entry.name for entry in folder.iterdir()
-                  if entry.name not in RUN_ENTRIES and not entry.name.endswith(".partial"))
+    ours = set(RUN_ENTRIES) | {name + BUILDING_SUFFIX for name in RUN_ENTRIES}
+    return sorted(entry.name for entry in folder.iterdir() if entry.name not in ours)
 
 
 def refuse_enclosing_cwd(path: str | Path, flag: str = "--out") -> None:
@@ -162,3 +163,11 @@ def prepare_building_folder(building: RunPaths) -> None:
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
+
+
+def remove_building_folders(folders: list[Path]) -> None:
+    """RUN.partial folders this very run prepared (prepare_building_folder), when they hold nothing to resume and
+    no finished SAE (one whose move into place failed keeps its folder)."""
+    for folder in folders:
+        if is_building_folder(folder) and not foreign_entries(folder) and not RunPaths(folder).summary.exists():
+            shutil.rmtree(folder, ignore_errors=True)

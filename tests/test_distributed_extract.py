@@ -149,6 +149,8 @@ def test_verify_reads_every_part_and_names_a_damaged_chunk(two_ranks, tmp_path, 
 
 
 def test_a_second_torchrun_into_the_store_is_refused_on_every_rank(tiny_model_dir, tmp_path):
+    """Every rank stops; rank 0 says why, once, and no rank aborts on its way out (SIGABRT from a process group
+    left behind: 'terminate called without an active exception')."""
     out = tmp_path / "store"
     with writer_lock(out, "store"):  # this process writes the store
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
@@ -156,7 +158,8 @@ def test_a_second_torchrun_into_the_store_is_refused_on_every_rank(tiny_model_di
         result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     refusals = [line for line in result.stderr.splitlines() if line.startswith("error: store")]
-    assert len(refusals) == 2 and all("is being written by pid" in line for line in refusals), result.stderr[-3000:]
+    assert len(refusals) == 1 and "is being written by pid" in refusals[0], result.stderr[-3000:]
+    assert "terminate called" not in result.stderr and "SIGABRT" not in result.stderr, result.stderr[-3000:]
     assert not out.exists()
 
 

@@ -111,13 +111,16 @@ def test_verify_names_each_kind_of_damage(store, what, monkeypatch, capsys):
     damage(store)
     code, out, _ = run_cli(monkeypatch, capsys, "verify", str(store))
     assert code == 1
-    problems = [line for line in out.splitlines() if line.startswith(ACTS)]
+    # rows appended by plain zarr rewrote the last shard without place tags: that is named as well
+    rewritten = [line for line in out.splitlines() if "has no place tags" in line]
+    assert len(rewritten) == (what == "rows beyond the committed count"), out
+    problems = [line for line in out.splitlines() if line.startswith(ACTS) and line not in rewritten]
     assert len(problems) == 1, out
     assert f": {what}: " in problems[0] and where in problems[0], problems[0]
     code, out, _ = run_cli(monkeypatch, capsys, "verify", str(store), "--json")
     report = json.loads(out)
     assert code == 1 and not report["ok"]
-    assert [(p["array"], p["what"]) for p in report["problems"]] == [(ACTS, what)]
+    assert [(p["array"], p["what"]) for p in report["problems"] if "no place tags" not in p["detail"]] == [(ACTS, what)]
 
 
 @pytest.mark.parametrize("what", sorted(DAMAGE))

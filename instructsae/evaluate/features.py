@@ -30,7 +30,8 @@ from instructsae.evaluate.dashboard import render_dashboard
 from instructsae.evaluate.feature_stats import FeatureStats
 from instructsae.evaluate.run import open_sae_and_store
 from instructsae.store.reader import StoreReader
-from instructsae.fileio import write_atomically, write_text_atomically
+from instructsae.fileio import built_aside, write_atomically, write_text_atomically
+from instructsae.locks import writer_lock
 from instructsae.lm.models import load_model, load_tokenizer
 from instructsae.lm.unembed import logit_effects
 from instructsae.schemas.features import FeaturesConfig
@@ -212,15 +213,24 @@ def measure_views(cfg: FeaturesConfig) -> tuple[dict, list[dict], list[dict]]:
 
 def run_features(cfg: FeaturesConfig) -> dict:
     out = Path(cfg.out)
+    with writer_lock(out, "features folder"):  # one writer at a time; a link or a read-only --out: one line
+        return _run_features(cfg, out)
+
+
+def _run_features(cfg: FeaturesConfig, out: Path) -> dict:
     check_out_folder(out)
     summary, records, special = measure_views(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / "features.parquet", lambda path: feature_table(records).to_parquet(path, index=False))
-    write_atomically(out / "contexts.parquet", lambda path: context_table(records).to_parquet(path, index=False))
-    write_text_atomically(out / "special_token_features.json", json.dumps({**summary, "features": special}, indent=1))
-    html = render_dashboard(summary, records, special, cfg.dashboard_features, cfg.dashboard_contexts)
-    write_text_atomically(out / "dashboard.html", html)
-    write_text_atomically(out / "features.json", json.dumps({**summary, "features": records}))
+    with built_aside(out, lambda name: name in OUTPUT_FILES or name.removesuffix(".partial") in OUTPUT_FILES) \
+            as building:  # the files swap in together
+        write_atomically(building / "features.parquet",
+                         lambda path: feature_table(records).to_parquet(path, index=False))
+        write_atomically(building / "contexts.parquet",
+                         lambda path: context_table(records).to_parquet(path, index=False))
+        write_text_atomically(building / "special_token_features.json",
+                              json.dumps({**summary, "features": special}, indent=1))
+        html = render_dashboard(summary, records, special, cfg.dashboard_features, cfg.dashboard_contexts)
+        write_text_atomically(building / "dashboard.html", html)
+        write_text_atomically(building / "features.json", json.dumps({**summary, "features": records}))
     return {**summary, "special": special, "out": str(out)}
 
 

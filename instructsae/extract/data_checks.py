@@ -7,12 +7,15 @@ text files itself, because pyarrow's own message counts rows from the start of a
 """
 
 import json
+import lzma
+import zlib
 from pathlib import Path
 
-from instructsae.errors import UserError
+from instructsae.errors import UserError, first_line
 from instructsae.extract.sources import Source, data_format
 
 PARQUET_MAGIC = b"PAR1"
+DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)  # gzip.BadGzipFile is an OSError
 
 
 def check_parquet_magic(path: Path) -> None:
@@ -44,7 +47,17 @@ def _not_utf8(number: int, raw: bytes, error: UnicodeDecodeError) -> str:
 
 
 def first_bad_line(path: Path) -> str | None:
-    """'line N is not UTF-8 text (...)' / 'line N is not valid JSON (...)' for the first bad line, else None."""
+    """'line N is not UTF-8 text (...)' / 'line N is not valid JSON (...)' for the first bad line, 'cannot be
+    decompressed (...)' for a damaged .gz/.zst/.bz2/.xz, else None."""
+    try:
+        return _first_bad_line(path)
+    except Exception as error:  # noqa: BLE001 - gzip, bz2, lzma and zstandard each raise their own types
+        if not isinstance(error, DECOMPRESSION_ERRORS) and type(error).__name__ != "ZstdError":
+            raise
+        return f"cannot be decompressed ({first_line(error)})"
+
+
+def _first_bad_line(path: Path) -> str | None:
     kind = data_format(path)
     if kind not in (".json", ".jsonl", ".csv"):
         return None

@@ -3,7 +3,6 @@
 dedup index and one batch of kept rows."""
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -12,6 +11,8 @@ from tqdm.auto import tqdm
 from instructsae.errors import UserError
 from instructsae.extract.data import DatasetReader
 from instructsae.extract.rows import Message, Record
+from instructsae.fileio import write_atomically
+from instructsae.locks import writer_lock
 from instructsae.schemas.dataset import DedupConfig, DedupSettings
 
 BATCH_ROWS = 1000
@@ -59,16 +60,21 @@ def _check_out(cfg: DedupConfig) -> Path:
 
 def run_dedup(cfg: DedupConfig, show_progress: bool = True) -> dict:
     """Write the kept rows to cfg.out (atomically: a killed run leaves no half file) and return the report."""
+    out = _check_out(cfg)
+    with writer_lock(out, "dedup output", is_file=True):  # a second dedup into the same --out is refused
+        return _write_kept_rows(cfg, out, show_progress)
+
+
+def _write_kept_rows(cfg: DedupConfig, out: Path, show_progress: bool) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = _check_out(cfg)
     settings = DedupSettings(ngram=cfg.ngram, threshold=cfg.threshold, seed=cfg.seed, num_perm=cfg.num_perm)
     reader = DatasetReader.from_options(cfg, settings)
-    partial = out.with_name(out.name + ".partial")
     started = time.perf_counter()
-    batch: list[dict] = []
-    try:
+
+    def write(partial: Path) -> None:
+        batch: list[dict] = []
         with pq.ParquetWriter(partial, _schema()) as writer:
             for record in tqdm(reader, desc="dedup", unit="row", disable=not show_progress, dynamic_ncols=True):
                 batch.append(_row(record))
@@ -77,10 +83,8 @@ def run_dedup(cfg: DedupConfig, show_progress: bool = True) -> dict:
                     batch = []
             if batch:
                 writer.write_table(pa.Table.from_pylist(batch, schema=_schema()))
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, out)
+
+    write_atomically(out, write)  # built in OUT.partial, renamed into place; a failure leaves neither half
     counts = reader.duplicates.counts
     unusable = {reason: n for reason, n in reader.skipped.items() if reason not in ("duplicate", "near duplicate")}
     return {

@@ -25,6 +25,7 @@ ROLE_TABLE = {
 }
 # Columns tried in order when --column is not given; instruction/input/output is the Alpaca triple.
 DIALOGUE_COLUMNS = ("messages", "conversations", "chosen")
+TURN_COLUMNS = ("messages", "conversations")  # a list of turns or nothing (`chosen` may be an HH transcript)
 ALPACA = "instruction/input/output"
 PAIR = "prompt/response"  # --prompt-column and --response-column
 TEXT_COLUMN = "text"
@@ -304,10 +305,14 @@ def _messages(row: dict, fmt: RowFormat) -> tuple[Message, ...] | str | Skip:
     if fmt.column == PAIR:
         return _pair(row, fmt)
     value = row.get(fmt.column)
+    turns_expected = fmt.column in TURN_COLUMNS
     if value is None and isinstance(row.get(TEXT_COLUMN), str):  # plain text in a `messages` file dedup wrote
-        value = row[TEXT_COLUMN]
+        value, turns_expected = row[TEXT_COLUMN], False
     if isinstance(value, str):  # plain text, or an HH-style transcript in a dialogue column
         messages = transcript(value) if fmt.column in TRANSCRIPT_COLUMNS else None
+        if messages is None and turns_expected:
+            # a string where turns belong (not a transcript): stored as plain text it would pass for a dialogue
+            return Skip("malformed") if value.strip() else Skip("empty")
         if messages is None:
             return value if value.strip() else Skip("empty")
         return messages

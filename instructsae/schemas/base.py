@@ -5,7 +5,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict
 
 
 class FrozenModel(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: no setting is meaningful as NaN or inf (an lr of inf diverges, a steering alpha of
+    # nan generates nothing), so they are refused while the flags are parsed, not found out mid-run
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def differing_fields(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:

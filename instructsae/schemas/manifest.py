@@ -4,7 +4,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from instructsae.schemas.base import FrozenModel
 from instructsae.schemas.dataset import DedupSettings
@@ -12,7 +12,11 @@ from instructsae.schemas.extract import StoreDtype
 
 MANIFEST_KEY = "instructsae"
 # 2: sharded arrays with a crc32c on every inner chunk (1: one file per chunk, no checksums)
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Format 3 binds every chunk to its place (store_id, array, chunk index: store/places.py); format 2 stores, whose
+# chunks carry only their own crc32c, are still read (their chunks' places cannot be checked) and `convert`
+# rewrites them in format 3.
+READABLE_FORMATS = (2, 3)
 
 # Role codes stored per token.
 ROLES = ("template", "system", "user", "assistant", "text", "tool", "reasoning")  # append only: codes are stored
@@ -21,6 +25,8 @@ ROLE_CODE = {name: code for code, name in enumerate(ROLES)}
 
 class LayerStats(FrozenModel):
     """Running sums over the stored tokens of one layer, in float64, so a resumed run can add to them."""
+
+    model_config = ConfigDict(allow_inf_nan=True)  # measured, not set: --keep-nonfinite can make them inf
 
     count: int = 0
     sum_sq_norm: float = 0.0
@@ -103,6 +109,9 @@ class StorePart(FrozenModel):
 
 class StoreManifest(FrozenModel):
     format_version: int = FORMAT_VERSION
+    store_id: str | None = Field(
+        None, description="drawn at random when the store is created (format 3); every chunk's place tag names it, "
+        "so a chunk copied from another store is told from this store's own")
     tool_version: str
     identity: StoreIdentity
     fingerprint: str

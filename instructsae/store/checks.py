@@ -5,7 +5,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from instructsae.errors import first_line
+from instructsae.fileio import PARTIAL_SUFFIX
 from instructsae.store.chunks import ShardedArray
+from instructsae.store.location import filesystem
 
 
 @dataclass(frozen=True)
@@ -13,7 +15,8 @@ class Problem:
     array: str
     chunks: tuple[int, int] | None  # first and last chunk index; None for whole-array or manifest problems
     rows: tuple[int, int] | None  # [start, stop)
-    what: str  # missing, truncated, checksum, rows beyond the committed count, NaN/inf, manifest, incomplete
+    what: str  # missing, truncated, checksum, misplaced, rows beyond the committed count, NaN/inf, manifest,
+    #            incomplete, left over
     detail: str
 
     def line(self) -> str:
@@ -80,6 +83,27 @@ def shard_file_problems(reader) -> Iterator[Problem]:
                 continue
             expected = array.expected_shard_size(shard, array.n_rows)
             # A shard may hold more than the committed rows (an unfinished extraction), never less.
-            if expected is not None and size < expected:
+            if expected is not None and size == expected - array.tag_bytes and array.tag_bytes:
+                yield Problem(name, chunks, rows, "misplaced", f"shard file {path} has no place tags: rewritten "
+                                                               "by another writer (plain zarr?)")
+            elif expected is not None and size < expected:
                 yield Problem(name, chunks, rows, "truncated", f"shard file {path} has {size:,} of at least "
                                                                f"{expected:,} bytes")
+
+
+
+def leftover_files(fs, root: str) -> list[str]:
+    """`.partial` files inside a store (zarr's own `zarr.<uuid>.partial` metadata writes, our shard writes) that a
+    killed writer left: never part of the store, and nothing a reader should find there."""
+    try:
+        found = fs.find(root.rstrip("/"))
+    except FileNotFoundError:
+        return []
+    return sorted(path for path in found if path.endswith(PARTIAL_SUFFIX))
+
+
+def leftover_problems(reader) -> Iterator[Problem]:
+    fs, root = filesystem(reader.path)
+    for path in leftover_files(fs, root):
+        yield Problem("store", None, None, "left over", f"{path} is a half-written file a killed writer left "
+                                                         "(rerun the extract to resume, which removes it)")

@@ -17,6 +17,7 @@ from numcodecs import Zstd
 
 from instructsae.errors import UserError
 from instructsae.store.layout import ArraySpec
+from instructsae.store.places import TAG_BYTES, place_tag, read_tags
 
 EMPTY = np.uint64(2**64 - 1)  # the shard index's offset and length of a chunk that was never written
 CRC_BYTES = 4
@@ -28,7 +29,7 @@ def shard_path(root: str, spec: ArraySpec, shard: int) -> str:
 
 
 class ChunkError(UserError):
-    """A chunk that cannot be trusted; `what` is one of: missing, truncated, checksum."""
+    """A chunk that cannot be trusted; `what` is one of: missing, truncated, checksum, misplaced."""
 
     def __init__(self, store: str, array: str, chunk: int, rows: tuple[int, int], what: str, detail: str):
         self.array, self.chunk, self.rows, self.what, self.detail = array, chunk, rows, what, detail
@@ -56,13 +57,19 @@ def read_local_range(path: str, start: int, length: int) -> np.ndarray:
 class ShardedArray:
     """One array of a store, read inner chunk by inner chunk; `n_rows` is how many rows are committed."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, spec: ArraySpec, n_rows: int, store: str):
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, spec: ArraySpec, n_rows: int, store: str,
+                 store_id: str | None = None):
+        """`store_id`: the manifest's (format 3), whose place tags are then checked; None for format 2."""
         self.fs, self.root, self.spec, self.n_rows, self.store = fs, root.rstrip("/"), spec, n_rows, store
+        self.store_id = store_id
         self.n_chunks = -(-n_rows // spec.chunk_rows)
         self.chunks_per_shard = spec.shard_rows // spec.chunk_rows
         self.index_bytes = 16 * self.chunks_per_shard + CRC_BYTES
+        self.tag_bytes = 0 if store_id is None else TAG_BYTES * self.chunks_per_shard
+        self.tail_bytes = self.tag_bytes + self.index_bytes  # what follows the chunks in a shard file
         self.chunk_bytes = spec.chunk_rows * spec.row_bytes  # before the codecs; what an uncompressed chunk holds
         self._indexes: dict[int, np.ndarray] = {}
+        self._tags: dict[int, np.ndarray | None] = {}
         self._lock = threading.Lock()
         self._local = isinstance(fs, LocalFileSystem)
 
@@ -79,7 +86,7 @@ class ShardedArray:
             return None
         first = shard * self.chunks_per_shard
         present = min(self.chunks_per_shard, -(-n_rows // self.spec.chunk_rows) - first)
-        return present * (self.chunk_bytes + CRC_BYTES) + self.index_bytes
+        return present * (self.chunk_bytes + CRC_BYTES) + self.tail_bytes
 
     def _error(self, chunk: int, what: str, detail: str) -> ChunkError:
         return ChunkError(self.store, self.spec.name, chunk, self.chunk_rows(chunk), what, detail)
@@ -88,15 +95,17 @@ class ShardedArray:
         return self._error(chunk, "missing", f"its shard file {path} is not there")
 
     def _shard_index(self, shard: int, chunk: int) -> np.ndarray:
-        index = self._indexes.get(shard)
-        if index is not None:
-            return index
+        """The shard's index of (offset, length) pairs; its chunks' place tags (format 3) are kept beside it."""
+        cached = self._indexes.get(shard)
+        if cached is not None:
+            return cached
         path = self.shard_path(shard)
         try:
-            raw = self.fs.cat_file(path, start=-self.index_bytes)
+            tail = self.fs.cat_file(path, start=-self.tail_bytes)
         except FileNotFoundError:
             raise self._missing_shard(chunk, path) from None
-        if len(raw) < self.index_bytes or not crc32c_ok(raw):
+        raw = tail[self.tag_bytes:]
+        if len(tail) < self.tail_bytes or not crc32c_ok(raw):
             size = self.fs.size(path)
             expected = self.expected_shard_size(shard, self.n_rows)
             if expected is not None and size < expected:
@@ -104,7 +113,9 @@ class ShardedArray:
             raise self._error(chunk, "checksum", f"the index of shard file {path} fails its crc32c "
                                                  f"(truncated or overwritten)")
         index = np.frombuffer(raw[:-CRC_BYTES], dtype="<u8").reshape(self.chunks_per_shard, 2)
+        tags = read_tags(tail[: self.tag_bytes], self.chunks_per_shard) if self.tag_bytes else None
         with self._lock:
+            self._tags[shard] = tags
             self._indexes[shard] = index
         return index
 
@@ -114,6 +125,7 @@ class ShardedArray:
             raise IndexError(f"{self.spec.name}: chunk {chunk} outside 0..{self.n_chunks - 1}")
         shard, local = divmod(chunk, self.chunks_per_shard)
         offset, length = self._shard_index(shard, chunk)[local]
+        tags = self._tags[shard]
         if offset == EMPTY:
             raise self._error(chunk, "missing", f"shard file {self.shard_path(shard)} has no bytes for it")
         payload = self._read_range(self.shard_path(shard), int(offset), int(length), chunk)
@@ -121,6 +133,11 @@ class ShardedArray:
             raise self._error(chunk, "truncated", f"{len(payload):,} of {int(length):,} bytes")
         if not crc32c_ok(payload):
             raise self._error(chunk, "checksum", "its bytes fail their crc32c (changed since written)")
+        if tags is not None and \
+                int(tags[local]) != place_tag(self.store_id, self.spec.name, chunk, payload[-CRC_BYTES:]):
+            raise self._error(chunk, "misplaced", f"shard file {self.shard_path(shard)} holds a chunk written for "
+                                                  "another place (shard files moved or swapped, or copied from "
+                                                  "another store)")
         body = memoryview(payload)[:-CRC_BYTES]  # a view; writable where the payload is (local reads)
         if self.spec.compressed:
             body = Zstd().decode(body)

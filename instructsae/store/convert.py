@@ -1,4 +1,4 @@
-"""`instructsae convert OLD --out NEW`: rewrite a finished store of format 1 (one file per chunk, no checksums)
+"""`instructsae convert OLD --out NEW`: rewrite a finished store of format 1 (one file per chunk, no checksums) or 2
 in the current format, through the same writer an extraction uses.
 
 Format 1 has nothing to check its bytes against, and zarr wrote no file for an all-zero chunk, so its rows
@@ -17,6 +17,7 @@ from instructsae.store.layout import (
     INSTANCE_COLUMNS, TOKEN_COLUMNS, TokenBlock, default_shard_tokens, layer_array_name,
 )
 from instructsae.store.location import location_exists, location_is_occupied, zarr_location
+from instructsae.locks import writer_lock
 from instructsae.store.writer import StoreWriter
 
 BLOCK_TOKENS = 65536  # rows read from the old store at a time (whole instances; more when one is longer)
@@ -31,17 +32,26 @@ def _old_manifest(path: str) -> dict:
         raise UserError(f"not an instructsae store (no zarr group with a manifest): {path}") from None
     if raw.get("format_version") == FORMAT_VERSION:
         raise UserError(f"store {path} is already in store format {FORMAT_VERSION}: nothing to convert")
-    if raw.get("format_version") != 1:
+    if raw.get("format_version") not in (1, 2):
         raise UserError(f"store {path} has store format {raw.get('format_version')!r}, which convert does not know")
+    if raw.get("part_tokens") is not None:
+        raise UserError(f"store {path} was written by several ranks: convert rewrites single-process stores only")
     if not raw.get("complete"):
         raise UserError(f"store {path} is incomplete: finish it with the version that began it, then convert")
     return raw
 
 
 def convert_store(path: str, out: str, shard_mb: float = 512.0, show_progress: bool = True) -> StoreManifest:
+    """Format 1 (no checksums, a file per chunk) or 2 (chunks not bound to their place) rewritten in the current
+    format, under the new store's writer lock."""
     raw = _old_manifest(path)
-    if location_is_occupied(out):
-        raise UserError(f"--out {out} exists: convert writes a new store")
+    with writer_lock(out, "store"):
+        if location_is_occupied(out):
+            raise UserError(f"--out {out} exists: convert writes a new store")
+        return _rewrite(path, out, raw, shard_mb, show_progress)
+
+
+def _rewrite(path: str, out: str, raw: dict, shard_mb: float, show_progress: bool) -> StoreManifest:
     old = zarr.open_group(zarr_location(path), mode="r")
     fields = dict(raw["identity"])
     fields["shard_tokens"] = default_shard_tokens(fields["d_model"], fields["dtype"], fields["chunk_tokens"], shard_mb)

@@ -13,7 +13,7 @@ import torch
 import zarr
 
 from instructsae.errors import UserError, first_line
-from instructsae.schemas.manifest import FORMAT_VERSION, MANIFEST_KEY, StoreManifest
+from instructsae.schemas.manifest import FORMAT_VERSION, MANIFEST_KEY, READABLE_FORMATS, StoreManifest
 from instructsae.store.checks import length_problems, shard_file_problems
 from instructsae.store.chunks import ShardedArray
 from instructsae.store.layout import acts_as_stored, acts_from_storage, array_specs, layer_array_name
@@ -32,7 +32,7 @@ def parse_manifest(attributes: dict, path: str | Path) -> StoreManifest:
     """The manifest of a store this version reads; an older format is one line saying how to convert it."""
     raw = attributes[MANIFEST_KEY]
     version = raw.get("format_version") if isinstance(raw, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         if isinstance(version, int) and version < FORMAT_VERSION:
             raise UserError(f"store {path} is in store format {version} (this version reads {FORMAT_VERSION}): "
                             f"run `instructsae convert {path} --out NEW` to rewrite it")
@@ -64,7 +64,8 @@ class StoreReader:
         self.layers = identity.layers
         fs, root = filesystem(path)
         self.specs = {spec.name: spec for spec in array_specs(identity)}
-        self.arrays = {name: ShardedArray(fs, root, spec, self.committed_rows(spec.per), self.path)
+        self.arrays = {name: ShardedArray(fs, root, spec, self.committed_rows(spec.per), self.path,
+                                          self.manifest.store_id)
                        for name, spec in self.specs.items()}
 
     def committed_rows(self, per: str) -> int:

@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 from tqdm.auto import tqdm
 
-from instructsae.store.checks import Problem, length_problems, shard_file_problems
+from instructsae.store.checks import Problem, leftover_problems, length_problems, shard_file_problems
 from instructsae.store.chunks import ChunkError, ShardedArray
 from instructsae.errors import UserError
 from instructsae.store.layout import count_nonfinite
@@ -76,7 +76,9 @@ def verify_store(reader: StoreReader, show_progress: bool = True) -> list[Proble
         problems.append(Problem("manifest", None, None, "incomplete",
                                 "the extraction has not finished: rerun its extract (only committed rows checked)"))
     problems += shard_file_problems(reader)
-    skip = {(p.array, chunk) for p in problems if p.chunks is not None and p.what in ("missing", "truncated")
+    problems += leftover_problems(reader)
+    whole_shard = ("missing", "truncated", "misplaced")  # named once for the shard file, not again per chunk
+    skip = {(p.array, chunk) for p in problems if p.chunks is not None and p.what in whole_shard
             for chunk in range(p.chunks[0], p.chunks[1] + 1)}
     problems += chunk_problems(reader, skip, show_progress)
     if not any(p.array.startswith("instance_") and p.what != "manifest" for p in problems):

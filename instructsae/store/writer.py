@@ -9,14 +9,21 @@ shards beyond the commit: `resume` reads back the committed rows of each array's
 rest, and the extraction redoes the work after the commit. The last partial shards are written by `finish`.
 """
 
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from instructsae.schemas.manifest import MANIFEST_KEY, StoreManifest
+from instructsae.errors import UserError
+from instructsae.fileio import PARTIAL_SUFFIX
+from instructsae.schemas.manifest import FORMAT_VERSION, MANIFEST_KEY, StoreManifest
+from instructsae.store.checks import leftover_files
 from instructsae.store.chunks import ShardedArray, shard_path
 from instructsae.store.layout import ArraySpec, TokenBlock, array_attributes, array_specs
 from instructsae.store.location import filesystem, zarr_location
@@ -32,6 +39,25 @@ def create_array(group: zarr.Group, spec: ArraySpec, attributes: dict) -> None:
         spec.name, shape=(0, *spec.row_shape), dtype=spec.dtype, chunks=(spec.chunk_rows, *spec.row_shape),
         shards=(spec.shard_rows, *spec.row_shape), compressors=compressors, fill_value=0, attributes=attributes,
     )
+
+
+def _skeleton(location: str, manifest: StoreManifest) -> None:
+    """The group, its empty arrays and the first manifest (the commit record) at `location`."""
+    group = zarr.open_group(location, mode="w", zarr_format=3)
+    for spec in array_specs(manifest.identity):
+        create_array(group, spec, array_attributes(spec, manifest.identity))
+    group.attrs[MANIFEST_KEY] = manifest.model_copy(update={"format_version": FORMAT_VERSION}).model_dump(mode="json")
+
+
+def _remove_skeleton(building: str) -> None:
+    """Remove what a killed creation left at STORE.partial, only if it is that: zarr metadata files alone."""
+    found = [] if os.path.islink(building) else [os.path.join(folder, name) for folder, _, names in
+                                                  os.walk(building) for name in names]
+    if os.path.islink(building) or not os.path.isdir(building) or \
+            any(os.path.basename(file) != "zarr.json" and not file.endswith(PARTIAL_SUFFIX) for file in found):
+        raise UserError(f"{building} is in the way of the new store and is not a skeleton this command left: move "
+                        "it away")
+    shutil.rmtree(building)
 
 
 class PendingRows:
@@ -75,7 +101,7 @@ class PendingRows:
             self.n -= row
             self.base += row
 
-    def write(self, array: zarr.Array, fs: fsspec.AbstractFileSystem, root: str, upto: int) -> None:
+    def write(self, array: zarr.Array, fs: fsspec.AbstractFileSystem, root: str, upto: int, store_id: str) -> None:
         """Write rows [base, upto) of `array`, each shard one whole file, and keep only the rows of the
         shard that `upto` leaves unfinished (they are written again, with more, next time)."""
         if upto <= self.base:
@@ -85,7 +111,8 @@ class PendingRows:
             first = shard * shard_rows - self.base
             stop = min(first + shard_rows, upto - self.base)
             chunks = (self.rows(start, min(start + chunk_rows, stop)) for start in range(first, stop, chunk_rows))
-            put_shard(fs, shard_path(root, self.spec, shard), encode_shard(self.spec, chunks))
+            first_chunk = shard * (shard_rows // chunk_rows)
+            put_shard(fs, shard_path(root, self.spec, shard), encode_shard(self.spec, chunks, store_id, first_chunk))
         if array.shape[0] != upto:  # after the data, so the array never claims rows that are not there
             array.resize((upto, *self.spec.row_shape))
         self.drop_before(upto - upto % shard_rows - self.base)
@@ -100,6 +127,7 @@ class StoreWriter:
         self.fs, self.root = filesystem(path)
         self.arrays = {name: group[name] for name in pending}
         self.manifest = manifest  # the last one committed
+        self.store_id = manifest.store_id or uuid.uuid4().hex  # a new store draws its id; a resumed one keeps it
         self.pending = pending
         self.uncommitted: list[StoreManifest] = []  # one per appended block, counting the rows through it
         self.specs = array_specs(manifest.identity)
@@ -107,27 +135,40 @@ class StoreWriter:
 
     @classmethod
     def create(cls, path: str | Path, manifest: StoreManifest) -> "StoreWriter":
-        group = zarr.open_group(zarr_location(path), mode="w", zarr_format=3)
-        pending = {}
-        for spec in array_specs(manifest.identity):
-            create_array(group, spec, array_attributes(spec, manifest.identity))
-            pending[spec.name] = PendingRows(spec, 0, np.empty((0, *spec.row_shape), dtype=spec.dtype))
-        writer = cls(path, group, manifest, pending)
-        writer.commit(manifest)
-        return writer
+        """A new, empty store. On the local disk its skeleton (group, arrays, first manifest) is built in
+        `STORE.partial` and renamed into place, so a kill while zarr writes it never leaves a folder that is
+        neither a store nor empty (which a rerun would have to refuse)."""
+        fs, root = filesystem(path)
+        manifest = manifest.model_copy(update={"store_id": manifest.store_id or uuid.uuid4().hex})
+        building = f"{root.rstrip('/')}{PARTIAL_SUFFIX}" if isinstance(fs, LocalFileSystem) else None
+        if building is not None and os.path.lexists(building):
+            _remove_skeleton(building)  # a killed creation's
+        _skeleton(building or zarr_location(path), manifest)
+        if building is not None:
+            os.replace(building, root)  # `root` is absent or an empty folder (the caller checked)
+        group = zarr.open_group(zarr_location(path), mode="r+")
+        pending = {spec.name: PendingRows(spec, 0, np.empty((0, *spec.row_shape), dtype=spec.dtype))
+                   for spec in array_specs(manifest.identity)}
+        return cls(path, group, manifest, pending)
 
     @classmethod
     def resume(cls, path: str | Path) -> "StoreWriter":
         group = zarr.open_group(zarr_location(path), mode="r+")
         manifest = StoreManifest.model_validate(group.attrs[MANIFEST_KEY])
+        if manifest.format_version != FORMAT_VERSION or manifest.store_id is None:
+            raise UserError(f"store {path} is an unfinished store of format {manifest.format_version}, which this "
+                            f"version cannot continue (it writes format {FORMAT_VERSION}): extract it again with "
+                            "--overwrite")
         fs, root = filesystem(path)
+        for leftover in leftover_files(fs, root):  # half-written files of the writer that was killed: ours
+            fs.rm(leftover)
         pending = {}
         for spec in array_specs(manifest.identity):
             committed = manifest.n_tokens if spec.per == "token" else manifest.n_instances
             base = committed - committed % spec.shard_rows
             # The committed rows of the unfinished shard, checked as any read is; then everything after
             # `base` goes, and the shard is written again, whole, when it fills.
-            rows = ShardedArray(fs, root, spec, committed, str(path)).read_rows(base, committed)
+            rows = ShardedArray(fs, root, spec, committed, str(path), manifest.store_id).read_rows(base, committed)
             group[spec.name].resize((base, *spec.row_shape))
             pending[spec.name] = PendingRows(spec, base, rows)
         return cls(path, group, manifest, pending)
@@ -142,7 +183,7 @@ class StoreWriter:
         if filled <= token_rows[0].base:
             return
         for rows in token_rows:
-            rows.write(self.arrays[rows.spec.name], self.fs, self.root, filled)
+            rows.write(self.arrays[rows.spec.name], self.fs, self.root, filled, self.store_id)
         done = [m for m in self.uncommitted if m.n_tokens <= filled]
         if done:  # else one block spans the whole shard: its commit comes with a later shard
             self._commit_through(done[-1])
@@ -150,7 +191,8 @@ class StoreWriter:
     def _commit_through(self, manifest: StoreManifest) -> None:
         for spec in self.specs:
             if spec.per == "instance":
-                self.pending[spec.name].write(self.arrays[spec.name], self.fs, self.root, manifest.n_instances)
+                self.pending[spec.name].write(self.arrays[spec.name], self.fs, self.root, manifest.n_instances,
+                                              self.store_id)
         self.commit(manifest)
         self.uncommitted = [m for m in self.uncommitted if m.n_tokens > manifest.n_tokens]
 
@@ -158,10 +200,11 @@ class StoreWriter:
         """Write every row still held (the last, partial shards) and commit `manifest`, the final record."""
         for spec in self.specs:
             count = manifest.n_tokens if spec.per == "token" else manifest.n_instances
-            self.pending[spec.name].write(self.arrays[spec.name], self.fs, self.root, count)
+            self.pending[spec.name].write(self.arrays[spec.name], self.fs, self.root, count, self.store_id)
         self.commit(manifest)
         self.uncommitted = []
 
     def commit(self, manifest: StoreManifest) -> None:
+        manifest = manifest.model_copy(update={"store_id": self.store_id, "format_version": FORMAT_VERSION})
         self.group.attrs[MANIFEST_KEY] = manifest.model_dump(mode="json")
         self.manifest = manifest

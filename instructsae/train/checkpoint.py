@@ -9,7 +9,14 @@ from instructsae.fileio import write_atomically
 
 
 def save(path: Path, state: dict) -> None:
-    write_atomically(path, lambda partial: torch.save(state, partial))
+    write_atomically(path, lambda partial: _save(state, partial))
+
+
+def _save(state: dict, partial: Path) -> None:
+    # through a Python file: a full disk is then an OSError naming ENOSPC (torch's own file writer reports it
+    # as "enforce fail at inline_container.cc: unexpected pos")
+    with open(partial, "wb") as file:
+        torch.save(state, file)
 
 
 def load(path: Path, store_fingerprint: str, member_keys: list[str]) -> dict:

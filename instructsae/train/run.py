@@ -19,6 +19,7 @@ from instructsae.fileio import move_folder_into_place, write_text_atomically
 from instructsae.metrics import ReconstructionSums
 from instructsae.run_folder import (
     RunPaths, check_existing_run, prepare_building_folder, refuse_enclosing_cwd, refuse_unless_ours,
+    remove_building_folders,
 )
 from instructsae.schemas.train import DEFAULT_EXPANSION, OptimConfig, TrainConfig
 from instructsae.store.reader import open_complete_store
@@ -75,6 +76,19 @@ def sparsity_coeff(cfg: TrainConfig) -> float:
 
 def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool = False,
                parallel: DataParallel | None = None) -> list[dict]:
+    """_train_saes; a run that fails (or is interrupted) before its first checkpoint leaves nothing resumable,
+    so the RUN.partial folders it made go again (those of an earlier run, or with a checkpoint, stay)."""
+    prepared: list[Path] = []
+    try:
+        return _train_saes(configs, checkpoint_path, resume, parallel, prepared)
+    except BaseException:
+        if not checkpoint_path.is_file():
+            remove_building_folders(prepared)
+        raise
+
+
+def _train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool,
+                parallel: DataParallel | None, prepared: list[Path]) -> list[dict]:
     """Train every config on the same batches from one pass over their (common) store; their summaries.
 
     Each SAE is built in its RUN.partial and moved into its RUN when every SAE is finished. Data-parallel

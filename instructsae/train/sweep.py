@@ -13,11 +13,13 @@ SAEs, so each SAE ends as it would in one process; rank 0 writes the report once
 """
 
 import itertools
+from contextlib import ExitStack
 from pathlib import Path
 
 from instructsae import distributed
 from instructsae.devices import resolve_device
 from instructsae.errors import UserError
+from instructsae.fileio import made_for_this_command
 from instructsae.store.reader import open_complete_store
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import ARCHITECTURES, DEFAULT_EXPANSION, TrainConfig
@@ -150,10 +152,15 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> list[dict]:
         spread = f" over {place.world} ranks" if place.distributed else ""
         print(f"sweep {sweep.out}: {len(configs)} SAEs in the grid, {len(configs) - len(todo)} already finished, "
               f"training {len(todo)} in one pass over {sweep.store}{spread}")
-        Path(sweep.out).mkdir(parents=True, exist_ok=True)
         return todo
 
-    with distributed.lock_on_main(sweep.out, "sweep folder"):
+    # The sweep folder's lock, and each member's own (the lock `train --out` takes): a train into one of the
+    # sweep's SAE folders is refused while the sweep runs, and the sweep while such a train runs. A sweep refused
+    # before it trains anything leaves no empty folder behind.
+    with made_for_this_command(Path(sweep.out)), distributed.lock_on_main(sweep.out, "sweep folder"), \
+            ExitStack() as members:
+        for cfg in configs:
+            members.enter_context(distributed.lock_on_main(cfg.out, "run folder"))
         todo = [configs[index] for index in distributed.decided_on_main(left_to_train)]
         mine = rank_share(todo, reader.d_model, place)
         if mine:

@@ -1,10 +1,13 @@
 """A sweep's results: results.csv, results.md and the sparsity–fidelity frontier, over every finished SAE.
 
 SAEs that differ only in their seed (a seed axis) are also aggregated: results-over-seeds.csv and a second table
-in results.md give each setting's mean and spread (sample standard deviation) over its seeds.
+in results.md give each setting's mean and spread (sample standard deviation) over its seeds. Only SAEs whose
+full config (runtime knobs aside) differs by the seed alone are grouped: the same grid run at another token
+count into the same folder is another setting, not another seed.
 """
 
 import csv
+import hashlib
 import io
 import json
 import statistics
@@ -18,8 +21,10 @@ from instructsae.run_folder import SUMMARY_FILE, RunPaths, is_building_folder
 from instructsae.sae import sae_class
 from instructsae.sae.folder import provenance
 from instructsae.schemas.train import DEFAULT_EXPANSION, SAEConfig
+from instructsae.train.run import RUNTIME_FIELDS
 
 SAE_SETTINGS = TypeAdapter(SAEConfig)
+SEED_FIELDS = {"seed", "sae_seed"}
 
 COLUMNS = ("name", "setting", "seed", "arch", "layer", "expansion", "d_sae", "sparsity", "lr", "nmse",
            "explained_variance", "l0", "dead_fraction", "tokens", "held_out")
@@ -46,6 +51,7 @@ def collect_rows(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
         sae = train["sae"]
         rows.append({
             "name": folder.name, "setting": setting_name(train), "seed": _sae_seed(train), "arch": sae["arch"],
+            "seed_group": seed_group(train),
             "layer": summary["layer"], "expansion": _expansion(summary, sae),
             "d_sae": summary["d_sae"],
             "sparsity": sparsity_label(sae),
@@ -89,15 +95,27 @@ def setting_name(train: dict) -> str:
     return f"{sae['arch']}-{width}-{sparsity}-lr{train['optim']['lr']:g}{layer}"
 
 
+def seed_group(train: dict) -> str:
+    """The full config of an SAE but its seed and the runtime knobs, as a short digest: SAEs with the same one
+    differ by their seed alone."""
+    settings = {name: value for name, value in train.items() if name not in RUNTIME_FIELDS | SEED_FIELDS}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def over_seeds(rows: list[dict]) -> list[dict]:
-    """One row per setting: mean and sample standard deviation (0 with one seed) of each metric over its seeds."""
+    """One row per setting (a full config but the seed): mean and sample standard deviation (0 with one seed) of
+    each metric over its seeds. Settings whose readable names coincide (they differ in what the name leaves out,
+    such as tokens) are told apart by their config digest."""
     settings: dict[str, list[dict]] = {}
     for row in rows:
-        settings.setdefault(row["setting"], []).append(row)
+        settings.setdefault(row["seed_group"], []).append(row)
+    names = [members[0]["setting"] for members in settings.values()]
     aggregated = []
-    for setting, members in settings.items():
+    for group, members in settings.items():
         first = members[0]
         row = {name: first[name] for name in ("setting", "arch", "layer", "expansion", "d_sae", "sparsity", "lr")}
+        if names.count(first["setting"]) > 1:
+            row["setting"] = f"{first['setting']}-{group}"
         row["n_seeds"] = len(members)
         row["seeds"] = " ".join(str(seed) for seed in sorted(m["seed"] for m in members))
         for name in AGGREGATED:
@@ -120,7 +138,7 @@ def seeds_table(aggregated: list[dict]) -> str:
 
 def _csv(rows: list[dict], columns: tuple[str, ...]) -> str:
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns)
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return text.getvalue()
