@@ -101,7 +101,7 @@ def _train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool,
     plan = _plan(configs, view)
     saes = _build_saes(configs, view.reader.d_model)
     runs = [RunPaths(cfg.out) for cfg in configs]
-    saved = _resume_or_prepare(checkpoint_path, resume, plan.keys, view, runs if writes else [])
+    saved = _resume_or_prepare(checkpoint_path, resume, plan.keys, view, runs if writes else [], prepared)
     if writes:  # data-parallel: rank 0 speaks for the run
         _print_schedules(configs, plan.schedules)
     stream = _open_stream(configs[0], view, plan)
@@ -184,15 +184,16 @@ def _build_saes(configs: list[TrainConfig], d_model: int) -> list:
 
 
 def _resume_or_prepare(checkpoint_path: Path, resume: bool, keys: list[str], view: StoreView,
-                       runs: list[RunPaths]) -> dict | None:
+                       runs: list[RunPaths], prepared: list[Path]) -> dict | None:
     """The checkpoint to continue from; or, starting afresh, empty RUN.partial folders (none given: not ours to
-    write) and no checkpoint that starting would throw away."""
+    write; each one made is added to `prepared`) and no checkpoint that starting would throw away."""
     if resume:
         return checkpoint.load(checkpoint_path, view.reader.manifest.fingerprint, keys)
     checkpoint.refuse_to_overwrite(checkpoint_path)
     for run in runs:
         refuse_unless_ours(run.root)
         prepare_building_folder(run.building)
+        prepared.append(run.building.root)
     return None
 
 
