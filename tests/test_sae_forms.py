@@ -13,7 +13,7 @@ from test_train_run import FakeReader, train_cfg, use_reader
 from instructsae.errors import UserError
 from instructsae.sae import build_sae, check_sae_config
 from instructsae.sae.export import load_sae, provenance
-from instructsae.sae.jumprelu import TARGET_L0_COEFF
+from instructsae.sae.jumprelu import TARGET_L0_BANDWIDTH, TARGET_L0_COEFF
 from instructsae.schemas import JumpReLUConfig
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import MatryoshkaBatchTopKConfig
@@ -72,7 +72,7 @@ def test_a_target_l0_run_ends_near_its_target(target, tmp_path, monkeypatch):
     assert abs(summary["l0"] - target) < 0.25 * target, summary["l0"]
 
 
-def test_a_target_without_a_coefficient_gets_the_quadratic_default_and_cfg_json_says_so(tmp_path, monkeypatch):
+def test_a_target_without_coefficient_or_bandwidth_gets_target_defaults_and_cfg_json_says_so(tmp_path, monkeypatch):
     use_reader(monkeypatch, FakeReader())
     given = JumpReLUConfig(expansion=2, target_l0=4)
     cfg = train_cfg(tmp_path / "run", "jumprelu", sae=given)
@@ -83,6 +83,9 @@ def test_a_target_without_a_coefficient_gets_the_quadratic_default_and_cfg_json_
     assert own["train_config"]["sae"]["sparsity_coeff"] == TARGET_L0_COEFF
     assert own["fitted"]["sparsity_coeff"] == {"default": given.sparsity_coeff, "used": TARGET_L0_COEFF}
     assert own["given_config"]["sae"]["sparsity_coeff"] == given.sparsity_coeff
+    # and the wider kernel of target mode, which the SAE itself carries
+    assert own["fitted"]["bandwidth"] == {"default": given.bandwidth, "used": TARGET_L0_BANDWIDTH}
+    assert load_sae(tmp_path / "run")[0].bandwidth == TARGET_L0_BANDWIDTH == own["train_config"]["sae"]["bandwidth"]
 
 
 def test_a_target_beyond_the_dictionary_is_refused():

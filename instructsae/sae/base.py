@@ -56,6 +56,12 @@ class SparseAutoencoder(nn.Module):
         """What the schema cannot check alone: settings that depend on the model's width (UserError)."""
 
     @classmethod
+    def fitted_settings(cls, cfg, settings: dict) -> dict:
+        """The constructor's settings from its config's: where a setting left unset has a better default in some
+        mode of the architecture, that default (none by default)."""
+        return settings
+
+    @classmethod
     def penalty_coeff(cls, cfg) -> float:
         """The sparsity penalty's final coefficient (after its warm-up); 0 for architectures without one."""
         return cfg.sparsity_coeff if cls.has_sparsity_penalty else 0.0

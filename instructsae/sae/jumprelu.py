@@ -19,7 +19,9 @@ from instructsae.sae import sparse_products
 from instructsae.sae.base import LossOutput, SparseAutoencoder
 from instructsae.sae.jumprelu_sparse import SparseJumpReLUStep, near_threshold
 
-TARGET_L0_COEFF = 0.01  # measured on the demo store (BENCHMARKS.md, bench/jumprelu_target_l0.py)
+# With a target and neither given (measured on the demo store: BENCHMARKS.md, bench/jumprelu_target_l0.py)
+TARGET_L0_COEFF = 0.01
+TARGET_L0_BANDWIDTH = 0.005
 
 
 class _JumpReLUWithL0(torch.autograd.Function):
@@ -71,6 +73,13 @@ class JumpReLUSAE(SparseAutoencoder):
     def check_config(cls, cfg, d_in: int) -> None:
         if cfg.target_l0 is not None and cfg.target_l0 > cfg.width(d_in):
             raise UserError(f"target_l0 {cfg.target_l0:g} exceeds {cfg.describe_width(d_in)}")
+
+    @classmethod
+    def fitted_settings(cls, cfg, settings: dict) -> dict:
+        """With a target and no bandwidth given, a wider kernel: more tokens inform each threshold."""
+        if cfg.target_l0 is not None and "bandwidth" not in cfg.model_fields_set:
+            return {**settings, "bandwidth": TARGET_L0_BANDWIDTH}
+        return settings
 
     @classmethod
     def penalty_coeff(cls, cfg) -> float:

@@ -29,7 +29,7 @@ from instructsae.sae.export import load_sae, save_sae
 from instructsae.train.init import geometric_median
 from instructsae.train.metrics_log import MetricsLog
 from instructsae.train.parallel import DataParallel, check_splittable
-from instructsae.sae import build_sae, sae_class
+from instructsae.sae import build_sae, constructor_settings, sae_class
 from instructsae.train.schedule import describe_schedule, fitted_batch_size, fitted_optim, left_to_fit, schedule_line
 from instructsae.train.store_view import StoreView, choose_layer, open_view, split_chunks  # noqa: F401 (re-exported)
 from instructsae.train.stream import ShuffledStream, prefetch_depth
@@ -338,6 +338,10 @@ def settings_that_ran(cfg: TrainConfig, plan: _Plan, optim: OptimConfig, schedul
     if sae_class(cfg.sae.arch).has_sparsity_penalty and coeff != cfg.sae.sparsity_coeff:
         train_config["sae"]["sparsity_coeff"] = coeff
         fitted["sparsity_coeff"] = {"default": cfg.sae.sparsity_coeff, "used": coeff}
+    for name, used in constructor_settings(cfg.sae).items():
+        if used != getattr(cfg.sae, name):
+            train_config["sae"][name] = used
+            fitted[name] = {"default": getattr(cfg.sae, name), "used": used}
     return {"train_config": train_config, "given_config": cfg.model_dump(mode="json"), "fitted": fitted}
 
 
