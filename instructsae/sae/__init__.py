@@ -26,17 +26,12 @@ def check_sae_config(cfg: SAEConfig, d_in: int) -> None:
 def build_sae(cfg: SAEConfig, d_in: int) -> SparseAutoencoder:
     """The SAE a config describes; architecture-specific fields become constructor arguments."""
     check_sae_config(cfg, d_in)
-<<<<<<< HEAD
-    extra = cfg.model_dump(exclude=TRAINER_FIELDS)
-    return sae_class(cfg.arch)(d_in, cfg.width(d_in), **extra)
-=======
-    return sae_class(cfg.arch)(d_in, cfg.expansion * d_in, **constructor_settings(cfg))
+    return sae_class(cfg.arch)(d_in, cfg.width(d_in), **constructor_settings(cfg))
 
 
 def constructor_settings(cfg: SAEConfig) -> dict:
     """The architecture-specific fields as its constructor takes them, unset ones at the mode's defaults."""
     return sae_class(cfg.arch).fitted_settings(cfg, cfg.model_dump(exclude=TRAINER_FIELDS))
->>>>>>> archs
 
 
 __all__ = ["SAE_CLASSES", "LossOutput", "SparseAutoencoder", "build_sae", "check_sae_config", "sae_class"]
