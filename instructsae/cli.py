@@ -44,7 +44,7 @@ def extract(config_file, **options):
     manifest = extract_activations(cfg)
     if distributed.ranks().is_main:  # under torchrun, rank 0 speaks for the store
         click.echo(f"store {cfg.out}: {manifest.n_tokens:,} tokens, {manifest.n_instances:,} instances, "
-                   f"layers {list(manifest.identity.layers)}, complete={manifest.complete}")
+                   f"layers {list(manifest.identity.layers)}, sites {list(manifest.identity.stored_sites)}, complete={manifest.complete}")
 
 
 @cli.command()

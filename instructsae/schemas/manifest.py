@@ -9,6 +9,7 @@ from pydantic import Field
 from instructsae.schemas.base import FrozenModel
 from instructsae.schemas.dataset import DedupSettings
 from instructsae.schemas.extract import StoreDtype
+from instructsae.schemas.sites import DEFAULT_SITE, Site
 
 MANIFEST_KEY = "instructsae"
 # 2: sharded arrays with a crc32c on every inner chunk (1: one file per chunk, no checksums)
@@ -17,7 +18,6 @@ FORMAT_VERSION = 2
 # Role codes stored per token.
 ROLES = ("template", "system", "user", "assistant", "text", "tool")  # append only: codes are stored
 ROLE_CODE = {name: code for code, name in enumerate(ROLES)}
-
 
 class LayerStats(FrozenModel):
     """Running sums over the stored tokens of one layer, in float64, so a resumed run can add to them."""
@@ -55,7 +55,7 @@ class StoreIdentity(FrozenModel):
     max_tokens: int | None
     keep_first_token: bool
     layers: tuple[int, ...]
-    hook_site: Literal["resid_post"] = "resid_post"
+    hook_site: Literal["resid_post"] = "resid_post"  # stores made before `sites`: their only site
     d_model: int
     dtype: StoreDtype
     model_dtype: str
@@ -68,10 +68,21 @@ class StoreIdentity(FrozenModel):
     role_key: str | None = None
     content_key: str | None = None
     dedup: DedupSettings | None = None
+    sites: tuple[Site, ...] | None = Field(
+        None, description="hook sites stored at each layer, in forward order (None: resid_post alone)")
+
+    @property
+    def stored_sites(self) -> tuple[str, ...]:
+        return self.sites or (DEFAULT_SITE,)
+
+    @property
+    def acts_keys(self) -> list[tuple[int, str]]:
+        """Every (layer, site) the store holds activations for, layer by layer in forward order."""
+        return [(layer, site) for layer in self.layers for site in self.stored_sites]
 
     def fingerprint(self) -> str:
         fields = self.model_dump(mode="json")
-        for name in ("model_sha256", "dataset_revision", "column", "role_key", "content_key", "dedup"):
+        for name in ("model_sha256", "dataset_revision", "column", "role_key", "content_key", "dedup", "sites"):
             if fields[name] is None:
                 del fields[name]
         blob = json.dumps(fields, sort_keys=True).encode()
