@@ -5,8 +5,9 @@ import torch
 
 from instructsae.schemas import JumpReLUConfig, StandardConfig
 from instructsae.schemas.train import BatchTopKConfig, SAEConfig, TopKConfig
-from instructsae.sae.export import SAELENS_ARCHITECTURE, load_sae, provenance, save_sae
-from instructsae.sae import SAE_CLASSES, build_sae
+from instructsae.sae.export import load_sae, provenance, save_sae
+from instructsae.sae import SAE_CLASSES, build_sae, sae_class
+from instructsae.sae.base import SparseAutoencoder
 from instructsae.sae.jumprelu import JumpReLUSAE
 
 D_IN = 16
@@ -14,9 +15,31 @@ CONFIGS = {"standard": StandardConfig(expansion=4), "jumprelu": JumpReLUConfig(e
            "topk": TopKConfig(expansion=4, k=6), "batchtopk": BatchTopKConfig(expansion=4, k=6)}
 
 
+# What SAELens 6 runs at inference (its SAE registry's names); a folder naming anything else would not load there.
+SAELENS_INFERENCE = {"standard", "jumprelu", "topk", "batchtopk", "gated", "matryoshka_batchtopk"}
+
+
 def test_every_config_tag_has_a_class():
     tags = {option.model_fields["arch"].default for option in SAEConfig.__origin__.__args__}
     assert tags == set(SAE_CLASSES) == set(CONFIGS)
+    assert all(SAE_CLASSES[tag].architecture == tag for tag in tags)
+
+
+@pytest.mark.parametrize("arch", sorted(SAE_CLASSES))
+def test_every_class_has_its_facts(arch):
+    """The facts other code asks of a class are set (not inherited by accident) and agree with its config."""
+    cls, cfg = sae_class(arch), CONFIGS[arch]
+    assert "saelens_architecture" in vars(cls) or any(
+        "saelens_architecture" in vars(base) for base in cls.__mro__[1:] if base is not SparseAutoencoder)
+    assert cls.saelens_architecture in SAELENS_INFERENCE
+    assert cls.batch_split_refusal is None or cls.batch_split_refusal.strip()
+    assert cls.has_sparsity_penalty == ("sparsity_coeff" in type(cfg).model_fields)
+    label = cls.sweep_label(cfg)
+    assert label and "/" not in label and " " not in label
+    assert 1 <= cls.decoder_rows_per_token(cfg, cfg.expansion * D_IN) <= cfg.expansion * D_IN
+    cls.check_config(cfg, D_IN)  # the test configs fit a d_in of 16
+    sae = build_sae(cfg, D_IN)
+    assert set(sae.exported_settings) <= set(type(cfg).model_fields) and isinstance(sae.saelens_fields(), dict)
 
 
 @pytest.fixture(params=sorted(SAE_CLASSES))
@@ -59,7 +82,7 @@ def test_saved_folder_round_trips(sae, tmp_path):
     sae.eval()  # a loaded SAE is in eval mode (BatchTopK then keeps latents above its threshold)
     save_sae(tmp_path / "sae", sae, input_scale=1.0, metadata={"layer": 3})
     loaded, cfg = load_sae(tmp_path / "sae")
-    assert cfg["architecture"] == SAELENS_ARCHITECTURE[sae.architecture] and cfg["d_in"] == D_IN
+    assert cfg["architecture"] == sae.saelens_architecture and cfg["d_in"] == D_IN
     assert provenance(cfg)["layer"] == 3 and provenance(cfg)["architecture"] == sae.architecture
     assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
     assert type(loaded) is type(sae)

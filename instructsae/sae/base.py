@@ -22,7 +22,11 @@ class LossOutput:
 
 
 class SparseAutoencoder(nn.Module):
-    architecture: ClassVar[str]
+    # The architecture's facts, asked of its class by the rest of the code (never by its name):
+    architecture: ClassVar[str]  # the config's `arch` tag and our name for it
+    saelens_architecture: ClassVar[str]  # what SAELens runs at inference for it (cfg.json's `architecture`)
+    has_sparsity_penalty: ClassVar[bool] = True  # a coefficient with a warm-up (TopK-style SAEs have k instead)
+    batch_split_refusal: ClassVar[str | None] = None  # why data-parallel training cannot split its batch, if so
     unit_norm_decoder: ClassVar[bool] = False
     extra_parameters: ClassVar[tuple[str, ...]] = ()  # exported beside the four shared tensors
     exported_settings: ClassVar[tuple[str, ...]] = ()  # constructor arguments cfg.json carries to rebuild it
@@ -36,6 +40,24 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(W_dec_FD.T.clone())  # tied at init, as Anthropic and Gemma Scope do
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    @classmethod
+    def check_config(cls, cfg, d_in: int) -> None:
+        """What the schema cannot check alone: settings that depend on the model's width (UserError)."""
+
+    @classmethod
+    def sweep_label(cls, cfg) -> str:
+        """Its sparsity setting as a sweep folder's name shows it."""
+        return f"c{cfg.sparsity_coeff:g}"
+
+    @classmethod
+    def decoder_rows_per_token(cls, cfg, d_sae: int) -> int:
+        """Decoder rows one token's step touches (a sweep's FLOPs estimate): all, unless few latents are chosen."""
+        return d_sae
+
+    def saelens_fields(self) -> dict:
+        """cfg.json fields SAELens reads for this architecture beyond the shared ones."""
+        return {}
 
     def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
         return sparse_products.encode(x_BD - self.b_dec, self.W_enc, self.b_enc)

@@ -17,6 +17,8 @@ THRESHOLD_DECAY = 0.99  # of the running mean; short enough to settle within a d
 
 class BatchTopKSAE(TopKBase):
     architecture = "batchtopk"
+    saelens_architecture = "jumprelu"  # its inference rule: every latent above one threshold
+    batch_split_refusal = "it picks the top k·batch latents over the whole batch"
     extra_parameters = ("threshold",)
 
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coeff: float = 1 / 32):
@@ -32,6 +34,13 @@ class BatchTopKSAE(TopKBase):
         rows, cols = flat_N // self.d_sae, flat_N % self.d_sae
         self.update_threshold(pre_BF[rows, cols])
         return rows, cols
+
+    @torch.no_grad()
+    def export_tensors(self, input_scale: float) -> dict[str, torch.Tensor]:
+        """A threshold not estimated yet (−1) means a plain ReLU: written as 0, which SAELens's JumpReLU runs so."""
+        tensors = super().export_tensors(input_scale)
+        tensors["threshold"] = tensors["threshold"].clamp_min(0)
+        return tensors
 
     @torch.no_grad()
     def update_threshold(self, kept_N: torch.Tensor) -> None:

@@ -26,8 +26,6 @@ from instructsae.sae.folder import CFG_FILE, PROVENANCE_KEY, WEIGHTS_FILE, load_
 # The cfg format written: SAELens >= 6.0 reads a folder by its 6.x path when metadata.sae_lens_version says so.
 # It names the format, not a SAELens that trained this SAE (sae_lens_training_version stays null).
 SAELENS_FORMAT_VERSION = "6.0.0"
-# What SAELens runs at inference for each of our architectures.
-SAELENS_ARCHITECTURE = {"standard": "standard", "jumprelu": "jumprelu", "topk": "topk", "batchtopk": "jumprelu"}
 
 
 def hook_name(layer: int | None) -> str | None:
@@ -55,10 +53,9 @@ def saelens_metadata(layer: int | None, identity: StoreIdentity | None) -> dict:
 
 def sae_cfg(sae: SparseAutoencoder, own: dict, identity: StoreIdentity | None = None) -> dict:
     """cfg.json: SAELens's fields and metadata, our provenance under metadata.instructsae."""
-    architecture = SAELENS_ARCHITECTURE[sae.architecture]
     settings = {name: getattr(sae, name) for name in sae.exported_settings}
     cfg = {
-        "architecture": architecture,
+        "architecture": sae.saelens_architecture,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "dtype": "float32",
@@ -67,8 +64,7 @@ def sae_cfg(sae: SparseAutoencoder, own: dict, identity: StoreIdentity | None = 
         "normalize_activations": "none",  # the training normalisation is folded into the weights
         "reshape_activations": "none",
     }
-    if architecture == "topk":
-        cfg.update({"k": sae.k, "rescale_acts_by_decoder_norm": False})
+    cfg.update(sae.saelens_fields())
     metadata = saelens_metadata(own.get("layer"), identity)
     metadata[PROVENANCE_KEY] = {**own, "architecture": sae.architecture, "settings": settings}
     cfg["metadata"] = metadata
@@ -81,8 +77,6 @@ def save_sae(folder: str | Path, sae: SparseAutoencoder, input_scale: float, met
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = sae.export_tensors(input_scale)
-    if sae.architecture == "batchtopk":  # a threshold not estimated yet (-1) means a plain ReLU: write that
-        tensors["threshold"] = tensors["threshold"].clamp_min(0)
     write_atomically(folder / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
     cfg = json.dumps(sae_cfg(sae, metadata, identity), indent=2, default=str)
     write_text_atomically(folder / CFG_FILE, cfg)

@@ -52,6 +52,7 @@ class _JumpReLUWithL0(torch.autograd.Function):
 
 class JumpReLUSAE(SparseAutoencoder):
     architecture = "jumprelu"
+    saelens_architecture = "jumprelu"
     unit_norm_decoder = True
     extra_parameters = ("threshold",)
     exported_settings = ("bandwidth",)

@@ -11,6 +11,7 @@ from instructsae.sae.base import LossOutput, SparseAutoencoder
 
 class StandardSAE(SparseAutoencoder):
     architecture = "standard"
+    saelens_architecture = "standard"
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pre_activations(x_BD))

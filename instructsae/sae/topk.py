@@ -11,6 +11,10 @@ from instructsae.sae.topk_base import TopKBase, row_topk_coordinates
 
 class TopKSAE(TopKBase):
     architecture = "topk"
+    saelens_architecture = "topk"
+
+    def saelens_fields(self) -> dict:
+        return {"k": self.k, "rescale_acts_by_decoder_norm": False}  # our latents are not rescaled
 
     def select(self, pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return row_topk_coordinates(pre_BF, self.k)

@@ -9,6 +9,7 @@ Subclasses only say which latents are active (`select`).
 
 import torch
 
+from instructsae.errors import UserError
 from instructsae.sae.base import LossOutput, SparseAutoencoder
 from instructsae.sae.sparse_codes import decode_codes, gather_codes, scatter_codes
 
@@ -25,6 +26,20 @@ def row_topk_coordinates(scores_BF: torch.Tensor, k: int) -> tuple[torch.Tensor,
 class TopKBase(SparseAutoencoder):
     unit_norm_decoder = True
     exported_settings = ("k", "aux_k", "aux_coeff")
+    has_sparsity_penalty = False  # k sets the sparsity
+
+    @classmethod
+    def check_config(cls, cfg, d_in: int) -> None:
+        if cfg.k > cfg.expansion * d_in:
+            raise UserError(f"k {cfg.k} exceeds d_sae {cfg.expansion * d_in} (expansion {cfg.expansion} × d_in {d_in})")
+
+    @classmethod
+    def sweep_label(cls, cfg) -> str:
+        return f"k{cfg.k}"
+
+    @classmethod
+    def decoder_rows_per_token(cls, cfg, d_sae: int) -> int:
+        return min(cfg.k, d_sae)  # the sparse decoder product touches only the chosen rows
 
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coeff: float = 1 / 32):
         super().__init__(d_in, d_sae)

@@ -3,8 +3,8 @@ own slice of each; the slices' gradients, weighted by their share of the batch, 
 before the optimiser step, so every rank applies the same update and the same decoder renormalisation, and the
 result equals one process stepping on the whole batch (within float tolerance: the sums are split differently).
 
-What is not a mean over tokens cannot be split this way: BatchTopK picks the batch's top k·batch latents, so it
-is refused; TopK's AuxK divides by the error's variance over the rank's slice rather than the whole batch
+What is not a mean over tokens cannot be split this way: an architecture whose class gives a batch_split_refusal
+(BatchTopK picks the batch's top k·batch latents) is refused; TopK's AuxK divides by the error's variance over the rank's slice rather than the whole batch
 (it only moves dead latents, and only while some are dead).
 """
 
@@ -13,13 +13,12 @@ import torch.distributed as dist
 
 from instructsae.distributed import Ranks
 from instructsae.errors import UserError
-
-NOT_SPLITTABLE = {"batchtopk": "it picks the top k·batch latents over the whole batch"}
-
+from instructsae.sae import sae_class
 
 def check_splittable(arch: str) -> None:
-    if arch in NOT_SPLITTABLE:
-        raise UserError(f"{arch} cannot train data-parallel ({NOT_SPLITTABLE[arch]}): train it in one process, "
+    refusal = sae_class(arch).batch_split_refusal
+    if refusal is not None:
+        raise UserError(f"{arch} cannot train data-parallel ({refusal}): train it in one process, "
                         "or several SAEs at once with `instructsae sweep` under torchrun")
 
 

@@ -30,7 +30,7 @@ from instructsae.sae.export import load_sae, save_sae
 from instructsae.train.init import geometric_median
 from instructsae.train.metrics_log import MetricsLog
 from instructsae.train.parallel import DataParallel, check_splittable
-from instructsae.sae import build_sae
+from instructsae.sae import build_sae, sae_class
 from instructsae.train.schedule import describe_schedule, fitted_batch_size, fitted_optim, left_to_fit, schedule_line
 from instructsae.train.stream import ShuffledStream, prefetch_depth
 from instructsae.train.trainer import Trainee, train
@@ -86,7 +86,7 @@ def store_scale(reader, layer: int, store: str) -> float:
 
 def sparsity_coeff(cfg: TrainConfig) -> float:
     """The penalty's final coefficient; architectures whose sparsity is a k have none."""
-    return getattr(cfg.sae, "sparsity_coeff", 0.0)
+    return cfg.sae.sparsity_coeff if sae_class(cfg.sae.arch).has_sparsity_penalty else 0.0
 
 
 @dataclass
@@ -160,7 +160,7 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     batch_size = fitted_batch_size(configs, tokens)  # the defaults fitted to a short run (train/schedule.py)
     n_steps = max(1, tokens // batch_size)
     optims = [fitted_optim(cfg.optim, n_steps) for cfg in configs]
-    schedules = [describe_schedule(cfg.optim, optim, n_steps, hasattr(cfg.sae, "sparsity_coeff"), batch_size,
+    schedules = [describe_schedule(cfg.optim, optim, n_steps, sae_class(cfg.sae.arch).has_sparsity_penalty, batch_size,
                                    first.batch_size) for cfg, optim in zip(configs, optims)]
     if writes:  # data-parallel: rank 0 speaks for the run
         _print_schedules(configs, schedules)
