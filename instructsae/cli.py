@@ -20,6 +20,7 @@ from instructsae.schemas.features import FeaturesConfig
 from instructsae.schemas.steer import SteerConfig
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import ARCHITECTURES, PRESETS, JumpReLUConfig, OptimConfig, TopKConfig, TrainConfig
+from instructsae.schemas.transcoder import ACTIVATIONS, TranscoderConfig
 
 
 def _describe(model, field: str) -> str:
@@ -66,19 +67,20 @@ def dedup(**options):
 @click.option("--sparsity-coeff", type=float, help="sparsity coefficient (L1 for standard, L0 for jumprelu)")
 @click.option("--bandwidth", type=float, help=_describe(JumpReLUConfig, "bandwidth"))
 @click.option("--init-threshold", type=float, help=_describe(JumpReLUConfig, "init_threshold"))
-@click.option("--k", type=int, help=_describe(TopKConfig, "k") + " (topk, batchtopk)")
+@click.option("--k", type=int, help=_describe(TopKConfig, "k") + " (topk, batchtopk; a transcoder given k alone is topk)")
+@click.option("--activation", type=click.Choice(ACTIVATIONS), help=_describe(TranscoderConfig, "activation"))
 @options_from(OptimConfig)
 @click.option("--resume", is_flag=True, help="continue a killed run from its checkpoint (same config and store)")
 @click.option("--overwrite", is_flag=True,
               help="replace the finished SAE in --out (another config, or the same one trained again)")
-def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, k, resume, overwrite,
-          **options):
+def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_threshold, k, activation, resume,
+          overwrite, **options):
     """Train one SAE on a store, streaming shuffled chunks through a mixing buffer."""
     from instructsae.api import train_sae
     from instructsae.train.config import resolve_train_config
 
     sae_flags = {"arch": arch, "expansion": expansion, "sparsity_coeff": sparsity_coeff,
-                 "bandwidth": bandwidth, "init_threshold": init_threshold, "k": k}
+                 "bandwidth": bandwidth, "init_threshold": init_threshold, "k": k, "activation": activation}
     optim_flags = {name: options.pop(name) for name in OptimConfig.model_fields}
     cfg = resolve_train_config(read_yaml(config_file), preset, options, sae_flags, optim_flags)
     summary = train_sae(cfg, resume=resume, overwrite=overwrite)

@@ -57,17 +57,18 @@ class TopKBase(SparseAutoencoder):
         rows, cols = self.select(pre_BF)
         return scatter_codes(pre_BF[rows, cols].clamp_min(0), rows, cols, pre_BF.shape)
 
-    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float,
-                      dead_F: torch.Tensor | None = None) -> LossOutput:
+    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float, dead_F: torch.Tensor | None = None,
+                      target_BD: torch.Tensor | None = None) -> LossOutput:
         """MSE + aux_coeff · AuxK; sparsity_coeff is unused (k sets the sparsity), `sparsity` reports AuxK."""
-        centred_BD = x_BD - self.b_dec
+        target_BD = x_BD if target_BD is None else target_BD
+        centred_BD = self.encoder_input(x_BD)
         with torch.no_grad():
             pre_BF = torch.addmm(self.b_enc, centred_BD, self.W_enc)
         rows, cols = self.select(pre_BF)
         values_N = gather_codes(centred_BD, self.W_enc, self.b_enc, pre_BF, rows, cols)
         recon_BD = decode_codes(values_N, self.W_dec, rows, cols, len(x_BD)) + self.b_dec
-        mse = self.squared_error(x_BD, recon_BD)
-        aux = self.auxk_loss(centred_BD, pre_BF, (x_BD - recon_BD).detach(), dead_F)
+        mse = self.squared_error(target_BD, recon_BD)
+        aux = self.auxk_loss(centred_BD, pre_BF, (target_BD - recon_BD).detach(), dead_F)
         latents_BF = scatter_codes(values_N.detach(), rows, cols, pre_BF.shape)
         return LossOutput(mse + self.aux_coeff * aux, mse, aux.detach(), latents_BF, recon_BD)
 

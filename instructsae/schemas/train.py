@@ -5,6 +5,8 @@ from typing import Annotated, Literal, Union
 from pydantic import Field
 
 from instructsae.schemas.base import FrozenModel
+from instructsae.schemas.sites import Site
+from instructsae.schemas.transcoder import SkipTranscoderConfig, TranscoderConfig
 
 
 class StandardConfig(FrozenModel):
@@ -43,7 +45,7 @@ class BatchTopKConfig(TopKConfig):
     k: int = Field(32, gt=0, description="active latents per token on average over a batch (at most d_sae)")
 
 
-SAE_CONFIGS = (StandardConfig, JumpReLUConfig, TopKConfig, BatchTopKConfig)
+SAE_CONFIGS = (StandardConfig, JumpReLUConfig, TopKConfig, BatchTopKConfig, TranscoderConfig, SkipTranscoderConfig)
 SAEConfig = Annotated[Union[SAE_CONFIGS], Field(discriminator="arch")]
 ARCHITECTURES = tuple(config.model_fields["arch"].default for config in SAE_CONFIGS)
 
@@ -68,6 +70,10 @@ class TrainConfig(FrozenModel):
     store: str = Field(..., description="activation store written by `instructsae extract`")
     out: str = Field(..., description="run folder for the SAE (SAELens layout), metrics and summary")
     layer: int | None = Field(None, description="layer to train on (default: the store's only/first layer)")
+    site: Site | None = Field(None, description="hook site the dictionary reads (default: resid_post for an SAE, "
+                             "mlp_in for a transcoder)")
+    target_site: Site | None = Field(None, description="hook site it reconstructs (default: an SAE its own input, a "
+                                    "transcoder mlp_out)")
     sae: SAEConfig = Field(default_factory=JumpReLUConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     tokens: int | None = Field(None, gt=0, description="training tokens (default: one pass over the training chunks)")

@@ -30,7 +30,9 @@ from instructsae.sae.export import load_sae, save_sae
 from instructsae.train.init import geometric_median
 from instructsae.train.metrics_log import MetricsLog
 from instructsae.train.parallel import DataParallel, check_splittable
-from instructsae.sae import build_sae, sae_class
+from instructsae.sae import build_sae, config_class
+from instructsae.sae.folder import slot_provenance
+from instructsae.schemas.sites import DEFAULT_SITE, stats_key
 from instructsae.train.schedule import describe_schedule, fitted_batch_size, fitted_optim, left_to_fit, schedule_line
 from instructsae.train.stream import ShuffledStream, prefetch_depth
 from instructsae.train.trainer import Trainee, train
@@ -45,6 +47,9 @@ STREAM_FIELDS = ("store", "tokens", "batch_size", "buffer_tokens", "holdout_frac
 def key_settings(cfg: TrainConfig) -> dict:
     """The settings that make an SAE what it is (runtime knobs left out)."""
     settings = cfg.model_dump(mode="json", exclude=RUNTIME_FIELDS)
+    for name in ("site", "target_site"):  # added with hook sites: absent while unset, so older keys hold
+        if settings[name] is None:
+            del settings[name]
     if settings["sae_seed"] in (None, cfg.seed):  # the same weights as no sae_seed: the same SAE (and old keys hold)
         del settings["sae_seed"]
     fitted = left_to_fit(cfg)
@@ -67,6 +72,26 @@ def choose_layer(cfg: TrainConfig, reader: StoreReader) -> int:
     return layer
 
 
+Slot = tuple[int, str]  # (layer, site): one array of activations of the store
+
+
+def choose_slots(cfg: TrainConfig, reader: StoreReader) -> tuple[Slot, Slot]:
+    """The (layer, site) the dictionary reads and the one it reconstructs: an SAE its own input (resid_post
+    unless told), a transcoder mlp_in to mlp_out unless told."""
+    layer = choose_layer(cfg, reader)
+    transcoder = config_class(cfg.sae).transcoder
+    site = cfg.site or ("mlp_in" if transcoder else DEFAULT_SITE)
+    target = cfg.target_site or ("mlp_out" if transcoder else site)
+    if not transcoder and target != site:
+        raise UserError(f"{cfg.sae.arch} reconstructs its own input: target_site {target} differs from site {site} "
+                        "(a transcoder, --sae transcoder, reconstructs another site)")
+    for wanted in dict.fromkeys((site, target)):
+        if (layer, wanted) not in reader.acts_keys:
+            raise UserError(f"site {wanted} at layer {layer} is not in store {cfg.store} (it has "
+                            f"{', '.join(reader.sites)}): extract with --sites {','.join(dict.fromkeys((site, target)))}")
+    return (layer, site), (layer, target)
+
+
 def split_chunks(n_chunks: int, holdout_fraction: float) -> tuple[list[int], list[int]]:
     """The last chunks are held out (whole dialogues, mostly unseen in training); none if only one chunk.
 
@@ -76,40 +101,43 @@ def split_chunks(n_chunks: int, holdout_fraction: float) -> tuple[list[int], lis
     return list(range(n_chunks - n_holdout)), list(range(n_chunks - n_holdout, n_chunks))
 
 
-def store_scale(reader, layer: int, store: str) -> float:
+def store_scale(reader, slot: Slot, store: str) -> float:
     """1/sqrt(E||x||^2): training inputs get unit mean squared norm, so coefficients carry across models."""
-    stats = reader.manifest.layer_stats.get(str(layer))
+    layer, site = slot
+    stats = reader.manifest.layer_stats.get(stats_key(layer, site))
     if stats is None or stats.mean_sq_norm <= 0:
-        raise UserError(f"store {store} has no normalisation statistics for layer {layer}: re-extract it")
+        where = f"layer {layer}" if site == DEFAULT_SITE else f"layer {layer} {site}"
+        raise UserError(f"store {store} has no normalisation statistics for {where}: re-extract it")
     return 1.0 / math.sqrt(stats.mean_sq_norm)
 
 
 def sparsity_coeff(cfg: TrainConfig) -> float:
     """The penalty's final coefficient; architectures whose sparsity is a k have none."""
-    return cfg.sae.sparsity_coeff if sae_class(cfg.sae.arch).has_sparsity_penalty else 0.0
+    return cfg.sae.sparsity_coeff if config_class(cfg.sae).has_sparsity_penalty else 0.0
 
 
 @dataclass
 class StoreView:
-    """The store as training sees it: chosen layers, scaled to unit mean squared norm, split into chunks."""
+    """The store as training sees it: chosen (layer, site) slots, each scaled to unit mean squared norm, split
+    into chunks."""
 
     reader: StoreReader
-    layers: list[int]
-    scales: dict[int, float]
+    slots: list[Slot]
+    scales: dict[Slot, float]
     train_chunks: list[int]
     holdout_chunks: list[int]
 
     def read_chunk(self, index: int) -> torch.Tensor:
-        """[rows, d_model] with one layer, [rows, layers, d_model] with several, in the store's dtype, unscaled."""
-        parts = [self.reader.read_acts_chunk_as_stored(layer, index) for layer in self.layers]
+        """[rows, d_model] with one slot, [rows, slots, d_model] with several, in the store's dtype, unscaled."""
+        parts = [self.reader.read_acts_chunk_as_stored(layer, index, site) for layer, site in self.slots]
         return parts[0] if len(parts) == 1 else torch.stack(parts, dim=1)
 
     def on_device(self, batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
         """Each batch copied to the device as stored (bf16: half the bytes), then made float32 and scaled there.
 
         The same float32 values, bit for bit, as converting and scaling on the CPU before the copy."""
-        scale = self.scales[self.layers[0]] if len(self.layers) == 1 else \
-            torch.tensor([self.scales[layer] for layer in self.layers], device=device)[:, None]
+        scale = self.scales[self.slots[0]] if len(self.slots) == 1 else \
+            torch.tensor([self.scales[slot] for slot in self.slots], device=device)[:, None]
         for batch in batches:
             yield batch.to(device, non_blocking=True).float() * scale
 
@@ -136,12 +164,12 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     reader = open_complete_store(first.store)
     if reader.n_tokens == 0:
         raise UserError(f"store {first.store} holds no tokens")
-    member_layers = [choose_layer(cfg, reader) for cfg in configs]
-    layers = sorted(set(member_layers))
-    scales = {layer: store_scale(reader, layer, first.store) for layer in layers}
-    view = StoreView(reader, layers, scales, *split_chunks(reader.n_chunks, first.holdout_fraction))
+    member_slots = [choose_slots(cfg, reader) for cfg in configs]  # (input, target) of each
+    slots = sorted({slot for pair in member_slots for slot in pair})
+    scales = {slot: store_scale(reader, slot, first.store) for slot in slots}
+    view = StoreView(reader, slots, scales, *split_chunks(reader.n_chunks, first.holdout_fraction))
     keys = [config_key(cfg, reader.manifest.fingerprint) for cfg in configs]
-    memory.check_fits(configs, reader.d_model, len(layers))
+    memory.check_fits(configs, reader.d_model, len(slots))
     saes = []
     for cfg in configs:
         # each SAE starts as it would alone, whatever else trains beside it; its own seed, not the stream's
@@ -160,7 +188,7 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     batch_size = fitted_batch_size(configs, tokens)  # the defaults fitted to a short run (train/schedule.py)
     n_steps = max(1, tokens // batch_size)
     optims = [fitted_optim(cfg.optim, n_steps) for cfg in configs]
-    schedules = [describe_schedule(cfg.optim, optim, n_steps, sae_class(cfg.sae.arch).has_sparsity_penalty, batch_size,
+    schedules = [describe_schedule(cfg.optim, optim, n_steps, config_class(cfg.sae).has_sparsity_penalty, batch_size,
                                    first.batch_size) for cfg, optim in zip(configs, optims)]
     if writes:  # data-parallel: rank 0 speaks for the run
         _print_schedules(configs, schedules)
@@ -171,7 +199,7 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
                             first.buffer_tokens, first.seed, tokens, depth,
                             pin_memory=device.type == "cuda")
     if saved is None and first.geometric_median_tokens:
-        _initialise_decoder_bias(saes, member_layers, view, first)
+        _initialise_decoder_bias(saes, [target for _, target in member_slots], view, first)
 
     first_step, tokens_done = (saved["step"], saved["tokens"]) if saved is not None else (0, 0)
     logs = [MetricsLog(run.building.metrics, cfg, run.root.name,
@@ -179,8 +207,8 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
             for cfg, run in zip(configs, runs)]
     trainees = [Trainee(sae.to(cfg.device), optim, sparsity_coeff(cfg),
                         DeadFeatureTracker(sae.d_sae, cfg.dead_threshold, cfg.dead_window), log.write,
-                        layers.index(layer), parallel)
-                for sae, cfg, optim, log, layer in zip(saes, configs, optims, logs, member_layers)]
+                        slots.index(source), parallel, slots.index(target))
+                for sae, cfg, optim, log, (source, target) in zip(saes, configs, optims, logs, member_slots)]
     if saved is not None:
         for trainee, state in zip(trainees, saved["trainees"]):
             trainee.load_state_dict(state)
@@ -207,12 +235,12 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     if not writes:
         return []
 
-    exported = [_export(cfg, run, key, trainee.sae, layer, view) for cfg, run, key, trainee, layer
-                in zip(configs, runs, keys, trainees, member_layers)]
-    metrics = _heldout_metrics(exported, member_layers, view)
-    summaries = [_summary(run, key, trainee, layer, view, {**stats, "schedule": schedule}, result)
-                 for run, key, trainee, layer, result, schedule
-                 in zip(runs, keys, trainees, member_layers, metrics, schedules)]
+    exported = [_export(cfg, run, key, trainee.sae, pair, view) for cfg, run, key, trainee, pair
+                in zip(configs, runs, keys, trainees, member_slots)]
+    metrics = _heldout_metrics(exported, member_slots, view)
+    summaries = [_summary(run, key, trainee, pair, view, {**stats, "schedule": schedule}, result)
+                 for run, key, trainee, pair, result, schedule
+                 in zip(runs, keys, trainees, member_slots, metrics, schedules)]
     checkpoint_path.unlink(missing_ok=True)  # every SAE is finished: nothing to resume
     for run in runs:
         move_folder_into_place(run.building.root, run.root)
@@ -232,7 +260,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     place = distributed.ranks()
     parallel = None
     if place.distributed:
-        check_splittable(cfg.sae.arch)
+        check_splittable(config_class(cfg.sae).architecture)
         distributed.start(device)
         parallel = DataParallel(place)
 
@@ -279,22 +307,22 @@ def _print_schedules(configs: list[TrainConfig], schedules: list[dict]) -> None:
             print(f"warning: {who}: {warning}", file=sys.stderr, flush=True)
 
 
-def _initialise_decoder_bias(saes, member_layers: list[int], view: StoreView, cfg: TrainConfig) -> None:
-    """b_dec at the geometric median of a sample of each SAE's layer (one sample per layer)."""
+def _initialise_decoder_bias(saes, targets: list[Slot], view: StoreView, cfg: TrainConfig) -> None:
+    """b_dec at the geometric median of a sample of what each dictionary reconstructs (one sample per slot)."""
     samples = {}
-    for sae, layer in zip(saes, member_layers):
-        if layer not in samples:
-            samples[layer] = geometric_median(_initial_sample(view, layer, cfg))
+    for sae, target in zip(saes, targets):
+        if target not in samples:
+            samples[target] = geometric_median(_initial_sample(view, target, cfg))
         with torch.no_grad():
-            sae.b_dec.copy_(samples[layer])
+            sae.b_dec.copy_(samples[target])
 
 
-def _initial_sample(view: StoreView, layer: int, cfg: TrainConfig) -> torch.Tensor:
+def _initial_sample(view: StoreView, slot: Slot, cfg: TrainConfig) -> torch.Tensor:
     """Rows from a few chunks spread over the store (not only its first dialogues)."""
     parts, n = [], 0
     stride = max(1, len(view.train_chunks) // 8)
     for index in view.train_chunks[::stride]:
-        parts.append(view.reader.read_acts_chunk(layer, index) * view.scales[layer])
+        parts.append(view.reader.read_acts_chunk(slot[0], index, slot[1]) * view.scales[slot])
         n += len(parts[-1])
         if n >= cfg.geometric_median_tokens:
             break
@@ -303,36 +331,39 @@ def _initial_sample(view: StoreView, layer: int, cfg: TrainConfig) -> torch.Tens
     return sample_ND[pick[: cfg.geometric_median_tokens]]
 
 
-def _export(cfg: TrainConfig, run: RunPaths, key: str, sae, layer: int, view: StoreView):
+def _export(cfg: TrainConfig, run: RunPaths, key: str, sae, pair: tuple[Slot, Slot], view: StoreView):
     """Save the SAE (raw activation space) and its curves; the exported SAE, as a user will load it."""
     root, reader = run.building.root, view.reader
-    own = {"layer": layer, "store": cfg.store, "store_fingerprint": reader.manifest.fingerprint,
-           "model": reader.manifest.identity.model, "input_scale": view.scales[layer],
+    (layer, site), target = pair
+    own = {"layer": layer, **slot_provenance(site, target[1]), "store": cfg.store,
+           "store_fingerprint": reader.manifest.fingerprint,
+           "model": reader.manifest.identity.model, "input_scale": view.scales[pair[0]],
            "train_config": cfg.model_dump(mode="json"), "config_key": key, "instructsae_version": __version__}
-    save_sae(root, sae.cpu(), view.scales[layer], own, reader.manifest.identity)
+    save_sae(root, sae.cpu(), view.scales[pair[0]], own, reader.manifest.identity, view.scales[target])
     plot_training_curves(MetricsLog.read(run.building.metrics), run.building.curves, title=run.root.name)
     return load_sae(root)[0]
 
 
 @torch.no_grad()
-def _heldout_metrics(saes, member_layers: list[int], view: StoreView) -> list[dict]:
-    """Every SAE measured on the held-out chunks, each chunk read once whatever the number of SAEs."""
+def _heldout_metrics(saes, member_slots: list[tuple[Slot, Slot]], view: StoreView) -> list[dict]:
+    """Every SAE measured on the held-out chunks (against its target site), each chunk read once whatever the
+    number of SAEs."""
     sums = [ReconstructionSums(sae.d_in, sae.d_sae) for sae in saes]
     for index in view.holdout_chunks or view.train_chunks:
-        for layer in view.layers:
-            x_BD = view.reader.read_acts_chunk(layer, index)
-            for sae, sae_layer, accumulator in zip(saes, member_layers, sums):
-                if sae_layer == layer:
-                    latents_BF = sae.encode(x_BD)
-                    accumulator.add(x_BD, sae.decode(latents_BF), latents_BF)
+        acts = {slot: view.reader.read_acts_chunk(slot[0], index, slot[1]) for slot in view.slots}
+        for sae, (source, target), accumulator in zip(saes, member_slots, sums):
+            latents_BF = sae.encode(acts[source])
+            accumulator.add(acts[target], sae.reconstruct(acts[source], latents_BF), latents_BF)
     return [accumulator.result() for accumulator in sums]
 
 
-def _summary(run: RunPaths, key: str, trainee: Trainee, layer: int, view: StoreView, stats: dict,
+def _summary(run: RunPaths, key: str, trainee: Trainee, pair: tuple[Slot, Slot], view: StoreView, stats: dict,
              metrics: dict) -> dict:
     sae = trainee.sae
+    (layer, site), (_, target) = pair
     summary = {
-        "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "layer": layer,
+        "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "layer": layer, "site": site,
+        "target_site": target,
         "nmse": metrics["nmse"], "explained_variance": metrics["explained_variance"], "mse": metrics["mse"],
         "l0": metrics["l0"], "dead_fraction_heldout": metrics["dead_fraction"],
         "dead_fraction_train": trainee.dead.dead_fraction(), "heldout_tokens": metrics["n_tokens"], **stats,
