@@ -49,15 +49,16 @@ def special_token_ids(tokenizer) -> np.ndarray:
 
 @torch.no_grad()
 def measure_features(sae: SparseAutoencoder, reader: StoreReader, layer: int, special_ids: np.ndarray,
-                     top_n: int, max_tokens: int | None) -> FeatureStats:
-    """One pass over the store, chunk by chunk; chunks are encoded in batches that bound d_sae x batch."""
+                     top_n: int, max_tokens: int | None, site: str = "resid_post") -> FeatureStats:
+    """One pass over the store, chunk by chunk; chunks are encoded in batches that bound d_sae x batch. `site`:
+    what the SAE reads (a transcoder's latents come from the MLP's input)."""
     stats = FeatureStats.empty(sae.d_sae, len(ROLES), top_n)
     limit = reader.n_tokens if max_tokens is None else min(max_tokens, reader.n_tokens)
     batch_tokens = max(1, LATENT_BUDGET // sae.d_sae)
     with tqdm(total=limit, desc="features", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
         for chunk_start in range(0, limit, reader.chunk_tokens):
             chunk_stop = min(chunk_start + reader.chunk_tokens, limit)
-            x_ND = reader.read_acts(layer, chunk_start, chunk_stop)
+            x_ND = reader.read_acts(layer, chunk_start, chunk_stop, site)
             roles_N = torch.from_numpy(reader.read_column("role", chunk_start, chunk_stop).astype(np.int64))
             token_ids = reader.read_column("token_id", chunk_start, chunk_stop)
             special_N = (roles_N == ROLE_CODE["template"]) | torch.from_numpy(np.isin(token_ids, special_ids))
@@ -120,10 +121,10 @@ def feature_table(records: list[dict]) -> pd.DataFrame:
 def run_features(cfg: FeaturesConfig) -> dict:
     out = Path(cfg.out)
     check_out_folder(out)
-    sae, _, reader, layer = open_sae_and_store(cfg.sae, cfg.store)
+    sae, _, reader, (layer, site, _) = open_sae_and_store(cfg.sae, cfg.store)
     tokenizer = load_tokenizer(reader.manifest.identity.tokenizer)
     special_ids = special_token_ids(tokenizer)
-    stats = measure_features(sae, reader, layer, special_ids, cfg.top, cfg.max_tokens)
+    stats = measure_features(sae, reader, layer, special_ids, cfg.top, cfg.max_tokens, site)
     live_ids = torch.nonzero(stats.live_F).flatten().numpy()
     records = feature_records(stats, live_ids, top_contexts(stats, live_ids, reader, tokenizer, cfg.context))
     special = special_token_features(records, cfg.special_threshold)
