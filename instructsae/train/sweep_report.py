@@ -42,7 +42,7 @@ def collect_rows(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
             "name": folder.name, "setting": setting_name(train), "seed": _sae_seed(train), "arch": sae["arch"],
             "layer": summary["layer"], "expansion": sae["expansion"],
             "d_sae": summary["d_sae"],
-            "sparsity": f"k={sae['k']}" if "k" in sae else f"coeff={sae['sparsity_coeff']:g}",
+            "sparsity": f"k={sae['k']}" if sae.get("k") is not None else f"coeff={sae['sparsity_coeff']:g}",
             "lr": train["optim"]["lr"], "nmse": summary["nmse"], "explained_variance": summary["explained_variance"],
             "l0": summary["l0"], "dead_fraction": summary["dead_fraction_heldout"], "tokens": summary["tokens_seen"],
         })
@@ -56,9 +56,10 @@ def _sae_seed(train: dict) -> int:
 def setting_name(train: dict) -> str:
     """What SAEs of one setting share whatever their seed: architecture, width, sparsity, lr, layer."""
     sae = train["sae"]
-    sparsity = f"k{sae['k']}" if "k" in sae else f"c{sae['sparsity_coeff']:g}"
+    sparsity = f"k{sae['k']}" if sae.get("k") is not None else f"c{sae['sparsity_coeff']:g}"
     layer = "" if train.get("layer") is None else f"-l{train['layer']}"
-    return f"{sae['arch']}-x{sae['expansion']}-{sparsity}-lr{train['optim']['lr']:g}{layer}"
+    activation = f"-{sae['activation']}" if "activation" in sae else ""  # a transcoder's
+    return f"{sae['arch']}{activation}-x{sae['expansion']}-{sparsity}-lr{train['optim']['lr']:g}{layer}"
 
 
 def over_seeds(rows: list[dict]) -> list[dict]:
