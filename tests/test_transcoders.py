@@ -199,3 +199,29 @@ def test_the_cli_trains_a_transcoder(store, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     summary = json.loads(out)
     assert summary["architecture"] == "topk_skip_transcoder" and summary["target_site"] == "mlp_out"
+
+
+def test_features_and_steering_use_the_transcoders_sites(tiny_model_dir, store, tmp_path):
+    from instructsae.evaluate.features import run_features
+    from instructsae.evaluate.steering import residual_added
+    from instructsae.lm.hooks import activations_at
+    from instructsae.schemas.features import FeaturesConfig
+
+    run_training(config(store, tmp_path / "run", TranscoderConfig(expansion=2, k=4)))
+    result = run_features(FeaturesConfig(sae=str(tmp_path / "run"), store=str(store), out=str(tmp_path / "features"),
+                                         top=3))
+    transcoder, _ = load_sae(tmp_path / "run")
+    reader = open_complete_store(store)
+    # features are the latents of mlp_in: every live one fires somewhere on the store's mlp_in
+    latents_NF = transcoder.encode(reader.read_acts(LAYER, 0, reader.n_tokens, "mlp_in"))
+    assert result["n_live"] == int((latents_NF > 0).any(dim=0).sum()) > 0
+    assert (tmp_path / "features" / "dashboard.html").stat().st_size > 0
+    # steering writes where the decoder writes, the MLP's output, which the layer's output carries on
+    lm = load_model(str(tiny_model_dir), "float32")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    vector_D = torch.randn(lm.d_model)
+    clean = activations_at(lm.model, [(LAYER, "mlp_out"), (LAYER, "resid_post")], ids)
+    with residual_added(lm.model, LAYER, vector_D, "mlp_out"):
+        steered = activations_at(lm.model, [(LAYER, "resid_post")], ids)
+    torch.testing.assert_close(steered[(LAYER, "resid_post")], clean[(LAYER, "resid_post")] + vector_D, rtol=0,
+                               atol=1e-5)
