@@ -225,3 +225,31 @@ def test_features_and_steering_use_the_transcoders_sites(tiny_model_dir, store, 
         steered = activations_at(lm.model, [(LAYER, "resid_post")], ids)
     torch.testing.assert_close(steered[(LAYER, "resid_post")], clean[(LAYER, "resid_post")] + vector_D, rtol=0,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "batchtopk"])
+def test_a_killed_run_resumes_to_the_same_weights(store, tmp_path, monkeypatch, activation):
+    from instructsae.train import checkpoint
+
+    sae_cfg = SkipTranscoderConfig(expansion=2, activation=activation, **ACTIVATIONS[activation])
+    cfg = config(store, tmp_path / "killed", sae_cfg, tokens=1280, checkpoint_every=8 * 32)
+    real_save, saves = checkpoint.save, []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saves.append(state["step"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed right after its second checkpoint
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert saves == [8, 16]
+    run_training(cfg, resume=True)
+    run_training(cfg.model_copy(update={"out": str(tmp_path / "whole")}))
+    resumed = load_file(str(tmp_path / "killed" / "sae_weights.safetensors"))
+    whole = load_file(str(tmp_path / "whole" / "sae_weights.safetensors"))
+    assert "W_skip" in whole
+    for name in whole:
+        assert torch.equal(resumed[name], whole[name]), name

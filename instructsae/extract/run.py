@@ -47,9 +47,10 @@ def identity_from_arguments(cfg: ExtractConfig) -> dict:
     return fields
 
 
-def identity_sites(cfg: ExtractConfig) -> tuple[str, ...] | None:
-    """None for resid_post alone, so such a store keeps the identity and fingerprint it had before sites."""
-    return None if cfg.sites == (DEFAULT_SITE,) else cfg.sites
+def identity_sites(cfg: ExtractConfig) -> list[str] | None:
+    """None for resid_post alone, so such a store keeps the identity and fingerprint it had before sites (a list,
+    as a manifest read back holds it)."""
+    return None if cfg.sites == (DEFAULT_SITE,) else list(cfg.sites)
 
 
 def build_identity(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader) -> StoreIdentity:

@@ -39,7 +39,8 @@ def collect_rows(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
         train = provenance(cfg)["train_config"]
         sae = train["sae"]
         rows.append({
-            "name": folder.name, "setting": setting_name(train), "seed": _sae_seed(train), "arch": sae["arch"],
+            "name": folder.name, "setting": setting_name(train), "seed": _sae_seed(train),
+            "arch": summary.get("architecture", sae["arch"]),  # a transcoder's class: jumprelu_transcoder, ...
             "layer": summary["layer"], "expansion": sae["expansion"],
             "d_sae": summary["d_sae"],
             "sparsity": f"k={sae['k']}" if sae.get("k") is not None else f"coeff={sae['sparsity_coeff']:g}",
