@@ -89,6 +89,7 @@ def test_arrays_describe_their_site_and_verify_convert_inspect(tiny_model_dir, d
     cfg = config(tiny_model_dir, dialogues_jsonl, tmp_path / "store", layers=(1,), sites=("mlp_in", "mlp_out"))
     first = run_extract(cfg, show_progress=False)
     assert run_extract(cfg, show_progress=False) == first  # a rerun finds it finished: the same config
+    capsys.readouterr()
     group = zarr.open_group(str(cfg.out), mode="r")
     assert group["acts/layer_1_mlp_in"].attrs["hook_site"] == "mlp_in"
     assert group["acts/layer_1_mlp_out"].attrs["layer"] == 1
