@@ -45,7 +45,8 @@ def extract(config_file, **options):
     manifest = extract_activations(cfg)
     if distributed.ranks().is_main:  # under torchrun, rank 0 speaks for the store
         click.echo(f"store {cfg.out}: {manifest.n_tokens:,} tokens, {manifest.n_instances:,} instances, "
-                   f"layers {list(manifest.identity.layers)}, sites {list(manifest.identity.stored_sites)}, complete={manifest.complete}")
+                   f"layers {list(manifest.identity.layers)}, sites {list(manifest.identity.stored_sites)}, "
+                   f"complete={manifest.complete}")
 
 
 @cli.command()
@@ -67,7 +68,8 @@ def dedup(**options):
 @click.option("--sparsity-coeff", type=float, help="sparsity coefficient (L1 for standard, L0 for jumprelu)")
 @click.option("--bandwidth", type=float, help=_describe(JumpReLUConfig, "bandwidth"))
 @click.option("--init-threshold", type=float, help=_describe(JumpReLUConfig, "init_threshold"))
-@click.option("--k", type=int, help=_describe(TopKConfig, "k") + " (topk, batchtopk; a transcoder given k alone is topk)")
+@click.option("--k", type=int,
+              help=_describe(TopKConfig, "k") + " (topk, batchtopk; a transcoder given k alone is topk)")
 @click.option("--activation", type=click.Choice(ACTIVATIONS), help=_describe(TranscoderConfig, "activation"))
 @options_from(OptimConfig)
 @click.option("--resume", is_flag=True, help="continue a killed run from its checkpoint (same config and store)")

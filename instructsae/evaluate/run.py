@@ -61,8 +61,8 @@ def store_metrics(saes: list[SparseAutoencoder], reader: StoreReader, slots: Slo
 
 
 def lm_metrics(saes: list[SparseAutoencoder], reader: StoreReader, slots: Slots, cfg: LMViewConfig) -> list[dict]:
-    """The LM view of SAEs of one (layer, site, target) on the store's first cfg.lm_tokens stored tokens, with the model that
-    made the store, loaded once; the clean and ablated runs are shared by all of them."""
+    """The LM view of SAEs of one (layer, site, target) on the store's first cfg.lm_tokens stored tokens, with the
+    model that made the store, loaded once; the clean and ablated runs are shared by all of them."""
     identity = reader.manifest.identity
     layer, site, target = slots
     cfg = cfg.model_copy(update={"device": resolve_device(cfg.device)})

@@ -2,7 +2,8 @@
 
 Each sequence runs clean; with each SAE's reconstruction replacing its site at its layer (resid_post, the
 output of that decoder layer, unless it reads another site); and with that site zero-ablated. A transcoder
-reads its site (the MLP's input) and replaces its target (the MLP's output): it stands in for the MLP. Only the positions the store holds are replaced: a dropped first token (the attention
+reads its site (the MLP's input) and replaces its target (the MLP's output): it stands in for the MLP.
+Only the positions the store holds are replaced: a dropped first token (the attention
 sink) was never seen by the SAE and stays clean in both. A prediction counts where it is made at a stored
 position and predicts a stored token, so each counted prediction is one the splice can change; its role is
 that of the token predicted.

@@ -37,7 +37,8 @@ def describe_store(store: str, as_json: bool) -> str:
     lines = [
         f"store       {store}  ({'complete' if manifest['complete'] else 'INCOMPLETE: rerun extract to resume'})",
         f"model       {identity['model']}  d_model={identity['d_model']}  layers={identity['layers']}"
-        f"  sites={','.join(identity.get('sites') or [identity['hook_site']])}  dtype={identity['dtype']} (computed in {identity['model_dtype']})",
+        f"  sites={','.join(identity.get('sites') or [identity['hook_site']])}  dtype={identity['dtype']} "
+        f"(computed in {identity['model_dtype']})",
         f"dataset     {identity['dataset']} [{identity['split']}]  sha256={identity['dataset_sha256'][:12]}",
         f"mode        {identity['mode']}  max_len={identity['max_len']}  block_len={identity['block_len']}"
         f"  keep_first_token={identity['keep_first_token']}",

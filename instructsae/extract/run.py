@@ -115,8 +115,8 @@ def group_tokens(cfg: ExtractConfig, chunk_tokens: int) -> int:
 
 @dataclass
 class GroupActs:
-    """What the LM gave for a group, already on the host: per (layer, site), per instance, the activations in the store's
-    dtype and each token's squared norm (float64, taken before the cast, for the normalisation statistics)."""
+    """What the LM gave for a group, already on the host: per (layer, site), per instance, the activations in the
+    store's dtype and each token's squared norm (float64, taken before the cast, for the normalisation statistics)."""
 
     acts: dict[tuple[int, str], list[torch.Tensor]]  # (layer, site) -> per instance [len, d_model], store dtype
     sq_norms: dict[tuple[int, str], list[torch.Tensor]]  # (layer, site) -> per instance [len], float64

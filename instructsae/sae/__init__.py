@@ -42,5 +42,5 @@ def build_sae(cfg: SAEConfig, d_in: int) -> SparseAutoencoder:
     return config_class(cfg)(d_in, cfg.expansion * d_in, **extra)
 
 
-__all__ = ["DICTIONARY_CLASSES", "SAE_CLASSES", "TRANSCODER_CLASSES", "LossOutput", "SparseAutoencoder", "build_sae", "check_sae_config", "config_class",
-           "sae_class"]
+__all__ = ["DICTIONARY_CLASSES", "SAE_CLASSES", "TRANSCODER_CLASSES", "LossOutput", "SparseAutoencoder", "build_sae",
+           "check_sae_config", "config_class", "sae_class"]

@@ -86,7 +86,8 @@ def sae_layer(cfg: dict, sae_dir: str | Path) -> int:
     layer = layer_from_hook_name(str(name))
     if layer is None:
         raise UserError(f"SAE {sae_dir} reads hook '{name}', which is no site a store holds (e.g. "
-                        "blocks.15.hook_resid_post, model.layers.15, blocks.15.hook_mlp_out, blocks.15.ln2.hook_normalized)")
+                        "blocks.15.hook_resid_post, model.layers.15, blocks.15.hook_mlp_out, "
+                        "blocks.15.ln2.hook_normalized)")
     return layer
 
 

@@ -144,7 +144,8 @@ def array_attributes(spec: ArraySpec, identity) -> dict:
     if not spec.name.startswith(ACTS_PREFIX):
         return {"rows": f"one per stored {spec.per}"}
     layer, site = acts_key_of(spec.name)
-    return {"dtype": identity.dtype, "layer": layer, "hook_site": site, "d_model": identity.d_model, "model": identity.model,
+    return {"dtype": identity.dtype, "layer": layer, "hook_site": site, "d_model": identity.d_model,
+            "model": identity.model,
             "rows": "one per stored token"}
 
 

@@ -101,7 +101,8 @@ class PartsReader:
         return acts_as_stored(self.read_acts_chunk_raw(layer, chunk_index, site), self.manifest.identity.dtype)
 
     def read_acts(self, layer: int, start: int, stop: int, site: str = DEFAULT_SITE) -> torch.Tensor:
-        return acts_from_storage(self.read_raw(layer_array_name(layer, site), start, stop), self.manifest.identity.dtype)
+        raw = self.read_raw(layer_array_name(layer, site), start, stop)
+        return acts_from_storage(raw, self.manifest.identity.dtype)
 
     def read_acts_as_stored(self, layer: int, start: int, stop: int, site: str = DEFAULT_SITE) -> torch.Tensor:
         return acts_as_stored(self.read_raw(layer_array_name(layer, site), start, stop), self.manifest.identity.dtype)

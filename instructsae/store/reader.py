@@ -78,7 +78,8 @@ class StoreReader:
         return array.read_rows(start, array.n_rows if stop is None else stop)
 
     def read_acts(self, layer: int, start: int, stop: int, site: str = DEFAULT_SITE) -> torch.Tensor:
-        return acts_from_storage(self.read_raw(layer_array_name(layer, site), start, stop), self.manifest.identity.dtype)
+        raw = self.read_raw(layer_array_name(layer, site), start, stop)
+        return acts_from_storage(raw, self.manifest.identity.dtype)
 
     def read_acts_as_stored(self, layer: int, start: int, stop: int, site: str = DEFAULT_SITE) -> torch.Tensor:
         """Rows in the store's dtype (bf16 stays bf16: half the bytes of float32 to shuffle and to transfer)."""

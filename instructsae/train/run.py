@@ -87,8 +87,9 @@ def choose_slots(cfg: TrainConfig, reader: StoreReader) -> tuple[Slot, Slot]:
                         "(a transcoder, --sae transcoder, reconstructs another site)")
     for wanted in dict.fromkeys((site, target)):
         if (layer, wanted) not in reader.acts_keys:
+            needed = ",".join(dict.fromkeys((site, target)))
             raise UserError(f"site {wanted} at layer {layer} is not in store {cfg.store} (it has "
-                            f"{', '.join(reader.sites)}): extract with --sites {','.join(dict.fromkeys((site, target)))}")
+                            f"{', '.join(reader.sites)}): extract with --sites {needed}")
     return (layer, site), (layer, target)
 
 
