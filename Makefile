@@ -15,8 +15,7 @@ HELDOUT ?= runs/demo/stores/fast-heldout
 EXTRA   ?=
 # OUT is the store for `extract` and the SAE folder for `train`.
 
-.PHONY: install demo test extract train sweep evaluate features inspect compare compare-large compare-transcoders bench \
-        clean
+.PHONY: install demo test extract train sweep evaluate features inspect compare compare-large compare-transcoders bench clean
 
 install: $(STAMP)
 
