@@ -1,7 +1,7 @@
 """Capture activations at chosen (layer, site)s, running the model no further than needed.
 
 Sites are found the same way in every family: a decoder layer's input and output (resid_pre, resid_post), its
-`self_attn` module's output (attn_out) and its `mlp` module's input and output (mlp_in: after the norm that
+attention module's output (attn_out: `self_attn`, GPT-2's `attn`) and its `mlp` module's input and output (mlp_in: after the norm that
 feeds it, mlp_out: before any norm after it), whatever the layer's class is called.
 """
 
@@ -10,7 +10,8 @@ import torch
 from instructsae.errors import UserError
 from instructsae.lm.models import decoder_layers
 
-SITE_MODULES = {"attn_out": "self_attn", "mlp_in": "mlp", "mlp_out": "mlp"}
+# the module of each site, by the names families give it (self_attn: Llama, Qwen, Gemma, ...; attn: GPT-2)
+SITE_MODULES = {"attn_out": ("self_attn", "attn", "self_attention"), "mlp_in": ("mlp",), "mlp_out": ("mlp",)}
 
 
 class _StopForward(Exception):
@@ -23,13 +24,14 @@ def _first_tensor(value) -> torch.Tensor:
 
 def site_module(layer_module: torch.nn.Module, site: str) -> torch.nn.Module:
     """The module whose input or output is `site` within one decoder layer (the layer itself for resid_*)."""
-    name = SITE_MODULES.get(site)
-    if name is None:
+    names = SITE_MODULES.get(site)
+    if names is None:
         return layer_module
-    module = getattr(layer_module, name, None)
-    if not isinstance(module, torch.nn.Module):
-        raise UserError(f"{type(layer_module).__name__} has no `{name}` module: site {site} cannot be read")
-    return module
+    for name in names:
+        module = getattr(layer_module, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise UserError(f"{type(layer_module).__name__} has no `{names[0]}` module: site {site} cannot be read")
 
 
 def _register(module: torch.nn.Module, site: str, keep) -> torch.utils.hooks.RemovableHandle:
