@@ -1,8 +1,8 @@
 """Capture activations at chosen (layer, site)s, running the model no further than needed.
 
 Sites are found the same way in every family: a decoder layer's input and output (resid_pre, resid_post), its
-attention module's output (attn_out: `self_attn`, GPT-2's `attn`) and its `mlp` module's input and output (mlp_in: after the norm that
-feeds it, mlp_out: before any norm after it), whatever the layer's class is called.
+attention module's output (attn_out: `self_attn`, GPT-2's `attn`) and its `mlp` module's input and output
+(mlp_in: after the norm that feeds it, mlp_out: before any norm after it), whatever the layer's class is called.
 """
 
 import torch
