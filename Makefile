@@ -15,7 +15,7 @@ HELDOUT ?= runs/demo/stores/fast-heldout
 EXTRA   ?=
 # OUT is the store for `extract` and the SAE folder for `train`.
 
-.PHONY: install demo test extract train sweep evaluate features inspect compare compare-large bench clean
+.PHONY: install demo test extract train sweep evaluate features inspect compare compare-large compare-transcoders bench clean
 
 install: $(STAMP)
 
@@ -55,6 +55,11 @@ compare: $(STAMP)
 # (78 min 13 s on this 2-core machine, idle, 2026-12-02; its report is committed as docs/compare/report.md).
 compare-large: $(STAMP)
 	$(CLI) pipeline compare --config instructsae/configs/compare-large.yaml $(EXTRA)
+
+# The same question for transcoders of layer 15's MLP (stores of mlp_in and mlp_out), demo size:
+# runs/compare-transcoders/report.md (its report is committed as docs/compare-transcoders/report.md).
+compare-transcoders: $(STAMP)
+	$(CLI) pipeline compare --config instructsae/configs/compare-transcoders.yaml $(EXTRA)
 
 # SAE: an SAE folder, or the name of one of the demo's (runs/demo/saes/NAME); OUT: the dashboard's folder.
 features: $(STAMP)

@@ -23,6 +23,7 @@ from instructsae.schemas.steer import SteerConfig
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import ARCHITECTURES, PRESETS, JumpReLUConfig, OptimConfig, TopKConfig, TrainConfig
 from instructsae.schemas.train import MatryoshkaBatchTopKConfig
+from instructsae.schemas.transcoder import ACTIVATIONS, TranscoderConfig
 
 
 def _describe(model, field: str) -> str:
@@ -47,7 +48,8 @@ def extract(config_file, **options):
     manifest = extract_activations(cfg)
     if distributed.ranks().is_main:  # under torchrun, rank 0 speaks for the store
         click.echo(f"store {cfg.out}: {manifest.n_tokens:,} tokens, {manifest.n_instances:,} instances, "
-                   f"layers {list(manifest.identity.layers)}, complete={manifest.complete}")
+                   f"layers {list(manifest.identity.layers)}, sites {list(manifest.identity.stored_sites)}, "
+                   f"complete={manifest.complete}")
 
 
 @cli.command()
@@ -60,7 +62,8 @@ def dedup(**options):
     click.echo(format_report(run_dedup(build(DedupConfig, options))))
 
 
-SAE_ONLY_FLAGS = ("target_l0", "prefixes")  # train's flags for one architecture's settings, beyond those in its signature
+SAE_ONLY_FLAGS = ("target_l0", "prefixes", "activation")  # train's flags for one architecture's settings, beyond those
+# in its signature (activation: a transcoder's)
 
 
 @cli.command()
@@ -80,7 +83,9 @@ SAE_ONLY_FLAGS = ("target_l0", "prefixes")  # train's flags for one architecture
 @click.option("--target-l0", type=float, help=_describe(JumpReLUConfig, "target_l0") + " (jumprelu)")
 @click.option("--prefixes", callback=lambda ctx, param, value: split_list(value),
               help=_describe(MatryoshkaBatchTopKConfig, "prefixes") + ", e.g. 256,1024 (matryoshka_batchtopk)")
-@click.option("--k", type=int, help=_describe(TopKConfig, "k") + " (topk, batchtopk, matryoshka_batchtopk)")
+@click.option("--k", type=int, help=_describe(TopKConfig, "k") + " (topk, batchtopk, matryoshka_batchtopk; a "
+              "transcoder given k alone is topk)")
+@click.option("--activation", type=click.Choice(ACTIVATIONS), help=_describe(TranscoderConfig, "activation"))
 @options_from(OptimConfig)
 @click.option("--resume", is_flag=True, help="continue a killed run from its checkpoint (same config and store)")
 @click.option("--overwrite", is_flag=True,

@@ -79,11 +79,13 @@ def _layers(layers) -> tuple[int, ...]:
 
 
 def activations(model: str, dialogues, layers, *, keep_first_token: bool = False, show_progress: bool = True,
-                **settings) -> TokenActivations:
+                site: str = "resid_post", **settings) -> TokenActivations:
     """Per-token activations of `dialogues` at `layers` (an int or several) of `model` (a --model value: an
     embedded name, a HF id, a local folder). Any other extract setting (max_len, device, batch_tokens, mode,
     model_dtype, ...) may be given; the activations are float32 whatever the store default. `dialogue` numbers
-    the dialogues extract kept: one it cannot use (empty, an unknown role) is skipped, as in a store."""
+    the dialogues extract kept: one it cannot use (empty, an unknown role) is skipped, as in a store. `site`: the
+    hook site read at each layer (resid_post: the layer's output; mlp_in, the MLP's input, is what a transcoder
+    reads)."""
     from instructsae.api import extract_activations, open_store
     from instructsae.evaluate.contexts import token_strings
     from instructsae.lm.models import load_tokenizer
@@ -94,9 +96,9 @@ def activations(model: str, dialogues, layers, *, keep_first_token: bool = False
     try:
         manifest = extract_activations(dialogues=as_dialogues(dialogues), model=model, layers=_layers(layers),
                                        out=store, dtype="float32", keep_first_token=keep_first_token,
-                                       show_progress=show_progress, **settings)
+                                       show_progress=show_progress, sites=(site,), **settings)
         reader = open_store(store)
-        acts = {layer: reader.read_acts(layer, 0, reader.n_tokens).float() for layer in manifest.identity.layers}
+        acts = {layer: reader.read_acts(layer, 0, reader.n_tokens, site).float() for layer in manifest.identity.layers}
         columns = {name: reader.read_column(name) for name in ("instance", "position", "token_id", "role")}
     finally:
         remove_store(store)
@@ -113,7 +115,7 @@ def latents(sae, model: str | None, dialogues, *, layer: int | None = None, keep
     """The latents of `sae` (a folder, or an SAE from load_sae) on `dialogues` run through `model` (None: the
     model the SAE names), at the SAE's layer (or `layer`)."""
     from instructsae.api import load_sae
-    from instructsae.sae.folder import sae_layer, sae_model
+    from instructsae.sae.folder import sae_layer, sae_model, sae_sites
 
     if not isinstance(sae, torch.nn.Module):
         sae = load_sae(sae)
@@ -125,8 +127,9 @@ def latents(sae, model: str | None, dialogues, *, layer: int | None = None, keep
     model = model or (sae_model(cfg) if cfg else None)
     if model is None:
         raise UserError("latents: the SAE does not name its model: pass the model")
+    site = sae_sites(cfg)[0] if cfg else "resid_post"  # what it reads (a transcoder: the MLP's input)
     acts = activations(model, dialogues, layer, keep_first_token=keep_first_token, show_progress=show_progress,
-                       **settings)
+                       site=site, **settings)
     x_ND = acts[layer]
     if x_ND.shape[1] != sae.d_in:
         raise UserError(f"latents: model '{model}' has d_model {x_ND.shape[1]} but the SAE has d_in {sae.d_in}")

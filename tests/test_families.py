@@ -106,7 +106,7 @@ def test_padded_batches_equal_each_dialogue_alone(name, family_folder):
     together = forward_group(lm, group, cfg)
     alone = forward_group(lm, group, cfg.model_copy(update={"batch_tokens": 1}))  # a batch of one each
     for layer in (0, 1):
-        for padded_SD, single_SD in zip(together.acts[layer], alone.acts[layer]):
+        for padded_SD, single_SD in zip(together.acts[(layer, "resid_post")], alone.acts[(layer, "resid_post")]):
             torch.testing.assert_close(padded_SD, single_SD, rtol=1e-5, atol=1e-5 * single_SD.abs().max().item())
 
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0

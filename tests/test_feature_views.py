@@ -67,7 +67,7 @@ class FakeReader:
     def __init__(self, x_ND: torch.Tensor, chunk_tokens: int):
         self.x_ND, self.chunk_tokens, self.n_tokens, self.reads = x_ND, chunk_tokens, len(x_ND), []
 
-    def read_acts(self, layer: int, start: int, stop: int) -> torch.Tensor:
+    def read_acts(self, layer: int, start: int, stop: int, site: str = "resid_post") -> torch.Tensor:
         self.reads.append((layer, start, stop))
         return self.x_ND[start:stop]
 

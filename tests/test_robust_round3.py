@@ -156,7 +156,7 @@ def tiny_store(out: Path, n_tokens: int = 256) -> Path:
     generator = np.random.default_rng(len(str(out)))
     for first in range(0, n_tokens, 16):  # one instance of 16 tokens per block
         block = TokenBlock(
-            acts={0: generator.standard_normal((16, D)).astype(np.float32)},
+            acts={(0, "resid_post"): generator.standard_normal((16, D)).astype(np.float32)},
             token_id=np.arange(16, dtype=np.int32), instance=np.full(16, first // 16, dtype=np.int32),
             position=np.arange(16, dtype=np.int32), role=np.zeros(16, dtype=np.uint8),
             instance_start=np.array([first], dtype=np.int64), instance_length=np.array([16], dtype=np.int32),

@@ -22,8 +22,9 @@ SAELENS_INFERENCE = {"standard", "jumprelu", "topk", "batchtopk", "gated", "matr
 
 def test_every_config_tag_has_a_class():
     tags = {option.model_fields["arch"].default for option in SAEConfig.__origin__.__args__}
-    assert tags == set(SAE_CLASSES) == set(CONFIGS)
-    assert all(SAE_CLASSES[tag].architecture == tag for tag in tags)
+    # transcoders' tags name a family whose class also depends on the activation (tests/test_transcoders.py)
+    assert tags - {"transcoder", "skip_transcoder"} == set(SAE_CLASSES) == set(CONFIGS)
+    assert all(SAE_CLASSES[tag].architecture == tag for tag in set(SAE_CLASSES))
 
 
 @pytest.mark.parametrize("arch", sorted(SAE_CLASSES))

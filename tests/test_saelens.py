@@ -140,7 +140,7 @@ def test_saelens_keeps_the_metadata_of_a_trained_run(tmp_path, monkeypatch, caps
 
 @pytest.mark.parametrize("hook, layer", [
     ("blocks.15.hook_resid_post", 15), ("model.layers.15", 15), ("layers.3", 3), ("blocks.4.hook_resid_pre", 3),
-    ("transformer.h.2", 2), ("blocks.0.hook_resid_pre", None), ("blocks.15.hook_mlp_out", None),
+    ("transformer.h.2", 2), ("blocks.0.hook_resid_pre", None), ("blocks.15.hook_mlp_out", 15),
     ("blocks.15.attn.hook_z", None),
 ])
 def test_layer_from_hook_name(hook, layer):
@@ -172,7 +172,7 @@ def test_an_encoder_without_b_dec_on_its_input_is_folded(tmp_path):
 
 @pytest.mark.parametrize("change, expected", [
     ({"normalize": "expected_average_only_in"}, "normalises its inputs"),
-    ({"hook_name": "blocks.1.hook_mlp_out"}, "not the residual stream"),
+    ({"hook_name": "blocks.1.attn.hook_z"}, "no site a store holds"),
     ({"hook_name": None}, "does not say which layer"),
     ({"architecture": "gated"}, "unknown architecture 'gated'"),
 ])

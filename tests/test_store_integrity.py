@@ -208,12 +208,12 @@ def test_nonfinite_activations_stop_the_extraction_unless_kept(pristine, tmp_pat
 
     def poisoned(lm, group, cfg):
         acts = real(lm, group, cfg)
-        acts.acts[LAYER][0][1, 5] = float("nan")  # as it leaves the device, in the store dtype
+        acts.acts[(LAYER, "resid_post")][0][1, 5] = float("nan")  # as it leaves the device, in the store dtype
         return acts
 
     monkeypatch.setattr(extract_run, "forward_group", poisoned)
     cfg = pristine[2].model_copy(update={"out": str(tmp_path / "nan")})
-    with pytest.raises(UserError, match=f"activations at layer {LAYER} are NaN or inf.*--keep-nonfinite"):
+    with pytest.raises(UserError, match=rf"at layer {LAYER} \(resid_post\) are NaN or inf.*--keep-nonfinite"):
         run_extract(cfg, show_progress=False)
     kept = run_extract(cfg.model_copy(update={"keep_nonfinite": True}), show_progress=False)
     assert kept.complete and kept.layer_stats[str(LAYER)].nonfinite > 0

@@ -36,6 +36,7 @@ class FakeReader:
         self.acts_ND = 30.0 * codes_NA @ atoms_AD + 5.0  # an offset, so b_dec has something to learn
         self.chunk_tokens, self.n_chunks = CHUNK, n_chunks
         self.layers, self.d_model = tuple(layers), D_MODEL
+        self.sites, self.acts_keys = ("resid_post",), [(layer, "resid_post") for layer in layers]
         stats = LayerStats(count=self.n_tokens, sum_sq_norm=float(self.acts_ND.double().pow(2).sum()))
         self.manifest = SimpleNamespace(
             identity=SimpleNamespace(layers=self.layers, d_model=D_MODEL, model="fake-model", mode="fast",
@@ -47,10 +48,10 @@ class FakeReader:
     def chunk_bounds(self, chunk_index: int) -> tuple[int, int]:
         return chunk_index * CHUNK, min((chunk_index + 1) * CHUNK, self.n_tokens)
 
-    def read_acts_chunk(self, layer: int, chunk_index: int) -> torch.Tensor:
+    def read_acts_chunk(self, layer: int, chunk_index: int, site: str = "resid_post") -> torch.Tensor:
         return self.read_acts_chunk_as_stored(layer, chunk_index)  # a float32 store
 
-    def read_acts_chunk_as_stored(self, layer: int, chunk_index: int) -> torch.Tensor:
+    def read_acts_chunk_as_stored(self, layer: int, chunk_index: int, site: str = "resid_post") -> torch.Tensor:
         if self.fail_after is not None and len(self.reads) >= self.fail_after:
             raise OSError("disk gone")
         self.reads.append((layer, chunk_index))

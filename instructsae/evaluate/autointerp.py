@@ -178,7 +178,7 @@ def read_store_contexts(cfg: AutointerpConfig, summary: dict, features: list[dic
     if not sae_dir or not store:
         raise UserError(f"detection and fuzzing read contexts from a store: give --sae and --store ({FEATURES_FILE} "
                         f"in {cfg.features} names no {'SAE' if not sae_dir else 'store'}), or --scorers rubric")
-    sae, _, reader, layer = open_sae_and_store(sae_dir, store)
+    sae, _, reader, (layer, site, _) = open_sae_and_store(sae_dir, store)  # site: what the SAE reads
     outside = [f["id"] for f in features if not 0 <= f["id"] < sae.d_sae]
     if outside:
         raise UserError(f"feature {outside[0]} of {FEATURES_FILE} is not in SAE {sae_dir} (d_sae {sae.d_sae})")
@@ -188,7 +188,7 @@ def read_store_contexts(cfg: AutointerpConfig, summary: dict, features: list[dic
              for f in features]
     return sample_contexts(sae, reader, layer, load_tokenizer(reader.manifest.identity.tokenizer),
                            [f["id"] for f in features], cfg.explain_sampled + cfg.n_test, cfg.n_test,
-                           cfg.n_quantiles, cfg.context, cfg.max_tokens, cfg.seed, taken)
+                           cfg.n_quantiles, cfg.context, cfg.max_tokens, cfg.seed, taken, site)
 
 
 def run_autointerp(cfg: AutointerpConfig) -> dict:

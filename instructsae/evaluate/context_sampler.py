@@ -23,7 +23,7 @@ POOL_PER_CONTEXT = 4  # random windows drawn per wanted non-activating context (
 
 @torch.no_grad()
 def firing_sample(sae: SparseAutoencoder, reader: StoreReader, layer: int, feature_ids: np.ndarray, size: int,
-                  limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+                  limit: int, seed: int, site: str = "resid_post") -> tuple[np.ndarray, np.ndarray]:
     """Per feature, up to `size` rows where it fires, drawn uniformly without replacement, and their
     activations: rows [K, size] (-1 past the rows it has) and acts [K, size]."""
     n_features, ids = len(feature_ids), torch.from_numpy(feature_ids)
@@ -34,7 +34,7 @@ def firing_sample(sae: SparseAutoencoder, reader: StoreReader, layer: int, featu
     batch_tokens = max(1, LATENT_BUDGET // sae.d_sae)
     with tqdm(total=limit, desc="sample contexts", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
         for chunk_start in range(0, limit, reader.chunk_tokens):
-            x_ND = reader.read_acts(layer, chunk_start, min(chunk_start + reader.chunk_tokens, limit))
+            x_ND = reader.read_acts(layer, chunk_start, min(chunk_start + reader.chunk_tokens, limit), site)
             for start in range(0, len(x_ND), batch_tokens):
                 acts_BK = sae.encode(x_ND[start:start + batch_tokens])[:, ids].float()
                 keys_BK = torch.rand(acts_BK.shape, generator=generator).masked_fill(acts_BK <= 0, torch.inf)
@@ -70,28 +70,30 @@ def quantile_picks(acts: np.ndarray, where: list[tuple[int, int]], n_quantiles: 
 
 @torch.no_grad()
 def latents_of_rows(sae: SparseAutoencoder, reader: StoreReader, layer: int, rows: np.ndarray,
-               feature_ids: np.ndarray) -> np.ndarray:
+                    feature_ids: np.ndarray, site: str = "resid_post") -> np.ndarray:
     """The chosen features' activations at `rows` (any order) [len(rows), K], reading each chunk once."""
     out = np.zeros((len(rows), len(feature_ids)), dtype=np.float32)
     chunks = rows // reader.chunk_tokens
     for chunk in np.unique(chunks):
         start, stop = reader.chunk_bounds(int(chunk))
         here = np.nonzero(chunks == chunk)[0]
-        x_ND = reader.read_acts(layer, start, stop)[torch.from_numpy(rows[here] - start)]
+        x_ND = reader.read_acts(layer, start, stop, site)[torch.from_numpy(rows[here] - start)]
         out[here] = sae.encode(x_ND)[:, torch.from_numpy(feature_ids)].float().numpy()
     return out
 
 
 def sample_contexts(sae: SparseAutoencoder, reader: StoreReader, layer: int, tokenizer, feature_ids: list[int],
                     n_activating: int, n_non_activating: int, n_quantiles: int, context: int,
-                    max_tokens: int | None, seed: int, taken: list[set[tuple[int, int]]]) -> list[dict]:
+                    max_tokens: int | None, seed: int, taken: list[set[tuple[int, int]]],
+                    site: str = "resid_post") -> list[dict]:
     """Per feature, {"activating": contexts in quantile round-robin order, "non_activating": contexts where it
     is zero at every token}. A context is a features.json context (tokens, focus, activation, instance,
     position, role) with "acts", the feature at every token, and (activating ones) "quantile", its bin 1..n.
-    `taken[k]` holds (instance, position) of contexts already shown for feature k, which none here overlaps."""
+    `taken[k]` holds (instance, position) of contexts already shown for feature k, which none here overlaps.
+    `site`: what the SAE reads at `layer` (a transcoder's input site)."""
     ids = np.asarray(feature_ids, dtype=np.int64)
     limit = reader.n_tokens if max_tokens is None else min(max_tokens, reader.n_tokens)
-    rows_KS, acts_KS = firing_sample(sae, reader, layer, ids, RESERVOIR, limit, seed)
+    rows_KS, acts_KS = firing_sample(sae, reader, layer, ids, RESERVOIR, limit, seed, site)
     rng = np.random.default_rng(seed)
     fired_KS = rows_KS >= 0
     instance_KS, position_KS = np.full_like(rows_KS, -1), np.full_like(rows_KS, -1)
@@ -105,7 +107,7 @@ def sample_contexts(sae: SparseAutoencoder, reader: StoreReader, layer: int, tok
         chosen.append((rows_KS[k][fired][[i for i, _ in picks]].astype(np.int64), [q for _, q in picks]))
     pool = rng.choice(limit, size=min(limit, POOL_PER_CONTEXT * n_non_activating), replace=False)
     all_rows = np.concatenate([rows for rows, _ in chosen] + [pool]).astype(np.int64)
-    windows = read_windows(sae, reader, layer, tokenizer, all_rows, ids, context)
+    windows = read_windows(sae, reader, layer, tokenizer, all_rows, ids, context, site)
     result, offset = [], 0
     for k, (rows, bins) in enumerate(chosen):
         activating = [{**window_for(windows[offset + i], k), "quantile": q} for i, q in enumerate(bins)]
@@ -119,14 +121,14 @@ def sample_contexts(sae: SparseAutoencoder, reader: StoreReader, layer: int, tok
 
 
 def read_windows(sae: SparseAutoencoder, reader: StoreReader, layer: int, tokenizer, rows: np.ndarray,
-                 feature_ids: np.ndarray, context: int) -> list[dict]:
+                 feature_ids: np.ndarray, context: int, site: str = "resid_post") -> list[dict]:
     """The window around each row, with every chosen feature's activation at each of its tokens."""
     instance = gather_column(reader, "instance", rows)
     start, stop = context_windows(rows, instance, reader.read_column("instance_start"),
                                   reader.read_column("instance_length"), context)
     all_rows, offsets = window_rows(start, stop)
     strings = token_strings(tokenizer, gather_column(reader, "token_id", all_rows))
-    acts_WK = latents_of_rows(sae, reader, layer, all_rows, feature_ids)
+    acts_WK = latents_of_rows(sae, reader, layer, all_rows, feature_ids, site)
     position, role = gather_column(reader, "position", rows), gather_column(reader, "role", rows)
     return [{"tokens": strings[offsets[i]:offsets[i + 1]], "focus": int(rows[i] - start[i]),
              "instance": int(instance[i]), "position": int(position[i]), "role": ROLES[role[i]],

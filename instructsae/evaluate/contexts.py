@@ -48,7 +48,7 @@ def token_strings(tokenizer, token_ids: np.ndarray) -> list[str]:
 
 
 def latents_at(encode, reader: StoreReader, layer: int, rows_P: np.ndarray, features_P: np.ndarray,
-               batch_tokens: int) -> np.ndarray:
+               batch_tokens: int, site: str = "resid_post") -> np.ndarray:
     """The latent of feature features_P[p] at store row rows_P[p], for every pair p: each distinct row is read
     once (chunk by chunk, only the chunks that hold one) and encoded once, batch_tokens rows at a time."""
     order = np.argsort(rows_P, kind="stable")
@@ -60,7 +60,7 @@ def latents_at(encode, reader: StoreReader, layer: int, rows_P: np.ndarray, feat
     chunks, first_row = np.unique(unique_rows // reader.chunk_tokens, return_index=True)
     for chunk, lo, hi in zip(chunks, first_row, [*first_row[1:], len(unique_rows)]):
         start = int(chunk) * reader.chunk_tokens
-        x_ND = reader.read_acts(layer, start, min(start + reader.chunk_tokens, reader.n_tokens))
+        x_ND = reader.read_acts(layer, start, min(start + reader.chunk_tokens, reader.n_tokens), site)
         for b in range(lo, hi, batch_tokens):
             e = min(b + batch_tokens, hi)
             latents_BF = encode(x_ND[torch.from_numpy(unique_rows[b:e] - start)]).float().numpy()

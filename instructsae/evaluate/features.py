@@ -62,15 +62,16 @@ def special_token_ids(tokenizer) -> np.ndarray:
 
 @torch.no_grad()
 def measure_features(sae: SparseAutoencoder, reader: StoreReader, layer: int, special_ids: np.ndarray,
-                     top_n: int, max_tokens: int | None) -> FeatureStats:
-    """One pass over the store, chunk by chunk; chunks are encoded in batches that bound d_sae x batch."""
+                     top_n: int, max_tokens: int | None, site: str = "resid_post") -> FeatureStats:
+    """One pass over the store, chunk by chunk; chunks are encoded in batches that bound d_sae x batch. `site`:
+    what the SAE reads (a transcoder's latents come from the MLP's input)."""
     stats = FeatureStats.empty(sae.d_sae, len(ROLES), top_n)
     limit = reader.n_tokens if max_tokens is None else min(max_tokens, reader.n_tokens)
     batch_tokens = max(1, LATENT_BUDGET // sae.d_sae)
     with tqdm(total=limit, desc="features", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
         for chunk_start in range(0, limit, reader.chunk_tokens):
             chunk_stop = min(chunk_start + reader.chunk_tokens, limit)
-            x_ND = reader.read_acts(layer, chunk_start, chunk_stop)
+            x_ND = reader.read_acts(layer, chunk_start, chunk_stop, site)
             roles_N = torch.from_numpy(reader.read_column("role", chunk_start, chunk_stop).astype(np.int64))
             token_ids = reader.read_column("token_id", chunk_start, chunk_stop)
             special_N = (roles_N == ROLE_CODE["template"]) | torch.from_numpy(np.isin(token_ids, special_ids))
@@ -83,9 +84,9 @@ def measure_features(sae: SparseAutoencoder, reader: StoreReader, layer: int, sp
 
 
 def top_contexts(stats: FeatureStats, feature_ids: np.ndarray, reader: StoreReader, tokenizer, context: int,
-                 sae: SparseAutoencoder, layer: int) -> list[list[dict]]:
+                 sae: SparseAutoencoder, layer: int, site: str = "resid_post") -> list[list[dict]]:
     """Per feature, its top tokens (activation > 0, largest first) with their decoded context windows, the
-    feature's activation on every token of each window and the windows' roles."""
+    feature's activation on every token of each window and the windows' roles (`site`: what the SAE reads)."""
     acts_KN = stats.top_acts_FN[feature_ids].numpy()
     rows_KN = stats.top_rows_FN[feature_ids].numpy()
     fired_KN = acts_KN > 0
@@ -100,7 +101,7 @@ def top_contexts(stats: FeatureStats, feature_ids: np.ndarray, reader: StoreRead
     feature_of_context = np.repeat(feature_ids, fired_KN.sum(axis=1))
     with torch.no_grad():
         window_acts = latents_at(sae.encode, reader, layer, all_rows, np.repeat(feature_of_context, stop - start),
-                                 max(1, LATENT_BUDGET // sae.d_sae))
+                                 max(1, LATENT_BUDGET // sae.d_sae), site)
     window_acts = significant(window_acts)
     contexts = []
     for k, activation in enumerate(acts_KN[fired_KN]):
@@ -193,13 +194,13 @@ def load_views_model(cfg: FeaturesConfig, reader: StoreReader):
 
 def measure_views(cfg: FeaturesConfig) -> tuple[dict, list[dict], list[dict]]:
     """(summary, records of every live feature, special-token features): what the files and the page show."""
-    sae, _, reader, layer = open_sae_and_store(cfg.sae, cfg.store)
+    sae, _, reader, (layer, site, _) = open_sae_and_store(cfg.sae, cfg.store)  # site: what the SAE reads
     lm = load_views_model(cfg, reader)
     tokenizer = load_tokenizer(reader.manifest.identity.tokenizer)  # the store's, which made its token ids
     special_ids = special_token_ids(tokenizer)
-    stats = measure_features(sae, reader, layer, special_ids, cfg.top, cfg.max_tokens)
+    stats = measure_features(sae, reader, layer, special_ids, cfg.top, cfg.max_tokens, site)
     live_ids = torch.nonzero(stats.live_F).flatten().numpy()
-    tops = top_contexts(stats, live_ids, reader, tokenizer, cfg.context, sae, layer)
+    tops = top_contexts(stats, live_ids, reader, tokenizer, cfg.context, sae, layer, site)
     logits, logits_method = logit_lists(sae, live_ids, lm, tokenizer, cfg.logits)
     records = feature_records(stats, live_ids, tops, logits)
     special = special_token_features(records, cfg.special_threshold)

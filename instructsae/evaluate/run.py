@@ -22,41 +22,49 @@ from instructsae.lm.models import load_model, model_sha256
 from instructsae.metrics import ReconstructionSums
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.schemas.manifest import StoreIdentity
-from instructsae.sae.folder import load_sae, sae_layer
+from instructsae.sae.folder import hook_name_of, load_sae, sae_layer, sae_sites
 from instructsae.sae import SparseAutoencoder
 
 
-def store_batches(reader: StoreReader, layer: int, max_tokens: int | None):
-    """(activations, instance ids, roles) of the store in order, chunk by chunk, stopping at max_tokens."""
+Slots = tuple[int, str, str]  # (layer, site read, site reconstructed): an SAE's two sites are the same
+
+
+def store_batches(reader: StoreReader, slots: Slots, max_tokens: int | None):
+    """(inputs, targets, instance ids, roles) of the store in order, chunk by chunk, stopping at max_tokens
+    (an SAE's targets are its inputs)."""
+    layer, site, target = slots
     limit = reader.n_tokens if max_tokens is None else min(max_tokens, reader.n_tokens)
     with tqdm(total=limit, desc="evaluate", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
         for start in range(0, limit, reader.chunk_tokens):
             stop = min(start + reader.chunk_tokens, limit)
-            batch_ND = reader.read_acts(layer, start, stop)
+            batch_ND = reader.read_acts(layer, start, stop, site)
+            target_ND = batch_ND if target == site else reader.read_acts(layer, start, stop, target)
             bar.update(len(batch_ND))
-            yield batch_ND, reader.read_column("instance", start, stop), reader.read_column("role", start, stop)
+            yield (batch_ND, target_ND, reader.read_column("instance", start, stop),
+                   reader.read_column("role", start, stop))
 
 
 @torch.no_grad()
-def store_metrics(saes: list[SparseAutoencoder], reader: StoreReader, layer: int,
+def store_metrics(saes: list[SparseAutoencoder], reader: StoreReader, slots: Slots,
                   max_tokens: int | None) -> list[dict]:
-    """The metrics of SAEs of one layer from one read of the store, whatever the number of SAEs."""
+    """The metrics of SAEs of one (layer, site, target) from one read of the store, whatever their number."""
     totals = [ReconstructionSums(sae.d_in, sae.d_sae) for sae in saes]
     breakdowns = [SequenceRoleSums(reader.n_instances, sae.d_in) for sae in saes]
-    for x_BD, instance_B, role_B in store_batches(reader, layer, max_tokens):
+    for x_BD, target_BD, instance_B, role_B in store_batches(reader, slots, max_tokens):
         for sae, total, breakdown in zip(saes, totals, breakdowns):
             latents_BF = sae.encode(x_BD)
-            recon_BD = sae.decode(latents_BF)
-            total.add(x_BD, recon_BD, latents_BF)
-            breakdown.add(x_BD, recon_BD, latents_BF, instance_B, role_B)
+            recon_BD = sae.reconstruct(x_BD, latents_BF)
+            total.add(target_BD, recon_BD, latents_BF)
+            breakdown.add(target_BD, recon_BD, latents_BF, instance_B, role_B)
     return [{**total.result(), "eq7": breakdown.eq7(), "per_role": breakdown.per_role(),
              "per_sequence": breakdown.per_sequence()} for total, breakdown in zip(totals, breakdowns)]
 
 
-def lm_metrics(saes: list[SparseAutoencoder], reader: StoreReader, layer: int, cfg: LMViewConfig) -> list[dict]:
-    """The LM view of SAEs of one layer on the store's first cfg.lm_tokens stored tokens, with the model that
-    made the store, loaded once; the clean and ablated runs are shared by all of them."""
+def lm_metrics(saes: list[SparseAutoencoder], reader: StoreReader, slots: Slots, cfg: LMViewConfig) -> list[dict]:
+    """The LM view of SAEs of one (layer, site, target) on the store's first cfg.lm_tokens stored tokens, with the
+    model that made the store, loaded once; the clean and ablated runs are shared by all of them."""
     identity = reader.manifest.identity
+    layer, site, target = slots
     cfg = cfg.model_copy(update={"device": resolve_device(cfg.device)})
     if cfg.model is None:
         refuse_a_changed_model(identity)
@@ -70,7 +78,8 @@ def lm_metrics(saes: list[SparseAutoencoder], reader: StoreReader, layer: int, c
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     # the same runtime knob as extract's, with the same default per device
     results = lm_view(lm.model, layer, [sae.to(cfg.device) for sae in saes], sequences,
-                      first_stored_position(reader), batch_budget(cfg.batch_tokens, cfg.device), pad_id, cfg.device)
+                      first_stored_position(reader), batch_budget(cfg.batch_tokens, cfg.device), pad_id, cfg.device,
+                      site, target)
     return [{"model": lm.name, "n_sequences": len(sequences), **result} for result in results]
 
 
@@ -82,8 +91,9 @@ def refuse_a_changed_model(identity: StoreIdentity) -> None:
                         "tokenizer differ): pass --model to run the LM view with it anyway")
 
 
-def open_sae_and_store(sae_dir: str, store: str) -> tuple[SparseAutoencoder, dict, StoreReader, int]:
-    """An SAE, its cfg, a complete store it fits (same width, holds the SAE's layer) and that layer."""
+def open_sae_and_store(sae_dir: str, store: str) -> tuple[SparseAutoencoder, dict, StoreReader, Slots]:
+    """An SAE, its cfg, a complete store it fits (same width, holds the SAE's layer and sites) and
+    (layer, site, target)."""
     sae, cfg = load_sae(sae_dir)
     reader = open_complete_store(store)
     if cfg["d_in"] != reader.d_model:
@@ -91,7 +101,13 @@ def open_sae_and_store(sae_dir: str, store: str) -> tuple[SparseAutoencoder, dic
     layer = sae_layer(cfg, sae_dir)
     if layer not in reader.layers:
         raise UserError(f"SAE {sae_dir} reads layer {layer} but store {store} has layers {list(reader.layers)}")
-    return sae, cfg, reader, layer
+    site, target = sae_sites(cfg)
+    for wanted in dict.fromkeys((site, target)):
+        if (layer, wanted) not in reader.acts_keys:
+            hook = hook_name_of(cfg) or wanted
+            raise UserError(f"SAE {sae_dir} needs site {wanted} of layer {layer} (hook {hook}) but store {store} "
+                            f"holds {', '.join(reader.sites)}: extract with --sites {','.join({site, target})}")
+    return sae, cfg, reader, (layer, site, target)
 
 
 def without_per_sequence(result: dict) -> dict:
@@ -111,16 +127,17 @@ def evaluate_saes_on_store(sae_dirs: list[str], store: str, max_tokens: int | No
     the sums behind its figures per held-out sequence and token role (see breakdown.py and splice.py)."""
     opened = [open_sae_and_store(sae_dir, store) for sae_dir in sae_dirs]  # every SAE checked before any work
     results = [{"sae": str(sae_dir), "architecture": cfg["architecture"], "d_sae": cfg["d_sae"], "store": str(store),
-                "store_fingerprint": reader.manifest.fingerprint, "layer": layer}
-               for sae_dir, (_, cfg, reader, layer) in zip(sae_dirs, opened)]
+                "store_fingerprint": reader.manifest.fingerprint, "layer": slots[0],
+                **({} if slots[1] == slots[2] == "resid_post" else {"site": slots[1], "target_site": slots[2]})}
+               for sae_dir, (_, cfg, reader, slots) in zip(sae_dirs, opened)]
     reader = opened[0][2]
-    for layer in sorted({result["layer"] for result in results}):
-        members = [i for i, result in enumerate(results) if result["layer"] == layer]
+    for slots in sorted({entry[3] for entry in opened}):
+        members = [i for i, entry in enumerate(opened) if entry[3] == slots]
         saes = [opened[i][0] for i in members]
-        for i, metrics in zip(members, store_metrics(saes, reader, layer, max_tokens)):
+        for i, metrics in zip(members, store_metrics(saes, reader, slots, max_tokens)):
             results[i].update(metrics)
         if lm is not None and lm.lm_tokens > 0:
-            for i, view in zip(members, lm_metrics(saes, reader, layer, lm)):
+            for i, view in zip(members, lm_metrics(saes, reader, slots, lm)):
                 results[i]["lm"] = view
     return results if per_sequence else [without_per_sequence(result) for result in results]
 

@@ -1,8 +1,9 @@
 """The language-model view of an SAE: next-token loss with its reconstruction spliced into the forward pass.
 
-Each sequence runs clean; with each SAE's reconstruction replacing the residual stream at the
-SAE's layer (resid_post, the output of that decoder layer, where extract's hooks read); and with that layer's
-output zero-ablated. Only the positions the store holds are replaced: a dropped first token (the attention
+Each sequence runs clean; with each SAE's reconstruction replacing its site at its layer (resid_post, the
+output of that decoder layer, unless it reads another site); and with that site zero-ablated. A transcoder
+reads its site (the MLP's input) and replaces its target (the MLP's output): it stands in for the MLP.
+Only the positions the store holds are replaced: a dropped first token (the attention
 sink) was never seen by the SAE and stays clean in both. A prediction counts where it is made at a stored
 position and predicts a stored token, so each counted prediction is one the splice can change; its role is
 that of the token predicted.
@@ -20,6 +21,7 @@ from instructsae.evaluate.dialogues import StoredSequence
 from instructsae.errors import UserError
 from instructsae.lm.batches import length_batches, padded_batch
 from instructsae.lm.logits import head_mismatch, logits_from_hidden
+from instructsae.lm.hooks import site_module
 from instructsae.lm.models import decoder_layers
 from instructsae.schemas.manifest import ROLES
 
@@ -37,24 +39,65 @@ def zero_replacement(x_ND: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x_ND)
 
 
-@torch.no_grad()
-def final_hidden(model: torch.nn.Module, layer: int, input_ids_BS: torch.Tensor, first_stored: int,
-                 replace: Replacement | None) -> torch.Tensor:
-    """[batch, seq, d_model] last hidden states (after the final norm), with positions >= first_stored of
-    `layer`'s output replaced. No attention mask: padding is on the right, and causal attention keeps it
-    from every real token (as in extract)."""
+INPUT_SITES = ("resid_pre", "mlp_in")  # a module's input; the other sites are a module's output
+
+
+def _replaced(hidden_BSD: torch.Tensor, source_BSD: torch.Tensor, first_stored: int,
+              replace: Replacement) -> torch.Tensor:
+    """hidden with positions >= first_stored replaced by replace(source) at those positions."""
+    hidden_BSD = hidden_BSD.clone()
+    stored_BSD = source_BSD[:, first_stored:]
+    hidden_BSD[:, first_stored:] = replace(stored_BSD.reshape(-1, stored_BSD.shape[-1])).view(
+        *stored_BSD.shape[:2], -1)
+    return hidden_BSD
+
+
+def splice_hooks(layer_module: torch.nn.Module, site: str, target: str, first_stored: int,
+                 replace: Replacement) -> list:
+    """Hooks that write replace(activations at `site`) in place of the activations at `target` (an SAE: the
+    same site) at positions >= first_stored; a transcoder's site is read on its way past."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    if site != target:
+        def keep(_module, args, kwargs, output=None):
+            value = output if site not in INPUT_SITES else (args[0] if args else kwargs["hidden_states"])
+            seen["source"] = value[0] if isinstance(value, tuple) else value
+
+        module = site_module(layer_module, site)
+        handles.append(module.register_forward_pre_hook(keep, with_kwargs=True) if site in INPUT_SITES else
+                       module.register_forward_hook(lambda m, a, o: keep(m, a, {}, o)))
+    target_module = site_module(layer_module, target)
+    if target in INPUT_SITES:
+        def pre_hook(_module, args, kwargs):
+            hidden_BSD = args[0] if args else kwargs["hidden_states"]
+            new_BSD = _replaced(hidden_BSD, seen.get("source", hidden_BSD), first_stored, replace)
+            return ((new_BSD, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new_BSD})
+
+        handles.append(target_module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        return handles
 
     def hook(_module, _inputs, output):
-        hidden_BSD = (output[0] if isinstance(output, tuple) else output).clone()
-        stored_BSD = hidden_BSD[:, first_stored:]
-        hidden_BSD[:, first_stored:] = replace(stored_BSD.reshape(-1, stored_BSD.shape[-1])).view_as(stored_BSD)
-        return (hidden_BSD, *output[1:]) if isinstance(output, tuple) else hidden_BSD
+        hidden_BSD = output[0] if isinstance(output, tuple) else output
+        new_BSD = _replaced(hidden_BSD, seen.get("source", hidden_BSD), first_stored, replace)
+        return (new_BSD, *output[1:]) if isinstance(output, tuple) else new_BSD
 
-    handle = decoder_layers(model)[layer].register_forward_hook(hook) if replace is not None else None
+    handles.append(target_module.register_forward_hook(hook))
+    return handles
+
+
+@torch.no_grad()
+def final_hidden(model: torch.nn.Module, layer: int, input_ids_BS: torch.Tensor, first_stored: int,
+                 replace: Replacement | None, site: str = "resid_post", target: str | None = None) -> torch.Tensor:
+    """[batch, seq, d_model] last hidden states (after the final norm), with positions >= first_stored of
+    `layer`'s `target` site (default: `site`, resid_post: the layer's output) replaced by replace(site's
+    activations). No attention mask: padding is on the right, and causal attention keeps it from every real
+    token (as in extract)."""
+    handles = [] if replace is None else splice_hooks(decoder_layers(model)[layer], site, target or site,
+                                                      first_stored, replace)
     try:
         return model.base_model(input_ids=input_ids_BS, use_cache=False).last_hidden_state
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
 
 
@@ -173,11 +216,16 @@ def summarize_by_role(sums_QR: np.ndarray, count_R: np.ndarray) -> dict:
 
 @torch.no_grad()
 def lm_view(model: torch.nn.Module, layer: int, saes: list[torch.nn.Module], sequences: list[StoredSequence],
-            first_stored: int, batch_tokens: int, pad_id: int, device: str = "cpu") -> list[dict]:
+            first_stored: int, batch_tokens: int, pad_id: int, device: str = "cpu", site: str = "resid_post",
+            target: str | None = None) -> list[dict]:
     """Per SAE: CE clean / spliced / ablated, CE loss recovered and KLs over the sequences, overall and per
     role, and under 'per_sequence' the sums behind them per sequence and role (numpy arrays). The clean and
     ablated runs are shared by all the SAEs (of one layer), so K SAEs cost K + 2 forward passes per batch, not
-    3K; and all runs but the clean one compute only the layers above the splice."""
+    3K; and all runs but the clean one compute only the layers above the splice. `site`/`target`: what the SAEs
+    read and replace (a transcoder: mlp_in and mlp_out)."""
+    target = target or site
+    # nothing a splice does reaches below the layer's output (resid_post) or, for a site inside it, its input
+    reused = layer if site == target == "resid_post" else layer - 1
     # per sequence (the order of `sequences`) and role of the predicted token, for a bootstrap over sequences
     sums_SIQR = np.zeros((len(saes), len(sequences), len(QUANTITIES), len(ROLES)))
     count_IR = np.zeros((len(sequences), len(ROLES)), dtype=np.int64)
@@ -187,13 +235,14 @@ def lm_view(model: torch.nn.Module, layer: int, saes: list[torch.nn.Module], seq
               dynamic_ncols=True) as bar:
         for batch in length_batches(lengths, batch_tokens):
             input_ids_BS = padded_batch(sequences, batch, pad_id).to(device)
-            clean_BSD, clean_outputs = clean_run(model, layer, input_ids_BS)
+            clean_BSD, clean_outputs = clean_run(model, max(reused, 0), input_ids_BS)
             if reuse is None:
-                reuse = lower_layers_can_be_reused(model, layer, input_ids_BS, clean_BSD, clean_outputs)
-            with reused_lower_layers(model, layer, clean_outputs) if reuse else nullcontext():
-                ablated_BSD = final_hidden(model, layer, input_ids_BS, first_stored, zero_replacement)
-                spliced_SBSD = [final_hidden(model, layer, input_ids_BS, first_stored, sae_replacement(sae))
-                                for sae in saes]
+                reuse = reused >= 0 and lower_layers_can_be_reused(model, reused, input_ids_BS, clean_BSD,
+                                                                   clean_outputs)
+            with reused_lower_layers(model, reused, clean_outputs) if reuse else nullcontext():
+                ablated_BSD = final_hidden(model, layer, input_ids_BS, first_stored, zero_replacement, site, target)
+                spliced_SBSD = [final_hidden(model, layer, input_ids_BS, first_stored, sae_replacement(sae), site,
+                                             target) for sae in saes]
             del clean_outputs
             for row, index in enumerate(batch):
                 # predictions made at stored positions first_stored .. n-2 of the stored tokens 1 ..

@@ -1,7 +1,7 @@
 """`instructsae steer`: add α × a feature's decoder direction to the residual stream while the model generates.
 
-The FAST paper's special-token steering experiment: the vector is added after the SAE's decoder layer (the hook
-site the stores were extracted from, resid_post) at every position, prompt and generated tokens alike, and
+The FAST paper's special-token steering experiment: the vector is added where the SAE's decoder writes (after its
+decoder layer, resid_post; a transcoder's: the MLP's output) at every position, prompt and generated tokens alike, and
 decoding is greedy so each run is reproducible.
 """
 
@@ -18,7 +18,9 @@ from instructsae.errors import UserError
 from instructsae.fileio import write_text_atomically
 from instructsae.lm.models import LoadedModel, decoder_layers, load_model
 from instructsae.schemas.steer import SteerConfig
-from instructsae.sae.folder import load_sae, sae_layer, sae_model
+from instructsae.evaluate.splice import INPUT_SITES
+from instructsae.lm.hooks import site_module
+from instructsae.sae.folder import load_sae, sae_layer, sae_model, sae_sites
 
 
 def steering_direction(W_dec_FD: torch.Tensor, feature: int) -> torch.Tensor:
@@ -34,15 +36,24 @@ def steering_direction(W_dec_FD: torch.Tensor, feature: int) -> torch.Tensor:
 
 
 @contextmanager
-def residual_added(model: torch.nn.Module, layer: int, vector_D: torch.Tensor):
-    """While open, the output of decoder layer `layer` is shifted by vector_D at every position."""
+def residual_added(model: torch.nn.Module, layer: int, vector_D: torch.Tensor, site: str = "resid_post"):
+    """While open, `site` of decoder layer `layer` (its output by default) is shifted by vector_D at every
+    position."""
 
     def hook(_module, _inputs, output):
         if isinstance(output, tuple):
             return (output[0] + vector_D.to(output[0].dtype),) + output[1:]
         return output + vector_D.to(output.dtype)
 
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    def pre_hook(_module, args, kwargs):
+        if args:
+            return (args[0] + vector_D.to(args[0].dtype), *args[1:]), kwargs
+        hidden = kwargs["hidden_states"]
+        return args, {**kwargs, "hidden_states": hidden + vector_D.to(hidden.dtype)}
+
+    module = site_module(decoder_layers(model)[layer], site)
+    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True) if site in INPUT_SITES else \
+        module.register_forward_hook(hook)
     try:
         yield
     finally:
@@ -80,12 +91,12 @@ def greedy_generate(loaded: LoadedModel, input_ids_1S: torch.Tensor, max_new_tok
 
 
 def steer_generations(loaded: LoadedModel, layer: int, direction_D: torch.Tensor, alphas: tuple[float, ...],
-                      input_ids_1S: torch.Tensor, max_new_tokens: int) -> list[dict]:
+                      input_ids_1S: torch.Tensor, max_new_tokens: int, site: str = "resid_post") -> list[dict]:
     """One greedy generation per α, in the order given."""
     generations = []
     device = next(loaded.model.parameters()).device
     for alpha in tqdm(alphas, desc="steer", unit="α", dynamic_ncols=True):
-        with residual_added(loaded.model, layer, alpha * direction_D.to(device)):
+        with residual_added(loaded.model, layer, alpha * direction_D.to(device), site):
             new_ids = greedy_generate(loaded, input_ids_1S.to(device), max_new_tokens)
         # special tokens stay visible: steering a template feature may make the model emit them
         generations.append({"alpha": alpha, "text": loaded.tokenizer.decode(new_ids), "token_ids": new_ids})
@@ -114,9 +125,10 @@ def run_steering(cfg: SteerConfig) -> dict:
     if loaded.d_model != sae.d_in:
         raise UserError(f"SAE {cfg.sae} has d_in {sae.d_in} but model '{model_spec}' has d_model {loaded.d_model}")
     input_ids_1S = prompt_ids(loaded.tokenizer, cfg.prompt, cfg.chat)
-    generations = steer_generations(loaded, layer, direction_D, cfg.alpha, input_ids_1S, cfg.max_new_tokens)
+    target = sae_sites(sae_cfg)[1]  # where its decoder writes
+    generations = steer_generations(loaded, layer, direction_D, cfg.alpha, input_ids_1S, cfg.max_new_tokens, target)
     result = {
-        "sae": cfg.sae, "model": model_spec, "layer": layer, "hook_site": "resid_post", "feature": cfg.feature,
+        "sae": cfg.sae, "model": model_spec, "layer": layer, "hook_site": target, "feature": cfg.feature,
         "direction": "unit-norm decoder row", "decoder_row_norm": float(sae.W_dec[cfg.feature].norm()),
         "prompt": cfg.prompt, "chat": cfg.chat, "decoding": "greedy", "max_new_tokens": cfg.max_new_tokens,
         "generations": generations,

@@ -17,6 +17,7 @@ from instructsae import __version__
 from instructsae.errors import UserError
 from instructsae.locks import writer_lock
 from instructsae.schemas.manifest import ROLE_CODE, LayerStats, StoreIdentity, StoreManifest
+from instructsae.schemas.sites import DEFAULT_SITE
 from instructsae.store.layout import TokenBlock, acts_to_storage, default_chunk_tokens, default_shard_tokens
 from instructsae.store.location import location_is_occupied, remove_store
 from instructsae.store.writer import StoreWriter
@@ -72,7 +73,7 @@ def _write(activations, out: str, layer: int, max_tokens: int | None, dtype: str
             if max_tokens is not None:
                 batch = batch[: max_tokens - manifest.n_tokens]
             block, stats = _block(batch, manifest, layer, dtype)
-            digest.update(block.acts[layer].tobytes())
+            digest.update(block.acts[(layer, DEFAULT_SITE)].tobytes())
             manifest = _advanced(manifest, block, stats, layer)
             writer.append(block, manifest)
             if max_tokens is not None and manifest.n_tokens >= max_tokens:
@@ -97,7 +98,7 @@ def _block(batch_ND: torch.Tensor, manifest: StoreManifest, layer: int, dtype: s
     n = len(batch_ND)
     squared_N = batch_ND.pow(2).sum(-1, dtype=torch.float64)
     block = TokenBlock(
-        acts={layer: acts_to_storage(batch_ND, dtype)}, token_id=np.full(n, -1, dtype=np.int32),
+        acts={(layer, DEFAULT_SITE): acts_to_storage(batch_ND, dtype)}, token_id=np.full(n, -1, dtype=np.int32),
         instance=np.full(n, manifest.n_instances, dtype=np.int32), position=np.arange(n, dtype=np.int32),
         role=np.full(n, ROLE_CODE["text"], dtype=np.uint8),
         instance_start=np.array([manifest.n_tokens], dtype=np.int64), instance_length=np.array([n], dtype=np.int32),

@@ -60,7 +60,8 @@ def describe_store(store: str, as_json: bool) -> str:
     lines = [
         f"store       {store}  ({'complete' if manifest['complete'] else 'INCOMPLETE: rerun extract to resume'})",
         f"model       {identity['model']}  d_model={identity['d_model']}  layers={identity['layers']}"
-        f"  site={identity['hook_site']}  dtype={identity['dtype']} (computed in {identity['model_dtype']}"
+        f"  sites={','.join(identity.get('sites') or [identity['hook_site']])}  dtype={identity['dtype']} "
+        f"(computed in {identity['model_dtype']}"
         + (f", {manifest['attn_implementation']} attention)" if manifest.get("attn_implementation") else ")"),
         f"dataset     {identity['dataset']} [{identity['split']}]  sha256={identity['dataset_sha256'][:12]}",
         f"mode        {identity['mode']}  max_len={identity['max_len']}  block_len={identity['block_len']}"
@@ -70,7 +71,7 @@ def describe_store(store: str, as_json: bool) -> str:
         "roles       " + ", ".join(f"{name} {n:,}" for name, n in counts["tokens_by_role"].items()),
         f"rows        {manifest['rows_used']:,} usable read ({identity['skip_instances']:,} passed over by "
         f"--skip-instances), {manifest['rows_skipped']:,} skipped as unusable",
-        "mean |x|^2  " + ", ".join(f"layer {k}: {v:.1f}" for k, v in summary["mean_sq_norm"].items()),
+        "mean |x|^2  " + ", ".join(f"layer {k.replace('.', ' ')}: {v:.1f}" for k, v in summary["mean_sq_norm"].items()),
         *data_lines(manifest, identity),
         f"fingerprint {manifest['fingerprint']}  (instructsae {manifest['tool_version']})",
     ]

@@ -27,13 +27,14 @@ from instructsae.store.reader import is_store, read_manifest
 from instructsae.store.writer import StoreWriter
 from instructsae.extract.writer_thread import BackgroundWriter
 from instructsae.lm.batches import batch_budget, length_batches, padded_batch
-from instructsae.lm.hooks import residuals_at_layers
+from instructsae.lm.hooks import activations_at
 from instructsae.lm.models import LoadedModel, load_model, load_tokenizer, model_location, model_sha256
 from instructsae.locks import local_path
 from instructsae.run_folder import refuse_enclosing_cwd
 from instructsae.schemas.base import differing_fields
 from instructsae.schemas.extract import ExtractConfig
 from instructsae.schemas.manifest import LayerStats, StoreIdentity, StoreManifest, attn_implementations
+from instructsae.schemas.sites import DEFAULT_SITE, stats_key
 
 
 def identity_from_arguments(cfg: ExtractConfig) -> dict:
@@ -41,13 +42,19 @@ def identity_from_arguments(cfg: ExtractConfig) -> dict:
     fields = dict(model=cfg.model, tokenizer=cfg.model, dataset=cfg.dataset, mode=cfg.mode,
                   max_len=cfg.max_len, block_len=cfg.block_len, max_instances=cfg.max_instances,
                   skip_instances=cfg.skip_instances, max_tokens=cfg.max_tokens, keep_first_token=cfg.keep_first_token,
-                  layers=list(cfg.layers), dtype=cfg.dtype, model_dtype=cfg.model_dtype,
+                  layers=list(cfg.layers), sites=identity_sites(cfg), dtype=cfg.dtype, model_dtype=cfg.model_dtype,
                   column=cfg.column, role_key=cfg.role_key, content_key=cfg.content_key)
     fields.update(system_column=cfg.system_column, prompt_column=cfg.prompt_column,
                   response_column=cfg.response_column)
     if cfg.chunk_tokens is not None:
         fields["chunk_tokens"] = cfg.chunk_tokens
     return fields
+
+
+def identity_sites(cfg: ExtractConfig) -> list[str] | None:
+    """None for resid_post alone, so such a store keeps the identity and fingerprint it had before sites (a list,
+    as a manifest read back holds it)."""
+    return None if cfg.sites == (DEFAULT_SITE,) else list(cfg.sites)
 
 
 def build_identity(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader) -> StoreIdentity:
@@ -61,7 +68,7 @@ def build_identity(cfg: ExtractConfig, lm: LoadedModel, dataset: DatasetReader) 
         content_key=cfg.content_key, dedup=cfg.dedup_settings(), mode=cfg.mode,
         max_len=cfg.max_len, block_len=cfg.block_len, max_instances=cfg.max_instances,
         skip_instances=cfg.skip_instances, max_tokens=cfg.max_tokens, keep_first_token=cfg.keep_first_token,
-        layers=cfg.layers, d_model=lm.d_model, dtype=cfg.dtype, model_dtype=cfg.model_dtype,
+        layers=cfg.layers, sites=identity_sites(cfg), d_model=lm.d_model, dtype=cfg.dtype, model_dtype=cfg.model_dtype,
         chunk_tokens=chunk_tokens, shard_tokens=default_shard_tokens(lm.d_model, cfg.dtype, chunk_tokens, cfg.shard_mb),
         system_prompt=cfg.system_prompt if system_policy_applies(lm.tokenizer) else None,
         system_column=cfg.system_column, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
@@ -116,38 +123,39 @@ def group_tokens(cfg: ExtractConfig, chunk_tokens: int) -> int:
 
 @dataclass
 class GroupActs:
-    """What the LM gave for a group, already on the host: per layer, per instance, the activations in the store's
-    dtype and each token's squared norm (float64, taken before the cast, for the normalisation statistics)."""
+    """What the LM gave for a group, already on the host: per (layer, site), per instance, the activations in the
+    store's dtype and each token's squared norm (float64, taken before the cast, for the normalisation statistics)."""
 
-    acts: dict[int, list[torch.Tensor]]  # layer -> per instance [len, d_model], store dtype
-    sq_norms: dict[int, list[torch.Tensor]]  # layer -> per instance [len], float64
+    acts: dict[tuple[int, str], list[torch.Tensor]]  # (layer, site) -> per instance [len, d_model], store dtype
+    sq_norms: dict[tuple[int, str], list[torch.Tensor]]  # (layer, site) -> per instance [len], float64
 
 
 def forward_group(lm: LoadedModel, group: list[TokenizedInstance], cfg: ExtractConfig) -> GroupActs:
     """Every instance of the group computed with no other in its context. Activations leave the device in the
     store's dtype (half the bytes over PCIe for bf16), their norms computed on the device first."""
     lengths = [len(instance.token_ids) for instance in group]
-    per_instance: dict[int, list] = {layer: [None] * len(group) for layer in cfg.layers}
-    sq_norms: dict[int, list] = {layer: [None] * len(group) for layer in cfg.layers}
+    keys = [(layer, site) for layer in cfg.layers for site in cfg.sites]
+    per_instance: dict[tuple[int, str], list] = {key: [None] * len(group) for key in keys}
+    sq_norms: dict[tuple[int, str], list] = {key: [None] * len(group) for key in keys}
     store_dtype = STORE_TORCH_DTYPES[cfg.dtype]
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     for batch in length_batches(lengths, batch_budget(cfg.batch_tokens, cfg.device)):
         input_ids_BS = padded_batch(group, batch, pad_id).to(cfg.device)
         # No attention mask: with right padding and causal attention no real token ever sees a pad, and
         # without a mask SDPA may pick its causal kernel (on this CPU no faster, BENCHMARKS.md, nor slower).
-        residuals = residuals_at_layers(lm.model, cfg.layers, input_ids_BS)
-        for layer, hidden_BSD in residuals.items():
+        for key, hidden_BSD in activations_at(lm.model, keys, input_ids_BS).items():
             squared_BS = hidden_BSD.float().pow(2).sum(-1, dtype=torch.float64)
             stored_BSD = hidden_BSD.to(store_dtype).cpu()
             squared_BS = squared_BS.cpu()
             for row, index in enumerate(batch):
-                per_instance[layer][index] = stored_BSD[row, : lengths[index]]
-                sq_norms[layer][index] = squared_BS[row, : lengths[index]]
+                per_instance[key][index] = stored_BSD[row, : lengths[index]]
+                sq_norms[key][index] = squared_BS[row, : lengths[index]]
     return GroupActs(per_instance, sq_norms)
 
 
 STORE_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-LayerSums = dict[int, tuple[int, float, float, int]]  # layer -> (count, sum ||x||^2, sum ||x||, NaN/inf values)
+# (layer, site) -> (count, sum ||x||^2, sum ||x||, NaN/inf values)
+LayerSums = dict[tuple[int, str], tuple[int, float, float, int]]
 
 
 def build_block(group: list[TokenizedInstance], acts: GroupActs, first_instance: int,
@@ -167,13 +175,13 @@ def build_block(group: list[TokenizedInstance], acts: GroupActs, first_instance:
         sources.append(item.source_row)
         row += n
     layer_acts, stats = {}, {}
-    for layer, tensors in acts.acts.items():
+    for key, tensors in acts.acts.items():
         stacked_ND = torch.cat([tensor[drop:] for tensor in tensors])
-        squared_N = torch.cat([squared[drop:] for squared in acts.sq_norms[layer]])
-        layer_acts[layer] = acts_to_storage(stacked_ND, cfg.dtype)
+        squared_N = torch.cat([squared[drop:] for squared in acts.sq_norms[key]])
+        layer_acts[key] = acts_to_storage(stacked_ND, cfg.dtype)
         # counted as stored: a finite float32 may still overflow float16
-        nonfinite = count_nonfinite(layer_acts[layer], cfg.dtype)
-        stats[layer] = (len(stacked_ND), float(squared_N.sum()), float(squared_N.sqrt().sum()), nonfinite)
+        nonfinite = count_nonfinite(layer_acts[key], cfg.dtype)
+        stats[key] = (len(stacked_ND), float(squared_N.sum()), float(squared_N.sqrt().sum()), nonfinite)
     block = TokenBlock(
         acts=layer_acts, token_id=np.concatenate(token_id).astype(np.int32), instance=np.concatenate(instance),
         position=np.concatenate(position), role=np.concatenate(role).astype(np.uint8),
@@ -186,8 +194,9 @@ def build_block(group: list[TokenizedInstance], acts: GroupActs, first_instance:
 def advance_manifest(manifest: StoreManifest, block: TokenBlock, stats: LayerSums,
                      dataset: DatasetReader, group: list[TokenizedInstance] = ()) -> StoreManifest:
     layer_stats = dict(manifest.layer_stats)
-    for layer, (count, sum_sq, sum_norm, nonfinite) in stats.items():
-        layer_stats[str(layer)] = layer_stats.get(str(layer), LayerStats()).add(count, sum_sq, sum_norm, nonfinite)
+    for (layer, site), (count, sum_sq, sum_norm, nonfinite) in stats.items():
+        name = stats_key(layer, site)
+        layer_stats[name] = layer_stats.get(name, LayerStats()).add(count, sum_sq, sum_norm, nonfinite)
     return manifest.model_copy(update={
         "n_tokens": manifest.n_tokens + block.n_tokens,
         "n_instances": manifest.n_instances + len(block.instance_start),
@@ -199,11 +208,11 @@ def advance_manifest(manifest: StoreManifest, block: TokenBlock, stats: LayerSum
 def refuse_nonfinite(stats: LayerSums, group: list[TokenizedInstance], cfg: ExtractConfig) -> None:
     """Stop at the first NaN/inf activation (before it is written) unless told to keep them: an SAE trained
     on one has NaN weights. What came before stays committed; the store stays incomplete."""
-    bad = {layer: counts[3] for layer, counts in stats.items() if counts[3]}
+    bad = {key: counts[3] for key, counts in stats.items() if counts[3]}
     if bad and not cfg.keep_nonfinite:
-        layer, count = next(iter(bad.items()))
+        (layer, site), count = next(iter(bad.items()))
         rows = f"dataset rows {group[0].source_row}-{group[-1].source_row}"
-        raise UserError(f"{count:,} activations at layer {layer} are NaN or inf ({rows}; model dtype "
+        raise UserError(f"{count:,} activations at layer {layer} ({site}) are NaN or inf ({rows}; model dtype "
                         f"{cfg.model_dtype}, store dtype {cfg.dtype}): stopped before storing them; "
                         f"--keep-nonfinite stores and counts them")
 

@@ -26,6 +26,7 @@ from instructsae.pipelines.compare_eval import EVAL_CACHE, evaluate_cached, inst
 from instructsae.pipelines.compare_report import LABELS, METHODS, render_report
 from instructsae.pipelines.compare_stats import compare_methods
 from instructsae.run_folder import RunPaths
+from instructsae.sae import config_class
 from instructsae.schemas import ExtractConfig
 from instructsae.schemas.compare import CompareConfig
 from instructsae.schemas.evaluate import LMViewConfig
@@ -35,8 +36,8 @@ from instructsae.train.sweep_report import setting_name
 
 
 def method_extract_configs(cfg: CompareConfig, stores: Path) -> dict[str, ExtractConfig]:
-    common = dict(model=cfg.model, layers=(cfg.layer,), max_tokens=cfg.tokens, block_len=cfg.block_len,
-                  device=cfg.device)
+    common = dict(model=cfg.model, layers=(cfg.layer,), sites=cfg.sites, max_tokens=cfg.tokens,
+                  block_len=cfg.block_len, device=cfg.device)
     return {
         "bt-p": ExtractConfig(**common, dataset=cfg.pretraining_text, mode="bt", out=str(stores / "bt-p")),
         "bt-f": ExtractConfig(**common, dataset=cfg.dialogues, mode="bt", out=str(stores / "bt-f")),
@@ -61,7 +62,8 @@ def heldout_stores(cfg: CompareConfig, stores: Path, manifests: dict) -> dict[st
     conversation BT(F) or FAST read: the SAEs never saw them), then each extra dialogue set."""
     seen = max(manifests["bt-f"].rows_used, manifests["fast"].rows_used)
     skip = heldout_skip(cfg.dialogues, manifests["fast"].identity.split, seen)
-    common = dict(model=cfg.model, mode="fast", layers=(cfg.layer,), max_tokens=cfg.heldout_tokens, device=cfg.device)
+    common = dict(model=cfg.model, mode="fast", layers=(cfg.layer,), sites=cfg.sites, max_tokens=cfg.heldout_tokens,
+                  device=cfg.device)
     configs = {f"later {cfg.dialogues}": ExtractConfig(**common, dataset=cfg.dialogues, skip_instances=skip,
                                                        out=str(stores / "heldout-fast"))}
     for index, dataset in enumerate(cfg.heldout):
@@ -89,6 +91,11 @@ def run_compare(cfg: CompareConfig) -> str:
     stores = root / "stores"
     _check_heldout(cfg)
     sweeps = method_sweeps(cfg, root)
+    targets = {target_site(point) for _, point in resolve_grid(sweeps["fast"])}
+    if len(targets) > 1:  # one explained-variance baseline per held-out store: one target site
+        raise UserError(f"the grid's SAEs reconstruct different sites ({', '.join(sorted(targets))}): compare one "
+                        "kind at a time (SAEs of one site, or transcoders)")
+    target = targets.pop()
     manifests = {}
     for step, (method, extract_cfg) in enumerate(method_extract_configs(cfg, stores).items(), start=1):
         print(f"[{step}/6] extracting {LABELS[method]} -> {extract_cfg.out}")
@@ -104,8 +111,9 @@ def run_compare(cfg: CompareConfig) -> str:
         # a sweep killed midway continues from its last checkpoint, if it wrote one
         run_sweep(sweep, resume=RunPaths(sweep.out).checkpoint.exists())
         # this grid's SAEs only: the folder may also hold those of an earlier run with other settings
-        saes += [{"method": method, "dir": point.out, "arch": point.sae.arch, "seed": point.sae_seed,
-                  "setting": setting_name(point.model_dump(mode="json"))} for point in expand_sweep(sweep)]
+        saes += [{"method": method, "dir": point.out, "arch": config_class(point.sae).architecture,
+                  "seed": point.sae_seed, "setting": setting_name(point.model_dump(mode="json")),
+                  "target": target} for point in expand_sweep(sweep)]
 
     print(f"[6/6] evaluating every SAE on {len(heldouts)} held-out stores, then comparing at matched L0")
     lm = LMViewConfig(lm_tokens=cfg.lm_tokens, device=cfg.device)
@@ -114,7 +122,7 @@ def run_compare(cfg: CompareConfig) -> str:
         evaluated = evaluate_cached(saes, extract_cfg.out, lm, root / EVAL_CACHE)
         results += [{**without_per_sequence(result), "method": sae["method"], "seed": sae["seed"],
                      "setting": sae["setting"], "heldout": name} for sae, result in zip(saes, evaluated)]
-        sum_x_ID, d_model = instance_sums(extract_cfg.out, cfg.layer)
+        sum_x_ID, d_model = instance_sums(extract_cfg.out, cfg.layer, target)
         analyses[name] = compare_methods(
             [{**sae, "sequences": sequences_of(result)} for sae, result in zip(saes, evaluated)], sum_x_ID, d_model,
             "fast", ["bt-f", "bt-p"], cfg.bootstrap, cfg.confidence, labels=LABELS)
@@ -125,6 +133,12 @@ def run_compare(cfg: CompareConfig) -> str:
     report = write_report(root, cfg, results, analyses)
     print(report)
     return report
+
+
+def target_site(point) -> str:
+    """The site an SAE of the grid reconstructs (train's rule: its own input, a transcoder's mlp_out)."""
+    transcoder = config_class(point.sae).transcoder
+    return point.target_site or ("mlp_out" if transcoder else point.site or "resid_post")
 
 
 def sequences_of(result: dict) -> dict:

@@ -78,11 +78,11 @@ def evaluate_cached(saes: list[dict], store: str, lm: LMViewConfig, cache: Path)
 
 
 @torch.no_grad()
-def instance_sums(store: str, layer: int) -> tuple[np.ndarray, int]:
-    """([n_instances, d_model] sum of each sequence's activations, d_model): what the explained variance of a
-    resample of sequences needs besides the per-sequence sums of each SAE."""
+def instance_sums(store: str, layer: int, target: str = "resid_post") -> tuple[np.ndarray, int]:
+    """([n_instances, d_model] sum of each sequence's activations at the reconstructed site, d_model): what the
+    explained variance of a resample of sequences needs besides the per-sequence sums of each SAE."""
     reader = open_complete_store(store)
     sums_ID = torch.zeros(reader.n_instances, reader.d_model, dtype=torch.float64)
-    for x_BD, instance_B, _ in store_batches(reader, layer, None):
+    for _, x_BD, instance_B, _ in store_batches(reader, (layer, target, target), None):
         sums_ID.index_add_(0, torch.from_numpy(instance_B.astype(np.int64)), x_BD.double())
     return sums_ID.numpy(), reader.d_model

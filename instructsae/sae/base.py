@@ -32,6 +32,7 @@ class SparseAutoencoder(nn.Module):
     exported_settings: ClassVar[tuple[str, ...]] = ()  # constructor arguments cfg.json carries to rebuild it
     in_latent_units: ClassVar[tuple[str, ...]] = ()  # exported tensors scaled with the latents (thresholds)
     selects_by_rank: ClassVar[bool] = False  # keeps the largest latents: the export folds one common norm
+    transcoder: ClassVar[bool] = False  # reconstructs another site than it reads (sae/transcoder.py)
 
     def __init__(self, d_in: int, d_sae: int):
         super().__init__()
@@ -51,6 +52,7 @@ class SparseAutoencoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.W_dec.device
+
     @classmethod
     def check_config(cls, cfg, d_in: int) -> None:
         """What the schema cannot check alone: settings that depend on the model's width (UserError)."""
@@ -80,8 +82,12 @@ class SparseAutoencoder(nn.Module):
         """cfg.json fields SAELens reads for this architecture beyond the shared ones."""
         return {}
 
+    def encoder_input(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """What the encoder multiplies: an SAE centres its input on b_dec (a transcoder's b_dec is an output's)."""
+        return x_BD - self.b_dec
+
     def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return sparse_products.encode(x_BD - self.b_dec, self.W_enc, self.b_enc)
+        return sparse_products.encode(self.encoder_input(x_BD), self.W_enc, self.b_enc)
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -89,12 +95,17 @@ class SparseAutoencoder(nn.Module):
     def decode(self, latents_BF: torch.Tensor) -> torch.Tensor:
         return sparse_products.decode(latents_BF, self.W_dec) + self.b_dec
 
-    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x_BD))
+    def reconstruct(self, x_BD: torch.Tensor, latents_BF: torch.Tensor) -> torch.Tensor:
+        """The output for input x and its latents (a skip transcoder adds a term of x itself)."""
+        return self.decode(latents_BF)
 
-    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float,
-                      dead_F: torch.Tensor | None = None) -> LossOutput:
-        """Loss of one batch. dead_F marks the features the trainer counts as dead (TopK's AuxK uses it)."""
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return self.reconstruct(x_BD, self.encode(x_BD))
+
+    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float, dead_F: torch.Tensor | None = None,
+                      target_BD: torch.Tensor | None = None) -> LossOutput:
+        """Loss of one batch. dead_F marks the features the trainer counts as dead (TopK's AuxK uses it);
+        target_BD is what to reconstruct when it is not x itself (a transcoder's)."""
         raise NotImplementedError
 
     def training_state(self) -> dict:
@@ -121,17 +132,19 @@ class SparseAutoencoder(nn.Module):
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     @torch.no_grad()
-    def export_tensors(self, input_scale: float) -> dict[str, torch.Tensor]:
-        """Weights acting on raw activations, for a model trained on x_train = input_scale * x_raw.
+    def export_tensors(self, input_scale: float, output_scale: float | None = None) -> dict[str, torch.Tensor]:
+        """Weights acting on raw activations, for a model trained on x_train = input_scale * x_raw (and, for a
+        transcoder, y_train = output_scale * y_raw; an SAE's output is its input).
 
         encode: (s·x − b_dec) W_enc = (x − b_dec/s)(s·W_enc), so latents are unchanged;
         decode: recon_raw = recon_train / s, so W_dec and b_dec are divided by s.
         """
+        output_scale = input_scale if output_scale is None else output_scale
         tensors = {
             "W_enc": self.W_enc * input_scale,
             "b_enc": self.b_enc.clone(),
-            "W_dec": self.W_dec / input_scale,
-            "b_dec": self.b_dec / input_scale,
+            "W_dec": self.W_dec / output_scale,
+            "b_dec": self.b_dec / output_scale,
         }
         for name in self.extra_parameters:
             tensors[name] = getattr(self, name).detach().clone()

@@ -37,9 +37,9 @@ class BatchTopKSAE(TopKBase):
         return rows, cols
 
     @torch.no_grad()
-    def export_tensors(self, input_scale: float) -> dict[str, torch.Tensor]:
+    def export_tensors(self, input_scale: float, output_scale: float | None = None) -> dict[str, torch.Tensor]:
         """A threshold not estimated yet (−1) means a plain ReLU: written as 0, which SAELens's JumpReLU runs so."""
-        tensors = super().export_tensors(input_scale)
+        tensors = super().export_tensors(input_scale, output_scale)
         tensors["threshold"] = tensors["threshold"].clamp_min(0)
         return tensors
 

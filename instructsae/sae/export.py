@@ -8,7 +8,9 @@ Our own provenance (store, its fingerprint, the train config, the input scale, s
 for) lives under `metadata.instructsae`, which SAELens keeps as it is.
 
 Decoder rows are written at unit norm, each row's norm folded into its latent (sae/fold.py), so latents are in raw
-activation units as SAELens's fold_W_dec_norm leaves them.
+activation units as SAELens's fold_W_dec_norm leaves them. A transcoder's too: its encoder reads the input as it
+is, so scaling a latent's encoder column and bias by its row's norm stays exact; a skip transcoder's W_skip (input to
+output, beside the latents) is left as it is.
 
 BatchTopK has no inference class in SAELens: at inference it keeps every latent above one threshold, which is
 a JumpReLU, so it is exported as `architecture: jumprelu` with that threshold, and `metadata.instructsae`
@@ -25,23 +27,30 @@ from instructsae.lm.models import hub_id
 from instructsae.schemas.manifest import StoreIdentity
 from instructsae.sae import SparseAutoencoder
 from instructsae.sae.fold import fold_decoder_norms
-from instructsae.sae.folder import CFG_FILE, PROVENANCE_KEY, WEIGHTS_FILE, load_sae, provenance  # noqa: F401
+from instructsae.sae.folder import (  # noqa: F401
+    CFG_FILE, PROVENANCE_KEY, WEIGHTS_FILE, hook_name_for, load_sae, provenance,
+)
+from instructsae.schemas.sites import DEFAULT_SITE
 
 # The cfg format written: SAELens >= 6.0 reads a folder by its 6.x path when metadata.sae_lens_version says so.
 # It names the format, not a SAELens that trained this SAE (sae_lens_training_version stays null).
 SAELENS_FORMAT_VERSION = "6.0.0"
 
 
-def hook_name(layer: int | None) -> str | None:
-    """TransformerLens's name for the residual stream after a block: where extract reads (resid_post)."""
-    return None if layer is None else f"blocks.{layer}.hook_resid_post"
+def hook_name(layer: int | None, site: str = DEFAULT_SITE) -> str | None:
+    """TransformerLens's name for a site of a block (resid_post: the residual stream after it)."""
+    return None if layer is None else hook_name_for(layer, site)
 
 
-def saelens_metadata(layer: int | None, identity: StoreIdentity | None) -> dict:
-    """SAELens's metadata block, from the store the SAE was trained on (what is known of it)."""
+def saelens_metadata(layer: int | None, identity: StoreIdentity | None, site: str = DEFAULT_SITE,
+                     target_site: str | None = None) -> dict:
+    """SAELens's metadata block, from the store the SAE was trained on (what is known of it); a transcoder's
+    also names the site it writes (hook_name_out)."""
     metadata = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
-                "hook_name": hook_name(layer), "hook_head_index": None, "prepend_bos": False,
+                "hook_name": hook_name(layer, site), "hook_head_index": None, "prepend_bos": False,
                 "model_from_pretrained_kwargs": {}, "neuronpedia_id": None}
+    if target_site is not None:
+        metadata.update({"hook_name_out": hook_name(layer, target_site), "hook_head_index_out": None})
     if identity is not None:
         metadata.update({
             "model_name": hub_id(identity.model),
@@ -69,18 +78,22 @@ def sae_cfg(sae: SparseAutoencoder, own: dict, identity: StoreIdentity | None = 
         "reshape_activations": "none",
     }
     cfg.update(sae.saelens_fields())
-    metadata = saelens_metadata(own.get("layer"), identity)
+    site = own.get("site", DEFAULT_SITE)
+    target = own.get("target_site", site) if sae.transcoder else None
+    metadata = saelens_metadata(own.get("layer"), identity, site, target)
     metadata[PROVENANCE_KEY] = {**own, "architecture": sae.architecture, "settings": settings}
     cfg["metadata"] = metadata
     return cfg
 
 
 def save_sae(folder: str | Path, sae: SparseAutoencoder, input_scale: float, metadata: dict,
-             identity: StoreIdentity | None = None) -> None:
-    """Write the folder; `metadata` is our provenance (layer, store, ...), `identity` the training store's."""
+             identity: StoreIdentity | None = None, output_scale: float | None = None) -> None:
+    """Write the folder; `metadata` is our provenance (layer, site, store, ...), `identity` the training store's;
+    output_scale: a transcoder's target site's (an SAE's is its input's)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = sae.export_tensors(input_scale)
+    tensors = sae.export_tensors(input_scale, output_scale)
+    # a transcoder's encoder reads its input without b_dec, so the fold is exact for it too; W_skip is untouched
     tensors = fold_decoder_norms(tensors, sae.in_latent_units, sae.selects_by_rank)
     write_atomically(folder / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
     cfg = json.dumps(sae_cfg(sae, metadata, identity), indent=2, default=str)

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from instructsae.errors import UserError, first_line
 from instructsae.lm.models import model_spec_from_hub_id
-from instructsae.sae import SAE_CLASSES, SparseAutoencoder
+from instructsae.sae import DICTIONARY_CLASSES, SparseAutoencoder
 from instructsae.sae.card import SAECard
 from instructsae.sae.fold import fold_decoder_norms
+from instructsae.schemas.sites import DEFAULT_SITE
 
 CFG_FILE = "cfg.json"  # the SAELens layout: cfg.json + sae_weights.safetensors
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -27,6 +28,24 @@ PROVENANCE_KEY = "instructsae"  # our own block inside SAELens's metadata
 RESID_POST = (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), re.compile(r"^(?:model\.)?layers\.(\d+)$"),
               re.compile(r"^(?:transformer\.)?h\.(\d+)$"))
 RESID_PRE = re.compile(r"^blocks\.(\d+)\.hook_resid_pre$")  # = resid_post of the block before
+# Other sites of block L as TransformerLens names them (SAELens's hook_name / hook_name_out).
+SITE_HOOKS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_in": "ln2.hook_normalized",
+              "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post"}
+OTHER_SITE = re.compile(r"^blocks\.(\d+)\.(hook_attn_out|ln2\.hook_normalized|hook_mlp_out|hook_mlp_in)$")
+
+
+def hook_name_for(layer: int, site: str) -> str:
+    """TransformerLens's name of a site of block `layer` (what SAELens's hook_name holds)."""
+    return f"blocks.{layer}.{SITE_HOOKS[site]}"
+
+
+def site_from_hook_name(name: str) -> str | None:
+    """The site a hook name reads; None for the residual stream's (resid_post/resid_pre) or an unknown one."""
+    match = OTHER_SITE.match(name)
+    if match is None:
+        return None
+    # Gemma Scope's transcoders name the MLP's input hook_mlp_in; ours (after the norm) is ln2.hook_normalized
+    return {"hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out"}.get(match.group(2), "mlp_in")
 
 
 def _metadata(cfg: dict) -> dict:
@@ -55,6 +74,8 @@ def layer_from_hook_name(name: str) -> int | None:
             return int(match.group(1))
     if (match := RESID_PRE.match(name)) and int(match.group(1)) > 0:
         return int(match.group(1)) - 1
+    if match := OTHER_SITE.match(name):
+        return int(match.group(1))
     return None
 
 
@@ -68,9 +89,26 @@ def sae_layer(cfg: dict, sae_dir: str | Path) -> int:
         raise UserError(f"SAE {sae_dir} does not say which layer it reads (no metadata.hook_name in cfg.json)")
     layer = layer_from_hook_name(str(name))
     if layer is None:
-        raise UserError(f"SAE {sae_dir} reads hook '{name}', not the residual stream after a decoder layer "
-                        "(e.g. blocks.15.hook_resid_post or model.layers.15), which is what stores hold")
+        raise UserError(f"SAE {sae_dir} reads hook '{name}', which is no site a store holds (e.g. "
+                        "blocks.15.hook_resid_post, model.layers.15, blocks.15.hook_mlp_out, "
+                        "blocks.15.ln2.hook_normalized)")
     return layer
+
+
+def slot_provenance(site: str, target: str) -> dict:
+    """The site fields of our provenance: none for an SAE of resid_post, as folders had before sites."""
+    return {} if site == target == DEFAULT_SITE else {"site": site, "target_site": target}
+
+
+def sae_sites(cfg: dict) -> tuple[str, str]:
+    """(site read, site reconstructed): our provenance, else SAELens's hook names, else resid_post."""
+    own = provenance(cfg)
+    if own.get("site"):
+        return own["site"], own.get("target_site") or own["site"]
+    metadata = _metadata(cfg)
+    site = site_from_hook_name(str(hook_name_of(cfg) or "")) or DEFAULT_SITE
+    out_name = metadata.get("hook_name_out") or cfg.get("hook_name_out")
+    return site, (site_from_hook_name(str(out_name)) or site) if out_name else site
 
 
 def sae_model(cfg: dict) -> str | None:
@@ -91,7 +129,7 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except Exception as error:
         raise UserError(f"SAE folder {folder} is unreadable: {first_line(error)}") from None
     if not isinstance(cfg, dict):
-        raise UserError(f"SAE folder {folder} has unknown architecture None (known: {', '.join(SAE_CLASSES)})")
+        raise UserError(f"SAE folder {folder} has unknown architecture None (known: {', '.join(DICTIONARY_CLASSES)})")
     _refuse_nonfinite(tensors, folder)
     return cfg, {name: tensor.float() for name, tensor in tensors.items()}
 
@@ -109,11 +147,11 @@ def _architecture(cfg: dict, folder: Path) -> str:
     """Our class for the folder: what we trained (BatchTopK is written as SAELens's jumprelu), else its own."""
     architecture = cfg.get("architecture")
     trained = provenance(cfg).get("architecture")
-    if trained in SAE_CLASSES:
+    if trained in DICTIONARY_CLASSES:
         return trained
-    if architecture not in SAE_CLASSES:
+    if architecture not in DICTIONARY_CLASSES:
         raise UserError(f"SAE folder {folder} has unknown architecture {architecture!r} "
-                        f"(known: {', '.join(SAE_CLASSES)})")
+                        f"(known: {', '.join(DICTIONARY_CLASSES)})")
     return architecture
 
 
@@ -130,12 +168,13 @@ def _refuse_what_we_do_not_run(cfg: dict, folder: Path) -> None:
                         "instructsae runs for TopK only")
 
 
-def _canonical_tensors(cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The four shared tensors (+ threshold) as our classes take them."""
+def _canonical_tensors(cfg: dict, tensors: dict[str, torch.Tensor], transcoder: bool) -> dict[str, torch.Tensor]:
+    """The four shared tensors (+ threshold) as our classes take them (a transcoder's encoder never subtracts
+    b_dec, which is its output's bias)."""
     tensors = dict(tensors)
     if "threshold" not in tensors and "log_threshold" in tensors:  # SAELens's JumpReLU training parameter
         tensors["threshold"] = tensors.pop("log_threshold").exp()
-    if cfg.get("apply_b_dec_to_input") is False and {"W_enc", "b_enc", "b_dec"} <= tensors.keys():
+    if not transcoder and cfg.get("apply_b_dec_to_input") is False and {"W_enc", "b_enc", "b_dec"} <= tensors.keys():
         # x W + b_enc = (x - b_dec) W + (b_enc + b_dec W): the same encoder in our form
         tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
     if cfg.get("rescale_acts_by_decoder_norm") and {"W_enc", "b_enc", "W_dec"} <= tensors.keys():
@@ -149,10 +188,10 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
     cfg, tensors = _read(folder)
     architecture = _architecture(cfg, folder)
     _refuse_what_we_do_not_run(cfg, folder)
-    tensors = _canonical_tensors(cfg, tensors)
+    tensors = _canonical_tensors(cfg, tensors, DICTIONARY_CLASSES[architecture].transcoder)
     if tensors.get("W_enc") is None or tensors["W_enc"].dim() != 2:
         raise UserError(f"SAE folder {folder} has no 2-D W_enc in {WEIGHTS_FILE}")
-    sae_class = SAE_CLASSES[architecture]
+    sae_class = DICTIONARY_CLASSES[architecture]
     # our settings (k, bandwidth, ...) sit in our provenance; SAELens's own k at the top; a setting with a
     # default may be absent (SAELens's jumprelu folders carry no bandwidth), TopK's k may not
     settings = provenance(cfg).get("settings") or {name: cfg[name] for name in sae_class.exported_settings

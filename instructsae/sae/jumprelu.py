@@ -108,16 +108,17 @@ class JumpReLUSAE(SparseAutoencoder):
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         return _JumpReLUWithL0.apply(self.pre_activations(x_BD), self.threshold, self.bandwidth)[0]
 
-    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float,
-                      dead_F: torch.Tensor | None = None) -> LossOutput:
-        if self.sparse_step_pays(x_BD):
+    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float, dead_F: torch.Tensor | None = None,
+                      target_BD: torch.Tensor | None = None) -> LossOutput:
+        # the fused sparse step centres on b_dec and reconstructs x itself: an SAE's step only
+        if target_BD is None and not self.transcoder and self.sparse_step_pays(x_BD):
             recon_BD, l0_B, latents_BF = SparseJumpReLUStep.apply(
                 x_BD, self.W_enc, self.b_enc, self.b_dec, self.threshold, self.W_dec, self.bandwidth)
         else:
             latents_BF, l0_B = _JumpReLUWithL0.apply(self.pre_activations(x_BD), self.threshold, self.bandwidth)
             recon_BD = self.decode(latents_BF)
         self.last_density = float(l0_B.detach().mean()) / self.d_sae
-        mse = self.squared_error(x_BD, recon_BD)
+        mse = self.squared_error(x_BD if target_BD is None else target_BD, recon_BD)
         penalty = self.l0_penalty(l0_B)
         return LossOutput(mse + sparsity_coeff * penalty, mse, penalty, latents_BF, recon_BD)
 

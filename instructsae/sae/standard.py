@@ -16,10 +16,10 @@ class StandardSAE(SparseAutoencoder):
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pre_activations(x_BD))
 
-    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float,
-                      dead_F: torch.Tensor | None = None) -> LossOutput:
+    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float, dead_F: torch.Tensor | None = None,
+                      target_BD: torch.Tensor | None = None) -> LossOutput:
         latents_BF = self.encode(x_BD)
         recon_BD = self.decode(latents_BF)
-        mse = self.squared_error(x_BD, recon_BD)
+        mse = self.squared_error(x_BD if target_BD is None else target_BD, recon_BD)
         sparsity = (latents_BF * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
         return LossOutput(mse + sparsity_coeff * sparsity, mse, sparsity, latents_BF, recon_BD)

@@ -58,16 +58,18 @@ class TopKBase(SparseAutoencoder):
         rows, cols = self.select(pre_BF)
         return scatter_codes(pre_BF[rows, cols].clamp_min(0), rows, cols, pre_BF.shape)
 
-    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float,
-                      dead_F: torch.Tensor | None = None) -> LossOutput:
+    def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float, dead_F: torch.Tensor | None = None,
+                      target_BD: torch.Tensor | None = None) -> LossOutput:
         """MSE + aux_coeff · AuxK; sparsity_coeff is unused (k sets the sparsity), `sparsity` reports AuxK."""
-        centred_BD = x_BD - self.b_dec
+        target_BD = x_BD if target_BD is None else target_BD
+        centred_BD = self.encoder_input(x_BD)
         with torch.no_grad():
             pre_BF = torch.addmm(self.b_enc, centred_BD, self.W_enc)
         rows, cols = self.select(pre_BF)
         values_N = gather_codes(centred_BD, self.W_enc, self.b_enc, pre_BF, rows, cols)
-        reconstruction, mse, recon_BD = self.reconstruction_loss(x_BD, values_N, rows, cols)
-        aux = self.auxk_loss(centred_BD, pre_BF, (x_BD - recon_BD).detach(), dead_F)
+        # the reconstruction term's target: the input for an SAE, the target site for a transcoder
+        reconstruction, mse, recon_BD = self.reconstruction_loss(target_BD, values_N, rows, cols)
+        aux = self.auxk_loss(centred_BD, pre_BF, (target_BD - recon_BD).detach(), dead_F)
         latents_BF = scatter_codes(values_N.detach(), rows, cols, pre_BF.shape)
         return LossOutput(reconstruction + self.aux_coeff * aux, mse, aux.detach(), latents_BF, recon_BD)
 

@@ -2,9 +2,10 @@
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from instructsae.schemas.base import FrozenModel
+from instructsae.schemas.sites import Site
 
 # Sized for a 2-core CPU with the embedded model: 3 seeds x 6 grid points x 3 stores = 54 SAEs, each evaluated on
 # two held-out stores; on a GPU raise --tokens, --train-tokens and --lm-tokens freely.
@@ -26,6 +27,8 @@ class CompareConfig(FrozenModel):
                            description="SFT dialogues: BT(F) and FAST train on them, all SAEs are tested on them")
     pretraining_text: str = Field("shakespeare", description="plain text for BT(P)")
     layer: int = Field(15, ge=0, description="decoder layer whose output the SAEs read")
+    sites: tuple[Site, ...] = Field(("resid_post",), description="hook sites every store holds at the layer (a grid "
+                                    "of transcoders needs mlp_in,mlp_out)")
     tokens: int = Field(60_000, gt=0, description="tokens in each of the three training stores (the same budget)")
     heldout_tokens: int = Field(15_000, gt=0, description="tokens of each held-out FAST store to evaluate on")
     train_tokens: int = Field(60_000, gt=0, description="training tokens per SAE (epochs over its store)")
@@ -37,6 +40,12 @@ class CompareConfig(FrozenModel):
         ("chatterbot",),
         description="dialogue sets the SAEs never train on, evaluated besides later dialogues of --dialogues "
                     "(embedded names or files, as for extract; repeat --heldout for several)")
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _sites_list(cls, sites):
+        """"mlp_in,mlp_out" (a flag's text) is a list."""
+        return [item.strip() for item in sites.split(",") if item.strip()] if isinstance(sites, str) else sites
+
     bootstrap: int = Field(1000, ge=10, description="bootstrap replicates for the confidence intervals")
     confidence: float = Field(0.95, gt=0, lt=1, description="level of the confidence intervals")
     device: str = Field(

@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from instructsae.schemas.dataset import DatasetOptions, DedupSettings
+from instructsae.schemas.sites import Site, sites_in_order
 
 StoreDtype = Literal["bfloat16", "float16", "float32"]
 AttnImplementation = Annotated[
@@ -34,6 +35,9 @@ class ExtractConfig(DatasetOptions):
         "fast", description="fast: one chat-templated dialogue per sequence; bt: concatenate and cut fixed blocks"
     )
     layers: tuple[int, ...] = Field((15,), description="decoder layers whose output (residual stream) is stored")
+    sites: tuple[Site, ...] = Field(
+        ("resid_post",), description="hook sites stored at each layer: resid_post (the layer's output), resid_pre "
+        "(its input), attn_out, mlp_in (the MLP's input, after its norm), mlp_out")
     out: str = Field(..., description="store folder to write (a zarr v3 group)")
     max_instances: int | None = Field(None, gt=0, description="use at most this many dataset rows")
     skip_instances: int = Field(0, ge=0, description="skip this many usable rows first (held-out stores)")
@@ -94,6 +98,21 @@ class ExtractConfig(DatasetOptions):
         if len(set(layers)) != len(layers):
             raise ValueError(f"layers repeat: {list(layers)}")
         return tuple(sorted(layers))
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _sites_list(cls, sites):
+        """"mlp_in,mlp_out" (a flag's text) is a list; `sites: mlp_out` in YAML one site."""
+        if isinstance(sites, str):
+            return [item.strip() for item in sites.split(",") if item.strip()]
+        return sites
+
+    @field_validator("sites")
+    @classmethod
+    def _sites_valid(cls, sites: tuple[str, ...]) -> tuple[str, ...]:
+        if not sites:
+            raise ValueError("at least one site is needed")
+        return sites_in_order(sites)
 
     def dedup_settings(self) -> DedupSettings | None:
         if not self.dedup:

@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field
 from instructsae.schemas.base import FrozenModel
 from instructsae.schemas.dataset import DedupSettings
 from instructsae.schemas.extract import StoreDtype
+from instructsae.schemas.sites import DEFAULT_SITE, Site
 
 MANIFEST_KEY = "instructsae"
 # 2: sharded arrays with a crc32c on every inner chunk (1: one file per chunk, no checksums)
@@ -21,7 +22,6 @@ READABLE_FORMATS = (2, 3)
 # Role codes stored per token.
 ROLES = ("template", "system", "user", "assistant", "text", "tool", "reasoning")  # append only: codes are stored
 ROLE_CODE = {name: code for code, name in enumerate(ROLES)}
-
 
 class LayerStats(FrozenModel):
     """Running sums over the stored tokens of one layer, in float64, so a resumed run can add to them."""
@@ -61,7 +61,7 @@ class StoreIdentity(FrozenModel):
     max_tokens: int | None
     keep_first_token: bool
     layers: tuple[int, ...]
-    hook_site: Literal["resid_post"] = "resid_post"
+    hook_site: Literal["resid_post"] = "resid_post"  # stores made before `sites`: their only site
     d_model: int
     dtype: StoreDtype
     model_dtype: str
@@ -79,10 +79,21 @@ class StoreIdentity(FrozenModel):
     system_column: str | None = None
     prompt_column: str | None = None
     response_column: str | None = None
+    sites: tuple[Site, ...] | None = Field(
+        None, description="hook sites stored at each layer, in forward order (None: resid_post alone)")
+
+    @property
+    def stored_sites(self) -> tuple[str, ...]:
+        return self.sites or (DEFAULT_SITE,)
+
+    @property
+    def acts_keys(self) -> list[tuple[int, str]]:
+        """Every (layer, site) the store holds activations for, layer by layer in forward order."""
+        return [(layer, site) for layer in self.layers for site in self.stored_sites]
 
     def fingerprint(self) -> str:
         fields = self.model_dump(mode="json")
-        for name in ("model_sha256", "dataset_revision", "column", "role_key", "content_key", "dedup"):
+        for name in ("model_sha256", "dataset_revision", "column", "role_key", "content_key", "dedup", "sites"):
             if fields[name] is None:
                 del fields[name]
         for name in ("system_prompt", "system_column", "prompt_column", "response_column"):

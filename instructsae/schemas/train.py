@@ -2,40 +2,17 @@
 
 from typing import Annotated, Literal, Union
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field
 
 from instructsae.schemas.base import FrozenModel
-
-DEFAULT_EXPANSION = 16
+from instructsae.schemas.sites import Site
+from instructsae.schemas.transcoder import SkipTranscoderConfig, TranscoderConfig
+from instructsae.schemas.width import DEFAULT_EXPANSION, SAEWidth  # noqa: F401 (imported from here)
 
 # SAELens's names are accepted beside ours (validation_alias below; `other_names` lists them). Where the value's
 # scale differs, the description says how: our inputs have E||x||^2 = 1, SAELens's (normalize_activations
 # "expected_average_only_in") E||x|| = sqrt(d_model), so its MSE is d_model times ours, its latents and
 # thresholds sqrt(d_model) times ours, and a penalty coefficient converts by what keeps the loss's balance.
-
-
-class SAEWidth(FrozenModel):
-    """How wide an SAE is: expansion or d_sae, not both (neither: expansion 16)."""
-
-    expansion: int | None = Field(None, gt=0, validation_alias=AliasChoices("expansion", "expansion_factor"),
-                                  description=f"d_sae = expansion * d_model [default: {DEFAULT_EXPANSION} unless "
-                                  "d_sae is given]")
-    d_sae: int | None = Field(None, gt=0, description="latents, instead of expansion (e.g. 16384 at d_model 2304)")
-
-    @model_validator(mode="after")
-    def _one_width(self):
-        if self.expansion is not None and self.d_sae is not None:
-            raise ValueError(f"give expansion ({self.expansion}) or d_sae ({self.d_sae}), not both")
-        return self
-
-    def width(self, d_model: int) -> int:
-        """d_sae for a model of width d_model."""
-        return self.d_sae if self.d_sae is not None else (self.expansion or DEFAULT_EXPANSION) * d_model
-
-    def describe_width(self, d_in: int) -> str:
-        """'d_sae 4608 (expansion 8 × d_in 576)', for messages that name the width."""
-        how = "as given" if self.d_sae is not None else f"expansion {self.expansion or DEFAULT_EXPANSION} × d_in {d_in}"
-        return f"d_sae {self.width(d_in)} ({how})"
 
 
 class StandardConfig(SAEWidth):
@@ -94,7 +71,8 @@ class MatryoshkaBatchTopKConfig(BatchTopKConfig):
                           "(None: d_sae/16 and d_sae/4); in a sweep grid, a list of such lists")
 
 
-SAE_CONFIGS = (StandardConfig, JumpReLUConfig, TopKConfig, BatchTopKConfig, MatryoshkaBatchTopKConfig)
+SAE_CONFIGS = (StandardConfig, JumpReLUConfig, TopKConfig, BatchTopKConfig, MatryoshkaBatchTopKConfig,
+               TranscoderConfig, SkipTranscoderConfig)
 SAEConfig = Annotated[Union[SAE_CONFIGS], Field(discriminator="arch")]
 ARCHITECTURES = tuple(config.model_fields["arch"].default for config in SAE_CONFIGS)
 
@@ -124,6 +102,10 @@ class TrainConfig(FrozenModel):
     store: str = Field(..., description="activation store written by `instructsae extract`")
     out: str = Field(..., description="run folder for the SAE (SAELens layout), metrics and summary")
     layer: int | None = Field(None, description="layer to train on (default: the store's only/first layer)")
+    site: Site | None = Field(None, description="hook site the dictionary reads (default: resid_post for an SAE, "
+                             "mlp_in for a transcoder)")
+    target_site: Site | None = Field(None, description="hook site it reconstructs (default: an SAE its own input, a "
+                                    "transcoder mlp_out)")
     sae: SAEConfig = Field(default_factory=JumpReLUConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     tokens: int | None = Field(None, gt=0, validation_alias=AliasChoices("tokens", "training_tokens"),

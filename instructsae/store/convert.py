@@ -69,7 +69,7 @@ def _rewrite(path: str, out: str, raw: dict, shard_mb: float, show_progress: boo
         stop = max(first + 1, int(np.searchsorted(ends, starts[first] + BLOCK_TOKENS, side="right")))
         rows = slice(int(starts[first]), int(ends[stop - 1]))
         block = TokenBlock(
-            acts={layer: np.asarray(old[layer_array_name(layer)][rows]) for layer in identity.layers},
+            acts={key: np.asarray(old[layer_array_name(*key)][rows]) for key in identity.acts_keys},
             **{name: np.asarray(old[name][rows]) for name in TOKEN_COLUMNS},
             **{name: np.asarray(old[name][first:stop]) for name in INSTANCE_COLUMNS},
         )

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from instructsae.schemas.manifest import ROLES
+from instructsae.schemas.sites import DEFAULT_SITE
 
 TOKEN_COLUMNS = {"token_id": np.int32, "instance": np.int32, "position": np.int32, "role": np.uint8}
 INSTANCE_COLUMNS = {"instance_start": np.int64, "instance_length": np.int32, "instance_source": np.int64}
@@ -48,15 +49,22 @@ def acts_as_stored(raw: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(raw)
 
 
-def layer_array_name(layer: int) -> str:
-    return f"{ACTS_PREFIX}{layer}"
+def layer_array_name(layer: int, site: str = DEFAULT_SITE) -> str:
+    """acts/layer_15 for resid_post (the name stores had before sites), acts/layer_15_mlp_out for the others."""
+    return f"{ACTS_PREFIX}{layer}" if site == DEFAULT_SITE else f"{ACTS_PREFIX}{layer}_{site}"
+
+
+def acts_key_of(name: str) -> tuple[int, str]:
+    """(layer, site) of an activation array's name."""
+    layer, _, site = name.removeprefix(ACTS_PREFIX).partition("_")
+    return int(layer), site or DEFAULT_SITE
 
 
 @dataclass
 class TokenBlock:
     """A committed unit of writing: whole instances, in order, with their activations per layer."""
 
-    acts: dict[int, np.ndarray]  # layer -> (n, d_model), already in storage dtype
+    acts: dict[tuple[int, str], np.ndarray]  # (layer, site) -> (n, d_model), already in storage dtype
     token_id: np.ndarray
     instance: np.ndarray
     position: np.ndarray
@@ -72,7 +80,7 @@ class TokenBlock:
     def column(self, name: str) -> np.ndarray:
         """The block's rows for the store array `name`."""
         if name.startswith(ACTS_PREFIX):
-            return self.acts[int(name.removeprefix(ACTS_PREFIX))]
+            return self.acts[acts_key_of(name)]
         return getattr(self, name)
 
 
@@ -122,8 +130,8 @@ class ArraySpec:
 def array_specs(identity) -> list[ArraySpec]:
     """Every array of a store with this identity (a StoreIdentity), activations first."""
     chunk, shard = identity.chunk_tokens, identity.shard_tokens
-    specs = [ArraySpec(layer_array_name(layer), ACTS_ZARR_DTYPE[identity.dtype], (identity.d_model,), chunk, shard,
-                       False, "token") for layer in identity.layers]
+    specs = [ArraySpec(layer_array_name(layer, site), ACTS_ZARR_DTYPE[identity.dtype], (identity.d_model,), chunk,
+                       shard, False, "token") for layer, site in identity.acts_keys]
     specs += [ArraySpec(name, dtype, (), column_chunk_rows(chunk, shard), shard, True, "token")
               for name, dtype in TOKEN_COLUMNS.items()]
     specs += [ArraySpec(name, dtype, (), INSTANCE_CHUNK_ROWS, INSTANCE_SHARD_ROWS, True, "instance")
@@ -138,8 +146,9 @@ def array_attributes(spec: ArraySpec, identity) -> dict:
         return {"rows": "one per stored token", "codes": {str(code): name for code, name in enumerate(ROLES)}}
     if not spec.name.startswith(ACTS_PREFIX):
         return {"rows": f"one per stored {spec.per}"}
-    return {"dtype": identity.dtype, "layer": int(spec.name.removeprefix(ACTS_PREFIX)),
-            "hook_site": identity.hook_site, "d_model": identity.d_model, "model": identity.model,
+    layer, site = acts_key_of(spec.name)
+    return {"dtype": identity.dtype, "layer": layer, "hook_site": site, "d_model": identity.d_model,
+            "model": identity.model,
             "rows": "one per stored token"}
 
 

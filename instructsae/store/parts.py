@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from instructsae.errors import UserError
+from instructsae.schemas.sites import DEFAULT_SITE
 from instructsae.store.layout import INSTANCE_COLUMNS, acts_as_stored, acts_from_storage, array_specs, layer_array_name
 from instructsae.store.location import filesystem
 from instructsae.store.reader import StoreReader, check_cheaply, is_store, read_manifest
@@ -78,6 +79,7 @@ class PartsReader:
         identity = manifest.identity
         self.n_tokens, self.n_instances = manifest.n_tokens, manifest.n_instances
         self.chunk_tokens, self.d_model, self.layers = identity.chunk_tokens, identity.d_model, identity.layers
+        self.sites, self.acts_keys = identity.stored_sites, identity.acts_keys
         self.token_offsets = np.cumsum([0, *[part.n_tokens for part in self.parts]])
         self.instance_offsets = np.cumsum([0, *[part.n_instances for part in self.parts]])
         self.chunks = [(p, c) for p, part in enumerate(self.parts) for c in range(part.n_chunks)]
@@ -88,21 +90,22 @@ class PartsReader:
         start, stop = self.parts[p].chunk_bounds(c)
         return int(self.token_offsets[p]) + start, int(self.token_offsets[p]) + stop
 
-    def read_acts_chunk_raw(self, layer: int, chunk_index: int) -> np.ndarray:
+    def read_acts_chunk_raw(self, layer: int, chunk_index: int, site: str = DEFAULT_SITE) -> np.ndarray:
         p, c = self.chunks[chunk_index]
-        return self.parts[p].read_acts_chunk_raw(layer, c)
+        return self.parts[p].read_acts_chunk_raw(layer, c, site)
 
-    def read_acts_chunk(self, layer: int, chunk_index: int) -> torch.Tensor:
-        return acts_from_storage(self.read_acts_chunk_raw(layer, chunk_index), self.manifest.identity.dtype)
+    def read_acts_chunk(self, layer: int, chunk_index: int, site: str = DEFAULT_SITE) -> torch.Tensor:
+        return acts_from_storage(self.read_acts_chunk_raw(layer, chunk_index, site), self.manifest.identity.dtype)
 
-    def read_acts_chunk_as_stored(self, layer: int, chunk_index: int) -> torch.Tensor:
-        return acts_as_stored(self.read_acts_chunk_raw(layer, chunk_index), self.manifest.identity.dtype)
+    def read_acts_chunk_as_stored(self, layer: int, chunk_index: int, site: str = DEFAULT_SITE) -> torch.Tensor:
+        return acts_as_stored(self.read_acts_chunk_raw(layer, chunk_index, site), self.manifest.identity.dtype)
 
-    def read_acts(self, layer: int, start: int, stop: int) -> torch.Tensor:
-        return acts_from_storage(self.read_raw(layer_array_name(layer), start, stop), self.manifest.identity.dtype)
+    def read_acts(self, layer: int, start: int, stop: int, site: str = DEFAULT_SITE) -> torch.Tensor:
+        raw = self.read_raw(layer_array_name(layer, site), start, stop)
+        return acts_from_storage(raw, self.manifest.identity.dtype)
 
-    def read_acts_as_stored(self, layer: int, start: int, stop: int) -> torch.Tensor:
-        return acts_as_stored(self.read_raw(layer_array_name(layer), start, stop), self.manifest.identity.dtype)
+    def read_acts_as_stored(self, layer: int, start: int, stop: int, site: str = DEFAULT_SITE) -> torch.Tensor:
+        return acts_as_stored(self.read_raw(layer_array_name(layer, site), start, stop), self.manifest.identity.dtype)
 
     def read_column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self.read_raw(name, start, stop)

@@ -15,6 +15,7 @@ import zarr
 from instructsae.errors import UserError, first_line
 from instructsae.schemas.manifest import FORMAT_VERSION, MANIFEST_KEY, READABLE_FORMATS, StoreManifest
 from instructsae.store.checks import length_problems, shard_file_problems
+from instructsae.schemas.sites import DEFAULT_SITE
 from instructsae.store.chunks import ShardedArray
 from instructsae.store.layout import acts_as_stored, acts_from_storage, array_specs, layer_array_name
 from instructsae.store.location import filesystem, location_exists, zarr_location
@@ -62,6 +63,7 @@ class StoreReader:
         self.n_chunks = math.ceil(self.n_tokens / self.chunk_tokens)
         self.d_model = identity.d_model
         self.layers = identity.layers
+        self.sites, self.acts_keys = identity.stored_sites, identity.acts_keys
         fs, root = filesystem(path)
         self.specs = {spec.name: spec for spec in array_specs(identity)}
         self.arrays = {name: ShardedArray(fs, root, spec, self.committed_rows(spec.per), self.path,
@@ -76,26 +78,27 @@ class StoreReader:
         array = self.arrays[name]
         return array.read_rows(start, array.n_rows if stop is None else stop)
 
-    def read_acts(self, layer: int, start: int, stop: int) -> torch.Tensor:
-        return acts_from_storage(self.read_raw(layer_array_name(layer), start, stop), self.manifest.identity.dtype)
+    def read_acts(self, layer: int, start: int, stop: int, site: str = DEFAULT_SITE) -> torch.Tensor:
+        raw = self.read_raw(layer_array_name(layer, site), start, stop)
+        return acts_from_storage(raw, self.manifest.identity.dtype)
 
-    def read_acts_as_stored(self, layer: int, start: int, stop: int) -> torch.Tensor:
+    def read_acts_as_stored(self, layer: int, start: int, stop: int, site: str = DEFAULT_SITE) -> torch.Tensor:
         """Rows in the store's dtype (bf16 stays bf16: half the bytes of float32 to shuffle and to transfer)."""
-        return acts_as_stored(self.read_raw(layer_array_name(layer), start, stop), self.manifest.identity.dtype)
+        return acts_as_stored(self.read_raw(layer_array_name(layer, site), start, stop), self.manifest.identity.dtype)
 
     def chunk_bounds(self, chunk_index: int) -> tuple[int, int]:
         start = chunk_index * self.chunk_tokens
         return start, min(start + self.chunk_tokens, self.n_tokens)
 
-    def read_acts_chunk_raw(self, layer: int, chunk_index: int) -> np.ndarray:
+    def read_acts_chunk_raw(self, layer: int, chunk_index: int, site: str = DEFAULT_SITE) -> np.ndarray:
         """One chunk of activations as stored (read-only; the unit the training stream shuffles)."""
-        return self.arrays[layer_array_name(layer)].read_chunk(chunk_index)
+        return self.arrays[layer_array_name(layer, site)].read_chunk(chunk_index)
 
-    def read_acts_chunk(self, layer: int, chunk_index: int) -> torch.Tensor:
-        return acts_from_storage(self.read_acts_chunk_raw(layer, chunk_index), self.manifest.identity.dtype)
+    def read_acts_chunk(self, layer: int, chunk_index: int, site: str = DEFAULT_SITE) -> torch.Tensor:
+        return acts_from_storage(self.read_acts_chunk_raw(layer, chunk_index, site), self.manifest.identity.dtype)
 
-    def read_acts_chunk_as_stored(self, layer: int, chunk_index: int) -> torch.Tensor:
-        return acts_as_stored(self.read_acts_chunk_raw(layer, chunk_index), self.manifest.identity.dtype)
+    def read_acts_chunk_as_stored(self, layer: int, chunk_index: int, site: str = DEFAULT_SITE) -> torch.Tensor:
+        return acts_as_stored(self.read_acts_chunk_raw(layer, chunk_index, site), self.manifest.identity.dtype)
 
     def read_column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self.read_raw(name, start, stop)

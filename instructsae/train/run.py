@@ -29,9 +29,12 @@ from instructsae.sae.export import load_sae, save_sae
 from instructsae.train.init import geometric_median
 from instructsae.train.metrics_log import MetricsLog
 from instructsae.train.parallel import DataParallel, check_splittable
-from instructsae.sae import build_sae, constructor_settings, sae_class
+from instructsae.sae import build_sae, config_class, constructor_settings
+from instructsae.sae.folder import slot_provenance
 from instructsae.train.schedule import describe_schedule, fitted_batch_size, fitted_optim, left_to_fit, schedule_line
-from instructsae.train.store_view import StoreView, choose_layer, open_view, split_chunks  # noqa: F401 (re-exported)
+from instructsae.train.store_view import (  # noqa: F401 (re-exported)
+    Slot, StoreView, choose_layer, choose_slots, open_view, split_chunks, store_scale,
+)
 from instructsae.train.stream import ShuffledStream, prefetch_depth
 from instructsae.train.trainer import Trainee, train
 
@@ -52,6 +55,9 @@ def key_settings(cfg: TrainConfig) -> dict:
         sae["expansion"] = sae["expansion"] or DEFAULT_EXPANSION
     else:
         sae["d_sae"] = cfg.sae.d_sae
+    for name in ("site", "target_site"):  # added with hook sites: absent while unset, so older keys hold
+        if settings[name] is None:
+            del settings[name]
     if settings["sae_seed"] in (None, cfg.seed):  # the same weights as no sae_seed: the same SAE (and old keys hold)
         del settings["sae_seed"]
     for name, unset in ADDED_SAE_FIELDS.items():  # settings added later: at their default, old keys hold
@@ -71,7 +77,7 @@ def config_key(cfg: TrainConfig, store_fingerprint: str) -> str:
 
 def sparsity_coeff(cfg: TrainConfig) -> float:
     """The penalty's final coefficient; architectures whose sparsity is a k have none."""
-    return sae_class(cfg.sae.arch).penalty_coeff(cfg.sae)
+    return config_class(cfg.sae).penalty_coeff(cfg.sae)
 
 
 def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool = False,
@@ -96,8 +102,8 @@ def _train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool,
     checkpoints, the SAE, its summary), moves it into place and returns the summaries, the other ranks none."""
     writes = parallel is None or parallel.rank == 0
     configs = _on_one_device(configs)
-    view, member_layers = open_view(configs)
-    memory.check_fits(configs, view.reader.d_model, len(view.layers))
+    view, member_slots = open_view(configs)  # the (input, target) slots of each
+    memory.check_fits(configs, view.reader.d_model, len(view.slots))
     plan = _plan(configs, view)
     saes = _build_saes(configs, view.reader.d_model)
     runs = [RunPaths(cfg.out) for cfg in configs]
@@ -106,14 +112,15 @@ def _train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool,
         _print_schedules(configs, plan.schedules)
     stream = _open_stream(configs[0], view, plan)
     if saved is None and configs[0].geometric_median_tokens:
-        _initialise_decoder_bias(saes, member_layers, view, configs[0])
+        # b_dec is the output's bias: a transcoder's starts at its target's median
+        _initialise_decoder_bias(saes, [target for _, target in member_slots], view, configs[0])
     logs = [MetricsLog(run.building.metrics, cfg, run.root.name,
                        keep_before_step=saved["step"] if saved is not None else None) if writes else _NoLog()
             for cfg, run in zip(configs, runs)]
     trainees = [Trainee(sae.to(plan.device), optim, sparsity_coeff(cfg),
                         DeadFeatureTracker(sae.d_sae, cfg.dead_threshold, cfg.dead_window), log.write,
-                        view.layers.index(layer), parallel)
-                for sae, cfg, optim, log, layer in zip(saes, configs, plan.optims, logs, member_layers)]
+                        view.slots.index(source), parallel, view.slots.index(target))
+                for sae, cfg, optim, log, (source, target) in zip(saes, configs, plan.optims, logs, member_slots)]
     if saved is not None:
         _restore(saved, trainees, stream)
 
@@ -130,7 +137,7 @@ def _train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool,
     stats["stream_seconds"] = stream.seconds
     if not writes:
         return []
-    summaries = _export_and_summarise(configs, runs, plan, trainees, member_layers, view, stats)
+    summaries = _export_and_summarise(configs, runs, plan, trainees, member_slots, view, stats)
     checkpoint_path.unlink(missing_ok=True)  # every SAE is finished: nothing to resume
     for run in runs:
         move_folder_into_place(run.building.root, run.root)
@@ -168,7 +175,7 @@ def _plan(configs: list[TrainConfig], view: StoreView) -> _Plan:
     batch_size = fitted_batch_size(configs, tokens)
     n_steps = max(1, tokens // batch_size)
     optims = [fitted_optim(cfg.optim, n_steps) for cfg in configs]
-    schedules = [describe_schedule(cfg.optim, optim, n_steps, sae_class(cfg.sae.arch).has_sparsity_penalty,
+    schedules = [describe_schedule(cfg.optim, optim, n_steps, config_class(cfg.sae).has_sparsity_penalty,
                                    batch_size, first.batch_size) for cfg, optim in zip(configs, optims)]
     keys = [config_key(cfg, view.reader.manifest.fingerprint) for cfg in configs]
     return _Plan(torch.device(first.device), keys, tokens, batch_size, n_steps, optims, schedules)
@@ -231,16 +238,16 @@ class _Checkpointer:
             "trainees": [trainee.state_dict() for trainee in self.trainees], "torch_rng": torch.get_rng_state()})
 
 
-def _export_and_summarise(configs, runs, plan: _Plan, trainees, member_layers, view: StoreView,
-                          stats: dict) -> list[dict]:
+def _export_and_summarise(configs, runs, plan: _Plan, trainees, member_slots: list[tuple[Slot, Slot]],
+                          view: StoreView, stats: dict) -> list[dict]:
     """Each SAE saved in its RUN.partial, measured on the held-out chunks, and its summary written."""
-    exported = [_export(cfg, settings_that_ran(cfg, plan, optim, schedule), run, key, trainee.sae, layer, view)
-                for cfg, optim, schedule, run, key, trainee, layer
-                in zip(configs, plan.optims, plan.schedules, runs, plan.keys, trainees, member_layers)]
-    metrics = _heldout_metrics(exported, member_layers, view)
-    return [_summary(run, key, trainee, layer, view, {**stats, "schedule": schedule}, result)
-            for run, key, trainee, layer, result, schedule
-            in zip(runs, plan.keys, trainees, member_layers, metrics, plan.schedules)]
+    exported = [_export(cfg, settings_that_ran(cfg, plan, optim, schedule), run, key, trainee.sae, pair, view)
+                for cfg, optim, schedule, run, key, trainee, pair
+                in zip(configs, plan.optims, plan.schedules, runs, plan.keys, trainees, member_slots)]
+    metrics = _heldout_metrics(exported, member_slots, view)
+    return [_summary(run, key, trainee, pair, view, {**stats, "schedule": schedule}, result)
+            for run, key, trainee, pair, result, schedule
+            in zip(runs, plan.keys, trainees, member_slots, metrics, plan.schedules)]
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict | None:
@@ -256,7 +263,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     place = distributed.ranks()
     parallel = None
     if place.distributed:
-        check_splittable(cfg.sae.arch)
+        check_splittable(config_class(cfg.sae).architecture)
         distributed.start(device)
         parallel = DataParallel(place)
 
@@ -303,22 +310,22 @@ def _print_schedules(configs: list[TrainConfig], schedules: list[dict]) -> None:
             print(f"warning: {who}: {warning}", file=sys.stderr, flush=True)
 
 
-def _initialise_decoder_bias(saes, member_layers: list[int], view: StoreView, cfg: TrainConfig) -> None:
-    """b_dec at the geometric median of a sample of each SAE's layer (one sample per layer)."""
+def _initialise_decoder_bias(saes, targets: list[Slot], view: StoreView, cfg: TrainConfig) -> None:
+    """b_dec at the geometric median of a sample of what each dictionary reconstructs (one sample per slot)."""
     samples = {}
-    for sae, layer in zip(saes, member_layers):
-        if layer not in samples:
-            samples[layer] = geometric_median(_initial_sample(view, layer, cfg))
+    for sae, target in zip(saes, targets):
+        if target not in samples:
+            samples[target] = geometric_median(_initial_sample(view, target, cfg))
         with torch.no_grad():
-            sae.b_dec.copy_(samples[layer])
+            sae.b_dec.copy_(samples[target])
 
 
-def _initial_sample(view: StoreView, layer: int, cfg: TrainConfig) -> torch.Tensor:
+def _initial_sample(view: StoreView, slot: Slot, cfg: TrainConfig) -> torch.Tensor:
     """Rows from a few chunks spread over the store (not only its first dialogues)."""
     parts, n = [], 0
     stride = max(1, len(view.train_chunks) // 8)
     for index in view.train_chunks[::stride]:
-        parts.append(view.reader.read_acts_chunk(layer, index) * view.scales[layer])
+        parts.append(view.reader.read_acts_chunk(slot[0], index, slot[1]) * view.scales[slot])
         n += len(parts[-1])
         if n >= cfg.geometric_median_tokens:
             break
@@ -335,7 +342,7 @@ def settings_that_ran(cfg: TrainConfig, plan: _Plan, optim: OptimConfig, schedul
     train_config = ran.model_dump(mode="json")
     fitted = dict(schedule["fitted"])
     coeff = sparsity_coeff(cfg)
-    if sae_class(cfg.sae.arch).has_sparsity_penalty and coeff != cfg.sae.sparsity_coeff:
+    if config_class(cfg.sae).has_sparsity_penalty and coeff != cfg.sae.sparsity_coeff:
         train_config["sae"]["sparsity_coeff"] = coeff
         fitted["sparsity_coeff"] = {"default": cfg.sae.sparsity_coeff, "used": coeff}
     for name, used in constructor_settings(cfg.sae).items():
@@ -345,36 +352,39 @@ def settings_that_ran(cfg: TrainConfig, plan: _Plan, optim: OptimConfig, schedul
     return {"train_config": train_config, "given_config": cfg.model_dump(mode="json"), "fitted": fitted}
 
 
-def _export(cfg: TrainConfig, ran: dict, run: RunPaths, key: str, sae, layer: int, view: StoreView):
+def _export(cfg: TrainConfig, ran: dict, run: RunPaths, key: str, sae, pair: tuple[Slot, Slot], view: StoreView):
     """Save the SAE (raw activation space) and its curves; the exported SAE, as a user will load it."""
     root, reader = run.building.root, view.reader
-    own = {"layer": layer, "store": cfg.store, "store_fingerprint": reader.manifest.fingerprint,
-           "model": reader.manifest.identity.model, "input_scale": view.scales[layer],
+    (layer, site), target = pair
+    own = {"layer": layer, **slot_provenance(site, target[1]), "store": cfg.store,
+           "store_fingerprint": reader.manifest.fingerprint,
+           "model": reader.manifest.identity.model, "input_scale": view.scales[pair[0]],
            **ran, "config_key": key, "instructsae_version": __version__}
-    save_sae(root, sae.cpu(), view.scales[layer], own, reader.manifest.identity)
+    save_sae(root, sae.cpu(), view.scales[pair[0]], own, reader.manifest.identity, view.scales[target])
     plot_training_curves(MetricsLog.read(run.building.metrics), run.building.curves, title=run.root.name)
     return load_sae(root)[0]
 
 
 @torch.no_grad()
-def _heldout_metrics(saes, member_layers: list[int], view: StoreView) -> list[dict]:
-    """Every SAE measured on the held-out chunks, each chunk read once whatever the number of SAEs."""
+def _heldout_metrics(saes, member_slots: list[tuple[Slot, Slot]], view: StoreView) -> list[dict]:
+    """Every SAE measured on the held-out chunks (against its target site), each chunk read once whatever the
+    number of SAEs."""
     sums = [ReconstructionSums(sae.d_in, sae.d_sae) for sae in saes]
     for index in view.holdout_chunks or view.train_chunks:
-        for layer in view.layers:
-            x_BD = view.reader.read_acts_chunk(layer, index)
-            for sae, sae_layer, accumulator in zip(saes, member_layers, sums):
-                if sae_layer == layer:
-                    latents_BF = sae.encode(x_BD)
-                    accumulator.add(x_BD, sae.decode(latents_BF), latents_BF)
+        acts = {slot: view.reader.read_acts_chunk(slot[0], index, slot[1]) for slot in view.slots}
+        for sae, (source, target), accumulator in zip(saes, member_slots, sums):
+            latents_BF = sae.encode(acts[source])
+            accumulator.add(acts[target], sae.reconstruct(acts[source], latents_BF), latents_BF)
     return [accumulator.result() for accumulator in sums]
 
 
-def _summary(run: RunPaths, key: str, trainee: Trainee, layer: int, view: StoreView, stats: dict,
+def _summary(run: RunPaths, key: str, trainee: Trainee, pair: tuple[Slot, Slot], view: StoreView, stats: dict,
              metrics: dict) -> dict:
     sae = trainee.sae
+    (layer, site), (_, target) = pair
     summary = {
-        "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "layer": layer,
+        "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "layer": layer, "site": site,
+        "target_site": target,
         "nmse": metrics["nmse"], "explained_variance": metrics["explained_variance"], "mse": metrics["mse"],
         "l0": metrics["l0"], "dead_fraction_heldout": metrics["dead_fraction"],
         "dead_fraction_train": trainee.dead.dead_fraction(), "heldout_tokens": metrics["n_tokens"], **stats,

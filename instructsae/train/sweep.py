@@ -27,7 +27,7 @@ from instructsae.train.config import resolve_train_config
 from instructsae.run_folder import RunPaths, is_finished, refuse_a_file_as_out
 from instructsae.train.run import choose_layer, config_key, train_saes
 from instructsae.train.memory import sae_bytes
-from instructsae.sae import check_sae_config, sae_class
+from instructsae.sae import check_sae_config, config_class
 from instructsae.train.sweep_report import write_sweep_report
 
 
@@ -59,7 +59,7 @@ def grid_points(sweep: SweepConfig) -> list[tuple[dict, dict, dict]]:
 
 def point_name(cfg: TrainConfig, key: str) -> str:
     """A folder name a person can read, made unique by the config key."""
-    sparsity = sae_class(cfg.sae.arch).sweep_label(cfg.sae)
+    sparsity = config_class(cfg.sae).sweep_label(cfg.sae)
     layer = "" if cfg.layer is None else f"-l{cfg.layer}"
     seed = "" if cfg.sae_seed is None else f"-s{cfg.sae_seed}"
     width = f"d{cfg.sae.d_sae}" if cfg.sae.d_sae is not None else f"x{cfg.sae.expansion or DEFAULT_EXPANSION}"
@@ -113,7 +113,7 @@ def _describe(sae: dict, optim: dict, top: dict) -> str:
 def sae_flops_per_token(cfg: TrainConfig, d_model: int) -> float:
     """Forward and backward of one token: the encoder is dense; TopK's decoder touches only k rows."""
     d_sae = cfg.sae.width(d_model)
-    decoder_rows = sae_class(cfg.sae.arch).decoder_rows_per_token(cfg.sae, d_sae)
+    decoder_rows = config_class(cfg.sae).decoder_rows_per_token(cfg.sae, d_sae)
     return 6.0 * d_model * (d_sae + decoder_rows)
 
 

@@ -18,7 +18,7 @@ from pydantic import TypeAdapter
 from instructsae.charts import plot_frontier
 from instructsae.fileio import write_text_atomically
 from instructsae.run_folder import SUMMARY_FILE, RunPaths, is_building_folder
-from instructsae.sae import sae_class
+from instructsae.sae import config_class
 from instructsae.sae.folder import provenance
 from instructsae.schemas.train import DEFAULT_EXPANSION, SAEConfig
 from instructsae.train.run import RUNTIME_FIELDS
@@ -50,7 +50,8 @@ def collect_rows(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
         train = provenance(cfg)["train_config"]  # the settings the run followed (fitted ones included)
         sae = train["sae"]
         rows.append({
-            "name": folder.name, "setting": setting_name(train), "seed": _sae_seed(train), "arch": sae["arch"],
+            "name": folder.name, "setting": setting_name(train), "seed": _sae_seed(train),
+            "arch": summary.get("architecture", sae["arch"]),  # a transcoder's class: jumprelu_transcoder, ...
             "seed_group": seed_group(train),
             "layer": summary["layer"], "expansion": _expansion(summary, sae),
             "d_sae": summary["d_sae"],
@@ -68,10 +69,12 @@ def _expansion(summary: dict, sae: dict) -> int | float:
     if sae.get("d_sae") is None:
         return sae.get("expansion") or DEFAULT_EXPANSION
     return round(summary["d_sae"] / summary["d_in"], 3)
+
+
 def sparsity_label(sae: dict) -> str:
     """The sparsity setting as the architecture's class names it (k32, c0.001, c0.01-t32, ...)."""
     cfg = SAE_SETTINGS.validate_python(sae)
-    return sae_class(cfg.arch).sweep_label(cfg)
+    return config_class(cfg).sweep_label(cfg)
 
 
 def measured_on(rows: list[dict]) -> str:
@@ -89,7 +92,7 @@ def _sae_seed(train: dict) -> int:
 def setting_name(train: dict) -> str:
     """What SAEs of one setting share whatever their seed: architecture, width, sparsity, lr, layer."""
     sae = train["sae"]
-    sparsity = sparsity_label(sae)
+    sparsity = sparsity_label(sae)  # a transcoder's names its activation first (jumprelu-c0.001, topk-k32)
     layer = "" if train.get("layer") is None else f"-l{train['layer']}"
     width = f"d{sae['d_sae']}" if sae.get("d_sae") is not None else f"x{sae.get('expansion') or DEFAULT_EXPANSION}"
     return f"{sae['arch']}-{width}-{sparsity}-lr{train['optim']['lr']:g}{layer}"

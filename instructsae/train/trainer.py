@@ -35,24 +35,28 @@ class Trainee:
 
     def __init__(self, sae: SparseAutoencoder, cfg: OptimConfig, final_sparsity_coeff: float,
                  dead: DeadFeatureTracker, log: Callable[[dict], None], layer_index: int = 0,
-                 parallel: DataParallel | None = None):
+                 parallel: DataParallel | None = None, target_index: int | None = None):
         self.sae, self.cfg, self.final_sparsity_coeff = sae, cfg, final_sparsity_coeff
-        self.dead, self.log, self.layer_index = dead, log, layer_index  # layer_index: which layer of a batch
+        self.dead, self.log, self.layer_index = dead, log, layer_index  # layer_index: which slot of a batch it reads
+        # which slot it reconstructs (a transcoder's target; None: its input)
+        self.target_index = None if target_index in (None, layer_index) else target_index
         self.parallel = parallel  # data-parallel: this rank steps on its slice of every batch
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         self.seconds = 0.0
 
-    def step(self, x_BD: torch.Tensor, step: int, n_steps: int, log_this_step: bool, tokens: int) -> dict:
+    def step(self, x_BD: torch.Tensor, step: int, n_steps: int, log_this_step: bool, tokens: int,
+             target_BD: torch.Tensor | None = None) -> dict:
         started = time.perf_counter()
         weight = 1.0
         if self.parallel is not None:
             x_BD, weight = self.parallel.slice(x_BD)
+            target_BD = None if target_BD is None else self.parallel.slice(target_BD)[0]
         lr = learning_rate(step, n_steps, self.cfg)
         coeff = sparsity_coefficient(step, self.final_sparsity_coeff, self.cfg.sparsity_warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        out = self.sae.training_loss(x_BD, coeff, self.dead.dead_mask().to(x_BD.device))
+        out = self.sae.training_loss(x_BD, coeff, self.dead.dead_mask().to(x_BD.device), target_BD)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.parallel is not None:
@@ -69,7 +73,7 @@ class Trainee:
 
         record = {}
         if log_this_step:
-            loss, mse, sparsity, nmse, l0 = self._batch_metrics(x_BD, out, weight)
+            loss, mse, sparsity, nmse, l0 = self._batch_metrics(x_BD if target_BD is None else target_BD, out, weight)
             record = {"step": step, "tokens": tokens, "loss": loss, "mse": mse,
                       "sparsity": sparsity, "nmse": nmse, "l0": l0,
                       "dead_fraction": self.dead.dead_fraction(), "lr": lr, "sparsity_coeff": coeff,
@@ -110,7 +114,7 @@ class Trainee:
 def train(trainees: list[Trainee], batches: Iterator[torch.Tensor], n_steps: int, log_every: int = 25,
           device: str = "cpu", first_step: int = 0, tokens: int = 0,
           after_step: Callable[[int, int], None] | None = None) -> dict:
-    """Steps first_step..n_steps-1. A batch is [batch, d_model] or [batch, layers, d_model] (several layers).
+    """Steps first_step..n_steps-1. A batch is [batch, d_model] or [batch, slots, d_model] (several (layer, site)s).
 
     after_step(step, tokens) runs after every step (the run uses it to checkpoint)."""
     started, tokens_before = time.perf_counter(), tokens
@@ -122,7 +126,8 @@ def train(trainees: list[Trainee], batches: Iterator[torch.Tensor], n_steps: int
         log_this_step = step % log_every == 0 or step == n_steps - 1
         for trainee in trainees:
             x_BD = batch if batch.dim() == 2 else batch[:, trainee.layer_index].contiguous()
-            record = trainee.step(x_BD, step, n_steps, log_this_step, tokens)
+            target_BD = None if trainee.target_index is None else batch[:, trainee.target_index].contiguous()
+            record = trainee.step(x_BD, step, n_steps, log_this_step, tokens, target_BD)
         bar.update(1)
         if log_this_step and len(trainees) == 1:
             bar.set_postfix(loss=f"{record['loss']:.4g}", nmse=f"{record['nmse']:.3f}", l0=f"{record['l0']:.1f}",
