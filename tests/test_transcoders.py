@@ -253,3 +253,12 @@ def test_a_killed_run_resumes_to_the_same_weights(store, tmp_path, monkeypatch, 
     assert "W_skip" in whole
     for name in whole:
         assert torch.equal(resumed[name], whole[name]), name
+
+
+def test_a_foreign_folders_sites_come_from_its_hook_names():
+    from instructsae.sae.folder import sae_layer, sae_sites
+
+    cfg = {"metadata": {"hook_name": "blocks.2.ln2.hook_normalized", "hook_name_out": "blocks.2.hook_mlp_out"}}
+    assert sae_sites(cfg) == ("mlp_in", "mlp_out") and sae_layer(cfg, "x") == 2
+    assert sae_sites({"metadata": {"hook_name": "blocks.2.hook_resid_post"}}) == ("resid_post", "resid_post")
+    assert sae_sites({"metadata": {"hook_name": "blocks.2.hook_attn_out"}}) == ("attn_out", "attn_out")

@@ -27,7 +27,8 @@ RESID_PRE = re.compile(r"^blocks\.(\d+)\.hook_resid_pre$")  # = resid_post of th
 # Other sites of block L as TransformerLens names them (SAELens's hook_name / hook_name_out).
 SITE_HOOKS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_in": "ln2.hook_normalized",
               "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post"}
-OTHER_SITE = re.compile(r"^blocks\.(\d+)\.(hook_attn_out|ln2\.hook_normalized|hook_mlp_out|hook_mlp_in)$")
+# (TransformerLens's hook_mlp_in is the residual stream before ln2, which no store holds: not matched)
+OTHER_SITE = re.compile(r"^blocks\.(\d+)\.(hook_attn_out|ln2\.hook_normalized|hook_mlp_out)$")
 
 
 def hook_name_for(layer: int, site: str) -> str:
@@ -40,8 +41,7 @@ def site_from_hook_name(name: str) -> str | None:
     match = OTHER_SITE.match(name)
     if match is None:
         return None
-    # Gemma Scope's transcoders name the MLP's input hook_mlp_in; ours (after the norm) is ln2.hook_normalized
-    return {"hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out"}.get(match.group(2), "mlp_in")
+    return {"hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out", "ln2.hook_normalized": "mlp_in"}[match.group(2)]
 
 
 def _metadata(cfg: dict) -> dict:
