@@ -48,8 +48,9 @@ def plot_training_curves(records: list[dict], path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def plot_frontier(points: list[dict], group_by: str, path: Path, title: str) -> None:
-    """L0 against NMSE, one marker and line per group (architecture, or extraction method); lower-left is better."""
+def plot_frontier(points: list[dict], group_by: str, path: Path, title: str, measured_on: str = "held out") -> None:
+    """L0 against NMSE, one marker and line per group (architecture, or extraction method); lower-left is better.
+    `measured_on` says where the points were measured ("held out", or the training chunks when none were)."""
     fig, ax = plt.subplots(figsize=(7, 5))
     groups = sorted({p[group_by] for p in points})
     for index, group in enumerate(groups):
@@ -57,8 +58,8 @@ def plot_frontier(points: list[dict], group_by: str, path: Path, title: str) -> 
         ax.plot([p["l0"] for p in members], [p["nmse"] for p in members], marker=MARKERS[index % len(MARKERS)],
                 label=str(group))
     ax.set_xscale("log")
-    ax.set_xlabel("L0 (active latents per token, held out)")
-    ax.set_ylabel("NMSE (held out)")
+    ax.set_xlabel(f"L0 (active latents per token, {measured_on})")
+    ax.set_ylabel(f"NMSE ({measured_on})")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend()

@@ -21,6 +21,7 @@ from instructsae.schemas.steer import SteerConfig
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import ARCHITECTURES, PRESETS, JumpReLUConfig, OptimConfig, TopKConfig, TrainConfig
 from instructsae.schemas.transcoder import ACTIVATIONS, TranscoderConfig
+from instructsae.schemas.train import MatryoshkaBatchTopKConfig
 
 
 def _describe(model, field: str) -> str:
@@ -59,6 +60,9 @@ def dedup(**options):
     click.echo(format_report(run_dedup(build(DedupConfig, options))))
 
 
+SAE_ONLY_FLAGS = ("target_l0", "prefixes")  # train's flags for one architecture's settings, beyond those in its signature
+
+
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(), help="YAML file (TrainConfig fields, nested sae/optim)")
 @click.option("--preset", type=click.Choice(list(PRESETS)), help="defaults to start from")
@@ -68,8 +72,11 @@ def dedup(**options):
 @click.option("--sparsity-coeff", type=float, help="sparsity coefficient (L1 for standard, L0 for jumprelu)")
 @click.option("--bandwidth", type=float, help=_describe(JumpReLUConfig, "bandwidth"))
 @click.option("--init-threshold", type=float, help=_describe(JumpReLUConfig, "init_threshold"))
-@click.option("--k", type=int,
-              help=_describe(TopKConfig, "k") + " (topk, batchtopk; a transcoder given k alone is topk)")
+@click.option("--target-l0", type=float, help=_describe(JumpReLUConfig, "target_l0") + " (jumprelu)")
+@click.option("--prefixes", callback=lambda ctx, param, value: split_list(value),
+              help=_describe(MatryoshkaBatchTopKConfig, "prefixes") + ", e.g. 256,1024 (matryoshka_batchtopk)")
+@click.option("--k", type=int, help=_describe(TopKConfig, "k") + " (topk, batchtopk, matryoshka_batchtopk; a "
+              "transcoder given k alone is topk)")
 @click.option("--activation", type=click.Choice(ACTIVATIONS), help=_describe(TranscoderConfig, "activation"))
 @options_from(OptimConfig)
 @click.option("--resume", is_flag=True, help="continue a killed run from its checkpoint (same config and store)")
@@ -83,6 +90,7 @@ def train(config_file, preset, arch, expansion, sparsity_coeff, bandwidth, init_
 
     sae_flags = {"arch": arch, "expansion": expansion, "sparsity_coeff": sparsity_coeff,
                  "bandwidth": bandwidth, "init_threshold": init_threshold, "k": k, "activation": activation}
+    sae_flags.update({name: options.pop(name) for name in SAE_ONLY_FLAGS})  # flags of one architecture each
     optim_flags = {name: options.pop(name) for name in OptimConfig.model_fields}
     cfg = resolve_train_config(read_yaml(config_file), preset, options, sae_flags, optim_flags)
     summary = train_sae(cfg, resume=resume, overwrite=overwrite)

@@ -142,7 +142,8 @@ def _describe_difference(paths: RunPaths, settings: dict, store_fingerprint: str
     """'sae.arch: jumprelu -> topk, ...' as far as the old cfg.json tells."""
     try:
         metadata = provenance(json.loads(paths.cfg.read_text()))
-        old_settings = {name: value for name, value in metadata["train_config"].items() if name in settings}
+        given = metadata.get("given_config") or metadata["train_config"]  # train_config: what ran, fitted values
+        old_settings = {name: value for name, value in given.items() if name in settings}
         old_store = metadata["store_fingerprint"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"its {CFG_FILE} does not say which"

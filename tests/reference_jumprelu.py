@@ -40,10 +40,13 @@ class _Step(torch.autograd.Function):
         return None, (grad_BF * -(1.0 / ctx.bandwidth) * kernel_BF).sum(dim=0), None
 
 
-def reference_jumprelu_loss(sae, x_BD: torch.Tensor, sparsity_coeff: float) -> torch.Tensor:
-    """MSE (summed over d_in, mean over the batch) + coefficient × mean L0, for a JumpReLUSAE's parameters."""
+def reference_jumprelu_loss(sae, x_BD: torch.Tensor, sparsity_coeff: float,
+                            target_l0: float | None = None) -> torch.Tensor:
+    """MSE (summed over d_in, mean over the batch) + coefficient × mean L0, for a JumpReLUSAE's parameters; with a
+    target T, the penalty is the mean over tokens of (2/T)·(L0 − T)² (SAELens's "quadratic" mode, Gemma Scope 2)."""
     pre_BF = torch.relu((x_BD - sae.b_dec) @ sae.W_enc + sae.b_enc)
     latents_BF = _JumpReLU.apply(pre_BF, sae.threshold, sae.bandwidth)
     recon_BD = latents_BF @ sae.W_dec + sae.b_dec
-    l0 = _Step.apply(pre_BF, sae.threshold, sae.bandwidth).sum(dim=-1).mean()
-    return (recon_BD - x_BD).pow(2).sum(dim=-1).mean() + sparsity_coeff * l0
+    l0_B = _Step.apply(pre_BF, sae.threshold, sae.bandwidth).sum(dim=-1)
+    penalty = l0_B.mean() if target_l0 is None else (2 / target_l0 * (l0_B - target_l0) ** 2).mean()
+    return (recon_BD - x_BD).pow(2).sum(dim=-1).mean() + sparsity_coeff * penalty

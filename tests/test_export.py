@@ -9,13 +9,15 @@ from safetensors.torch import load_file, save_file
 
 from instructsae.errors import UserError
 from instructsae.schemas import JumpReLUConfig, StandardConfig
-from instructsae.schemas.train import BatchTopKConfig, TopKConfig
+from instructsae.schemas.train import BatchTopKConfig, MatryoshkaBatchTopKConfig, TopKConfig
 from instructsae.sae.export import load_sae, saelens_metadata, save_sae
 from instructsae.sae import SAE_CLASSES, build_sae
 
 D_IN = 12
 CONFIGS = {"standard": StandardConfig(expansion=2), "jumprelu": JumpReLUConfig(expansion=2, init_threshold=0.02),
-           "topk": TopKConfig(expansion=2, k=5, aux_k=3), "batchtopk": BatchTopKConfig(expansion=2, k=5)}
+           "topk": TopKConfig(expansion=2, k=5, aux_k=3), "batchtopk": BatchTopKConfig(expansion=2, k=5),
+           "matryoshka_batchtopk": MatryoshkaBatchTopKConfig(expansion=2, k=5, prefixes=(4, 12))}
+BATCH_TOPK = ("batchtopk", "matryoshka_batchtopk")  # a global threshold at inference: SAELens runs a JumpReLU
 
 
 @pytest.fixture(params=sorted(SAE_CLASSES))
@@ -26,7 +28,7 @@ def sae(request):
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(std=0.1)
-        if sae.architecture == "batchtopk":
+        if sae.architecture in BATCH_TOPK:
             sae.threshold.fill_(0.3)  # as if estimated in training, so that the threshold matters
     return sae.eval()
 
@@ -35,7 +37,7 @@ def test_cfg_and_tensors_follow_the_saelens_layout(sae, tmp_path):
     save_sae(tmp_path, sae, input_scale=0.5, metadata={"layer": 7, "store_fingerprint": "abc"})
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     # BatchTopK runs as a JumpReLU with its threshold at inference: SAELens has no batchtopk inference class
-    assert cfg["architecture"] == ("jumprelu" if sae.architecture == "batchtopk" else sae.architecture)
+    assert cfg["architecture"] == ("jumprelu" if sae.architecture in BATCH_TOPK else sae.architecture)
     assert (cfg["d_in"], cfg["d_sae"]) == (D_IN, 2 * D_IN)
     assert (cfg["dtype"], cfg["device"], cfg["normalize_activations"]) == ("float32", "cpu", "none")
     metadata = cfg["metadata"]
@@ -45,9 +47,9 @@ def test_cfg_and_tensors_follow_the_saelens_layout(sae, tmp_path):
     assert (own["layer"], own["store_fingerprint"], own["architecture"]) == (7, "abc", sae.architecture)
     tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
     expected = {"W_enc": (D_IN, 2 * D_IN), "W_dec": (2 * D_IN, D_IN), "b_enc": (2 * D_IN,), "b_dec": (D_IN,)}
-    if sae.architecture in ("jumprelu", "batchtopk"):
+    if sae.architecture in ("jumprelu", *BATCH_TOPK):
         expected["threshold"] = (2 * D_IN,)
-    if sae.architecture in ("topk", "batchtopk"):
+    if sae.architecture in ("topk", *BATCH_TOPK):
         assert (own["settings"]["k"], own["settings"]["aux_k"], own["settings"]["aux_coeff"]) == (5, sae.aux_k, 1 / 32)
     if sae.architecture == "topk":
         assert cfg["k"] == 5  # SAELens's own field

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from instructsae.schemas import JumpReLUConfig, StandardConfig
-from instructsae.schemas.train import BatchTopKConfig, SAEConfig, TopKConfig
+from instructsae.schemas.train import BatchTopKConfig, MatryoshkaBatchTopKConfig, SAEConfig, TopKConfig
 from instructsae.sae.export import load_sae, provenance, save_sae
 from instructsae.sae import SAE_CLASSES, build_sae, sae_class
 from instructsae.sae.base import SparseAutoencoder
@@ -12,7 +12,8 @@ from instructsae.sae.jumprelu import JumpReLUSAE
 
 D_IN = 16
 CONFIGS = {"standard": StandardConfig(expansion=4), "jumprelu": JumpReLUConfig(expansion=4, init_threshold=0.05),
-           "topk": TopKConfig(expansion=4, k=6), "batchtopk": BatchTopKConfig(expansion=4, k=6)}
+           "topk": TopKConfig(expansion=4, k=6), "batchtopk": BatchTopKConfig(expansion=4, k=6),
+           "matryoshka_batchtopk": MatryoshkaBatchTopKConfig(expansion=4, k=6)}
 
 
 # What SAELens 6 runs at inference (its SAE registry's names); a folder naming anything else would not load there.

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from instructsae.errors import UserError
 from instructsae.schemas import JumpReLUConfig, StandardConfig
-from instructsae.schemas.train import BatchTopKConfig, TopKConfig
+from instructsae.schemas.train import BatchTopKConfig, MatryoshkaBatchTopKConfig, TopKConfig
 from instructsae.sae.export import load_sae, save_sae
 from instructsae.sae import SAE_CLASSES, build_sae
 from instructsae.sae.folder import layer_from_hook_name, sae_layer, sae_model
@@ -31,7 +31,8 @@ def saelens():
 
 
 CONFIGS = {"standard": StandardConfig(expansion=2), "jumprelu": JumpReLUConfig(expansion=2, init_threshold=0.05),
-           "topk": TopKConfig(expansion=2, k=6), "batchtopk": BatchTopKConfig(expansion=2, k=6)}
+           "topk": TopKConfig(expansion=2, k=6), "batchtopk": BatchTopKConfig(expansion=2, k=6),
+           "matryoshka_batchtopk": MatryoshkaBatchTopKConfig(expansion=2, k=6, prefixes=(16, 64))}
 
 
 def trained_like(arch: str):
@@ -40,7 +41,7 @@ def trained_like(arch: str):
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(std=0.1)
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka_batchtopk"):  # as if estimated in training
             sae.threshold.fill_(0.4)
     return sae.eval()
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -18,25 +19,31 @@ from instructsae.schemas import ExtractConfig, TrainConfig
 from instructsae.train.run import run_training
 
 STEPS, BATCH = 400, 32
+# (sae settings, the same as train flags): JumpReLU, and Matryoshka BatchTopK, whose threshold is a running estimate
+SAES = {"jumprelu": ({"arch": "jumprelu"}, ["--sae", "jumprelu"]),
+        "matryoshka_batchtopk": ({"arch": "matryoshka_batchtopk", "k": 4, "prefixes": [8, 32]},
+                                 ["--sae", "matryoshka_batchtopk", "--k", "4", "--prefixes", "8,32"])}
 
 
-def train_args(store, out) -> dict:
-    return {"store": str(store), "out": str(out), "sae": {"arch": "jumprelu", "expansion": 4},
+def train_args(store, out, sae: dict) -> dict:
+    return {"store": str(store), "out": str(out), "sae": {**sae, "expansion": 4},
             "optim": {"lr": 3e-3, "lr_warmup_steps": 10, "beta1": 0.9, "sparsity_warmup_steps": 50},
             "tokens": STEPS * BATCH, "batch_size": BATCH, "buffer_tokens": 256, "checkpoint_every": 10 * BATCH,
             "log_every": 7, "geometric_median_tokens": 128}
 
 
-def test_sigkilled_training_resumes_to_the_same_weights(tiny_model_dir, dialogues_jsonl, tmp_path):
+@pytest.mark.parametrize("arch", sorted(SAES))
+def test_sigkilled_training_resumes_to_the_same_weights(arch, tiny_model_dir, dialogues_jsonl, tmp_path):
+    sae, sae_flags = SAES[arch]
     store = tmp_path / "store"
     run_extract(ExtractConfig(model=str(tiny_model_dir), dataset=str(dialogues_jsonl), out=str(store), layers=(1,),
                               dtype="float32", chunk_tokens=64), show_progress=False)
     killed = tmp_path / "killed"
     # an SAE of another config already sits in --out: the killed run was replacing it (--overwrite)
-    run_training(build(TrainConfig, {**train_args(store, killed), "tokens": 10 * BATCH}))
+    run_training(build(TrainConfig, {**train_args(store, killed, sae), "tokens": 10 * BATCH}))
     old = {path.name: path.read_bytes() for path in killed.iterdir()}
     building = RunPaths(killed).building
-    flags = ["--overwrite", "--store", str(store), "--out", str(killed), "--sae", "jumprelu", "--expansion", "4",
+    flags = ["--overwrite", "--store", str(store), "--out", str(killed), *sae_flags, "--expansion", "4",
              "--lr", "3e-3", "--lr-warmup-steps", "10", "--beta1", "0.9", "--sparsity-warmup-steps", "50",
              "--tokens", str(STEPS * BATCH), "--batch-size", str(BATCH), "--buffer-tokens", "256",
              "--checkpoint-every", str(10 * BATCH), "--log-every", "7", "--geometric-median-tokens", "128"]
@@ -56,8 +63,8 @@ def test_sigkilled_training_resumes_to_the_same_weights(tiny_model_dir, dialogue
     checkpoint_step = torch.load(building.checkpoint, weights_only=True)["step"]
     assert 0 < checkpoint_step < STEPS
 
-    run_training(build(TrainConfig, train_args(store, killed)), resume=True, overwrite=True)
-    run_training(build(TrainConfig, train_args(store, tmp_path / "whole")))
+    run_training(build(TrainConfig, train_args(store, killed, sae)), resume=True, overwrite=True)
+    run_training(build(TrainConfig, train_args(store, tmp_path / "whole", sae)))
 
     resumed, whole = load_file(str(killed / "sae_weights.safetensors")), load_file(str(tmp_path / "whole" /
                                                                                         "sae_weights.safetensors"))

@@ -12,7 +12,7 @@ from helpers import assert_one_line_error, run_cli
 from instructsae.errors import UserError
 from instructsae.metrics import reconstruction_metrics
 from instructsae.schemas import JumpReLUConfig, LayerStats, OptimConfig, StandardConfig, TrainConfig
-from instructsae.schemas.train import BatchTopKConfig, TopKConfig
+from instructsae.schemas.train import BatchTopKConfig, MatryoshkaBatchTopKConfig, TopKConfig
 from instructsae.sae.export import load_sae, provenance
 from instructsae.train.run import run_training, split_chunks
 from instructsae.sae import SAE_CLASSES, build_sae
@@ -20,7 +20,8 @@ from instructsae.sae import SAE_CLASSES, build_sae
 D_MODEL, CHUNK = 8, 64
 RUN_FILES = {"cfg.json", "sae_weights.safetensors", "metrics.jsonl", "summary.json", "training_curves.png"}
 CONFIGS = {"standard": StandardConfig(expansion=2, sparsity_coeff=0.05), "jumprelu": JumpReLUConfig(expansion=2),
-           "topk": TopKConfig(expansion=2, k=4), "batchtopk": BatchTopKConfig(expansion=2, k=4)}
+           "topk": TopKConfig(expansion=2, k=4), "batchtopk": BatchTopKConfig(expansion=2, k=4),
+           "matryoshka_batchtopk": MatryoshkaBatchTopKConfig(expansion=2, k=4, prefixes=(2, 8))}
 
 
 class FakeReader:

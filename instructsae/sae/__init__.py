@@ -4,6 +4,7 @@ from instructsae.schemas.train import SAEConfig
 from instructsae.sae.base import LossOutput, SparseAutoencoder
 from instructsae.sae.batchtopk import BatchTopKSAE
 from instructsae.sae.jumprelu import JumpReLUSAE
+from instructsae.sae.matryoshka_batchtopk import MatryoshkaBatchTopKSAE
 from instructsae.sae.standard import StandardSAE
 from instructsae.sae.topk import TopKSAE
 from instructsae.sae.transcoder import TRANSCODERS
@@ -11,7 +12,7 @@ from instructsae.sae.skip_transcoder import SKIP_TRANSCODERS
 from instructsae.schemas.transcoder import TranscoderConfig
 
 SAE_CLASSES: dict[str, type[SparseAutoencoder]] = {
-    cls.architecture: cls for cls in (StandardSAE, JumpReLUSAE, TopKSAE, BatchTopKSAE)}
+    cls.architecture: cls for cls in (StandardSAE, JumpReLUSAE, TopKSAE, BatchTopKSAE, MatryoshkaBatchTopKSAE)}
 # Transcoders by class name (jumprelu_transcoder, ...): their configs' tag is transcoder or skip_transcoder
 TRANSCODER_CLASSES: dict[str, type[SparseAutoencoder]] = {cls.architecture: cls
                                                           for cls in (*TRANSCODERS, *SKIP_TRANSCODERS)}

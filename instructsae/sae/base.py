@@ -47,6 +47,11 @@ class SparseAutoencoder(nn.Module):
         """What the schema cannot check alone: settings that depend on the model's width (UserError)."""
 
     @classmethod
+    def penalty_coeff(cls, cfg) -> float:
+        """The sparsity penalty's final coefficient (after its warm-up); 0 for architectures without one."""
+        return cfg.sparsity_coeff if cls.has_sparsity_penalty else 0.0
+
+    @classmethod
     def sweep_label(cls, cfg) -> str:
         """Its sparsity setting as a sweep folder's name shows it."""
         return f"c{cfg.sparsity_coeff:g}"

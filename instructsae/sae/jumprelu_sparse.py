@@ -23,7 +23,7 @@ def near_threshold(pre_BF: torch.Tensor, threshold_F: torch.Tensor, bandwidth: f
 
 
 class SparseJumpReLUStep(torch.autograd.Function):
-    """(x, W_enc, b_enc, b_dec, θ, W_dec) -> (reconstruction, batch-mean L0, dense latents for bookkeeping).
+    """(x, W_enc, b_enc, b_dec, θ, W_dec) -> (reconstruction, each token's L0, dense latents for bookkeeping).
 
     The latents returned carry no gradient: the loss must be built from the reconstruction and the L0.
     """
@@ -39,18 +39,17 @@ class SparseJumpReLUStep(torch.autograd.Function):
         near_csr = csr_from_coordinates(near_rows, near_cols, pre_BF.new_ones(len(near_rows)), pre_BF.shape)
 
         recon_BD = torch.addmm(b_dec_D, latents_csr, W_dec_FD)
-        l0 = x_BD.new_tensor(len(rows) / len(x_BD))
+        l0_B = torch.bincount(rows, minlength=len(x_BD)).to(x_BD.dtype)
         latents_BF = pre_BF.zero_().index_put_((rows, cols), values)  # reuse pre's memory
         ctx.save_for_backward(centred_BD, W_enc_DF, threshold_F, W_dec_FD)
-        ctx.latents_csr, ctx.near_csr, ctx.bandwidth = latents_csr, near_csr, bandwidth
+        ctx.latents_csr, ctx.near_csr, ctx.near_rows, ctx.bandwidth = latents_csr, near_csr, near_rows, bandwidth
         ctx.mark_non_differentiable(latents_BF)
-        return recon_BD, l0, latents_BF
+        return recon_BD, l0_B, latents_BF
 
     @staticmethod
-    def backward(ctx, grad_recon_BD, grad_l0, _grad_latents):
+    def backward(ctx, grad_recon_BD, grad_l0_B, _grad_latents):
         centred_BD, W_enc_DF, threshold_F, W_dec_FD = ctx.saved_tensors
         latents_csr, near_csr = ctx.latents_csr, ctx.near_csr
-        batch = len(centred_BD)
 
         grad_W_dec = latents_csr.t() @ grad_recon_BD
         # d latent / d pre = 1 where the latent fires: the pre-activations' gradient has the latents' pattern
@@ -62,10 +61,10 @@ class SparseJumpReLUStep(torch.autograd.Function):
         grad_centred_BD = grad_pre_csr @ W_enc_DF.T
         grad_b_dec = grad_recon_BD.sum(dim=0) - grad_centred_BD.sum(dim=0)
 
-        # θ: −(θ/ε)·K·dL/dlatent − (1/ε)·K·dL/dL0·(1/batch), summed where the kernel K is not zero
+        # θ: −(θ/ε)·K·dL/dlatent − (1/ε)·K·dL/dL0_token, summed where the kernel K is not zero
         near_cols = near_csr.col_indices()
         per_entry = threshold_F[near_cols] * sampled_product(grad_recon_BD, W_dec_FD, near_csr)
-        if grad_l0 is not None:
-            per_entry = per_entry + grad_l0 / batch
+        if grad_l0_B is not None:
+            per_entry = per_entry + grad_l0_B[ctx.near_rows]
         grad_threshold = torch.zeros_like(threshold_F).index_add_(0, near_cols, per_entry) * (-1.0 / ctx.bandwidth)
         return grad_centred_BD, grad_W_enc, grad_b_enc, grad_b_dec, grad_threshold, grad_W_dec, None

@@ -66,11 +66,17 @@ class TopKBase(SparseAutoencoder):
             pre_BF = torch.addmm(self.b_enc, centred_BD, self.W_enc)
         rows, cols = self.select(pre_BF)
         values_N = gather_codes(centred_BD, self.W_enc, self.b_enc, pre_BF, rows, cols)
-        recon_BD = decode_codes(values_N, self.W_dec, rows, cols, len(x_BD)) + self.b_dec
-        mse = self.squared_error(target_BD, recon_BD)
+        reconstruction, mse, recon_BD = self.reconstruction_loss(target_BD, values_N, rows, cols)
         aux = self.auxk_loss(centred_BD, pre_BF, (target_BD - recon_BD).detach(), dead_F)
         latents_BF = scatter_codes(values_N.detach(), rows, cols, pre_BF.shape)
-        return LossOutput(mse + self.aux_coeff * aux, mse, aux.detach(), latents_BF, recon_BD)
+        return LossOutput(reconstruction + self.aux_coeff * aux, mse, aux.detach(), latents_BF, recon_BD)
+
+    def reconstruction_loss(self, x_BD: torch.Tensor, values_N: torch.Tensor, rows: torch.Tensor,
+                            cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the loss's reconstruction term, the squared error, the reconstruction) from the active latents."""
+        recon_BD = decode_codes(values_N, self.W_dec, rows, cols, len(x_BD)) + self.b_dec
+        mse = self.squared_error(x_BD, recon_BD)
+        return mse, mse, recon_BD
 
     def auxk_loss(self, centred_BD: torch.Tensor, pre_BF: torch.Tensor, error_BD: torch.Tensor,
                   dead_F: torch.Tensor | None) -> torch.Tensor:

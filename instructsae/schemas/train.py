@@ -26,6 +26,9 @@ class JumpReLUConfig(FrozenModel):
     sparsity_coeff: float = Field(1e-3, ge=0, description="L0 coefficient (inputs have unit mean squared norm)")
     bandwidth: float = Field(1e-3, gt=0, description="width of the rectangle kernel of the estimator")
     init_threshold: float = Field(1e-3, gt=0, description="initial threshold of every feature")
+    target_l0: float | None = Field(None, gt=0, description="aim L0 at this target: the penalty becomes "
+                                    "sparsity_coeff · (2/T)·(L0 − T)² per token (Gemma Scope 2) instead of "
+                                    "sparsity_coeff · L0 (None: no target)")
 
 
 class TopKConfig(FrozenModel):
@@ -45,7 +48,17 @@ class BatchTopKConfig(TopKConfig):
     k: int = Field(32, gt=0, description="active latents per token on average over a batch (at most d_sae)")
 
 
-SAE_CONFIGS = (StandardConfig, JumpReLUConfig, TopKConfig, BatchTopKConfig, TranscoderConfig, SkipTranscoderConfig)
+class MatryoshkaBatchTopKConfig(BatchTopKConfig):
+    """Matryoshka BatchTopK SAE: BatchTopK whose nested prefixes of the dictionary each learn to reconstruct too."""
+
+    arch: Literal["matryoshka_batchtopk"] = "matryoshka_batchtopk"
+    prefixes: tuple[int, ...] | None = Field(
+        None, description="sizes of the nested prefixes below the whole dictionary, increasing, each under d_sae "
+                          "(None: d_sae/16 and d_sae/4); in a sweep grid, a list of such lists")
+
+
+SAE_CONFIGS = (StandardConfig, JumpReLUConfig, TopKConfig, BatchTopKConfig, MatryoshkaBatchTopKConfig, TranscoderConfig,
+               SkipTranscoderConfig)
 SAEConfig = Annotated[Union[SAE_CONFIGS], Field(discriminator="arch")]
 ARCHITECTURES = tuple(config.model_fields["arch"].default for config in SAE_CONFIGS)
 

@@ -5,9 +5,7 @@ One SAE or a sweep's many: every SAE trains on the same batches from one pass ov
 
 import hashlib
 import json
-import math
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +20,8 @@ from instructsae.metrics import ReconstructionSums
 from instructsae.run_folder import (
     RunPaths, check_existing_run, prepare_building_folder, refuse_enclosing_cwd, refuse_unless_ours,
 )
-from instructsae.schemas.train import TrainConfig
-from instructsae.store.reader import StoreReader, open_complete_store
+from instructsae.schemas.train import OptimConfig, TrainConfig
+from instructsae.store.reader import open_complete_store
 from instructsae.train import checkpoint, memory
 from instructsae.train.dead import DeadFeatureTracker
 from instructsae.sae.export import load_sae, save_sae
@@ -32,13 +30,17 @@ from instructsae.train.metrics_log import MetricsLog
 from instructsae.train.parallel import DataParallel, check_splittable
 from instructsae.sae import build_sae, config_class
 from instructsae.sae.folder import slot_provenance
-from instructsae.schemas.sites import DEFAULT_SITE, stats_key
 from instructsae.train.schedule import describe_schedule, fitted_batch_size, fitted_optim, left_to_fit, schedule_line
+from instructsae.train.store_view import (  # noqa: F401 (re-exported)
+    Slot, StoreView, choose_layer, choose_slots, open_view, split_chunks,
+)
 from instructsae.train.stream import ShuffledStream, prefetch_depth
 from instructsae.train.trainer import Trainee, train
 
 # Settings that cannot change what a run learns: two configs differing only here are the same SAE.
 RUNTIME_FIELDS = {"store", "out", "device", "log_every", "checkpoint_every", "wandb", "wandb_project"}
+# SAE settings added after SAEs were trained without them, and the value that means "as before".
+ADDED_SAE_FIELDS = {"target_l0": None}
 # Settings of the stream: SAEs trained together must agree on them.
 STREAM_FIELDS = ("store", "tokens", "batch_size", "buffer_tokens", "holdout_fraction", "seed", "device",
                  "checkpoint_every", "geometric_median_tokens")
@@ -52,6 +54,9 @@ def key_settings(cfg: TrainConfig) -> dict:
             del settings[name]
     if settings["sae_seed"] in (None, cfg.seed):  # the same weights as no sae_seed: the same SAE (and old keys hold)
         del settings["sae_seed"]
+    for name, unset in ADDED_SAE_FIELDS.items():  # settings added later: at their default, old keys hold
+        if settings["sae"].get(name, unset) == unset:
+            settings["sae"].pop(name, None)
     fitted = left_to_fit(cfg)
     if fitted:  # absent when every schedule setting is given, so such configs keep the keys they had
         settings["fitted_to_run"] = fitted
@@ -64,86 +69,9 @@ def config_key(cfg: TrainConfig, store_fingerprint: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def choose_layer(cfg: TrainConfig, reader: StoreReader) -> int:
-    layers = list(reader.layers)
-    layer = layers[0] if cfg.layer is None else cfg.layer
-    if layer not in layers:
-        raise UserError(f"layer {layer} is not in store {cfg.store} (it has layers {layers})")
-    return layer
-
-
-Slot = tuple[int, str]  # (layer, site): one array of activations of the store
-
-
-def choose_slots(cfg: TrainConfig, reader: StoreReader) -> tuple[Slot, Slot]:
-    """The (layer, site) the dictionary reads and the one it reconstructs: an SAE its own input (resid_post
-    unless told), a transcoder mlp_in to mlp_out unless told."""
-    layer = choose_layer(cfg, reader)
-    transcoder = config_class(cfg.sae).transcoder
-    site = cfg.site or ("mlp_in" if transcoder else DEFAULT_SITE)
-    target = cfg.target_site or ("mlp_out" if transcoder else site)
-    if not transcoder and target != site:
-        raise UserError(f"{cfg.sae.arch} reconstructs its own input: target_site {target} differs from site {site} "
-                        "(a transcoder, --sae transcoder, reconstructs another site)")
-    for wanted in dict.fromkeys((site, target)):
-        if (layer, wanted) not in reader.acts_keys:
-            needed = ",".join(dict.fromkeys((site, target)))
-            raise UserError(f"site {wanted} at layer {layer} is not in store {cfg.store} (it has "
-                            f"{', '.join(reader.sites)}): extract with --sites {needed}")
-    return (layer, site), (layer, target)
-
-
-def split_chunks(n_chunks: int, holdout_fraction: float) -> tuple[list[int], list[int]]:
-    """The last chunks are held out (whole dialogues, mostly unseen in training); none if only one chunk.
-
-    At least one chunk always stays for training, whatever the fraction."""
-    n_holdout = 0 if n_chunks <= 1 else max(1, math.ceil(holdout_fraction * n_chunks)) if holdout_fraction else 0
-    n_holdout = min(n_holdout, max(n_chunks - 1, 0))
-    return list(range(n_chunks - n_holdout)), list(range(n_chunks - n_holdout, n_chunks))
-
-
-def store_scale(reader, slot: Slot, store: str) -> float:
-    """1/sqrt(E||x||^2): training inputs get unit mean squared norm, so coefficients carry across models."""
-    layer, site = slot
-    stats = reader.manifest.layer_stats.get(stats_key(layer, site))
-    if stats is None or stats.mean_sq_norm <= 0:
-        where = f"layer {layer}" if site == DEFAULT_SITE else f"layer {layer} {site}"
-        raise UserError(f"store {store} has no normalisation statistics for {where}: re-extract it")
-    return 1.0 / math.sqrt(stats.mean_sq_norm)
-
-
 def sparsity_coeff(cfg: TrainConfig) -> float:
     """The penalty's final coefficient; architectures whose sparsity is a k have none."""
-    return cfg.sae.sparsity_coeff if config_class(cfg.sae).has_sparsity_penalty else 0.0
-
-
-@dataclass
-class StoreView:
-    """The store as training sees it: chosen (layer, site) slots, each scaled to unit mean squared norm, split
-    into chunks."""
-
-    reader: StoreReader
-    slots: list[Slot]
-    scales: dict[Slot, float]
-    train_chunks: list[int]
-    holdout_chunks: list[int]
-
-    def read_chunk(self, index: int) -> torch.Tensor:
-        """[rows, d_model] with one slot, [rows, slots, d_model] with several, in the store's dtype, unscaled."""
-        parts = [self.reader.read_acts_chunk_as_stored(layer, index, site) for layer, site in self.slots]
-        return parts[0] if len(parts) == 1 else torch.stack(parts, dim=1)
-
-    def on_device(self, batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
-        """Each batch copied to the device as stored (bf16: half the bytes), then made float32 and scaled there.
-
-        The same float32 values, bit for bit, as converting and scaling on the CPU before the copy."""
-        scale = self.scales[self.slots[0]] if len(self.slots) == 1 else \
-            torch.tensor([self.scales[slot] for slot in self.slots], device=device)[:, None]
-        for batch in batches:
-            yield batch.to(device, non_blocking=True).float() * scale
-
-    def train_tokens(self) -> int:
-        return sum(stop - start for start, stop in map(self.reader.chunk_bounds, self.train_chunks))
+    return config_class(cfg.sae).penalty_coeff(cfg.sae)
 
 
 def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool = False,
@@ -154,80 +82,34 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     (`parallel`): every rank steps on its slice of each batch; rank 0 alone builds RUN.partial (metrics,
     checkpoints, the SAE, its summary), moves it into place and returns the summaries, the other ranks none."""
     writes = parallel is None or parallel.rank == 0
-    first = configs[0]
-    for cfg in configs[1:]:
-        differing = [name for name in STREAM_FIELDS if getattr(cfg, name) != getattr(first, name)]
-        if differing:
-            raise UserError(f"SAEs trained together must share {', '.join(differing)} ({cfg.out} differs)")
-    device = torch.device(resolve_device(first.device))
-    configs = [cfg.model_copy(update={"device": str(device)}) for cfg in configs]
-    first = configs[0]
-    reader = open_complete_store(first.store)
-    if reader.n_tokens == 0:
-        raise UserError(f"store {first.store} holds no tokens")
-    member_slots = [choose_slots(cfg, reader) for cfg in configs]  # (input, target) of each
-    slots = sorted({slot for pair in member_slots for slot in pair})
-    scales = {slot: store_scale(reader, slot, first.store) for slot in slots}
-    view = StoreView(reader, slots, scales, *split_chunks(reader.n_chunks, first.holdout_fraction))
-    keys = [config_key(cfg, reader.manifest.fingerprint) for cfg in configs]
-    memory.check_fits(configs, reader.d_model, len(slots))
-    saes = []
-    for cfg in configs:
-        # each SAE starts as it would alone, whatever else trains beside it; its own seed, not the stream's
-        torch.manual_seed(cfg.seed if cfg.sae_seed is None else cfg.sae_seed)
-        saes.append(build_sae(cfg.sae, reader.d_model))
-
+    configs = _on_one_device(configs)
+    view, member_slots = open_view(configs)  # (input, target) (layer, site) of each
+    memory.check_fits(configs, view.reader.d_model, len(view.slots))
+    plan = _plan(configs, view)
+    saes = _build_saes(configs, view.reader.d_model)
     runs = [RunPaths(cfg.out) for cfg in configs]
-    saved = checkpoint.load(checkpoint_path, reader.manifest.fingerprint, keys) if resume else None
-    if saved is None:
-        checkpoint.refuse_to_overwrite(checkpoint_path)
-        for run in runs if writes else ():
-            refuse_unless_ours(run.root)
-            prepare_building_folder(run.building)
-
-    tokens = first.tokens or view.train_tokens()
-    batch_size = fitted_batch_size(configs, tokens)  # the defaults fitted to a short run (train/schedule.py)
-    n_steps = max(1, tokens // batch_size)
-    optims = [fitted_optim(cfg.optim, n_steps) for cfg in configs]
-    schedules = [describe_schedule(cfg.optim, optim, n_steps, config_class(cfg.sae).has_sparsity_penalty, batch_size,
-                                   first.batch_size) for cfg, optim in zip(configs, optims)]
+    saved = _resume_or_prepare(checkpoint_path, resume, plan.keys, view, runs if writes else [])
     if writes:  # data-parallel: rank 0 speaks for the run
-        _print_schedules(configs, schedules)
-    # On a CPU the reader and the SAE share the same cores, and a reader thread cost more than it hid
-    # (bench/train_stream.py); with an accelerator the thread reads while the device computes.
-    depth = 0 if first.device == "cpu" else prefetch_depth(first.buffer_tokens, reader.chunk_tokens)
-    stream = ShuffledStream(view.read_chunk, view.train_chunks, reader.chunk_tokens, batch_size,
-                            first.buffer_tokens, first.seed, tokens, depth,
-                            pin_memory=device.type == "cuda")
-    if saved is None and first.geometric_median_tokens:
-        _initialise_decoder_bias(saes, [target for _, target in member_slots], view, first)
-
-    first_step, tokens_done = (saved["step"], saved["tokens"]) if saved is not None else (0, 0)
+        _print_schedules(configs, plan.schedules)
+    stream = _open_stream(configs[0], view, plan)
+    if saved is None and configs[0].geometric_median_tokens:
+        _initialise_decoder_bias(saes, [target for _, target in member_slots], view, configs[0])
     logs = [MetricsLog(run.building.metrics, cfg, run.root.name,
-                       keep_before_step=first_step if saved is not None else None) if writes else _NoLog()
+                       keep_before_step=saved["step"] if saved is not None else None) if writes else _NoLog()
             for cfg, run in zip(configs, runs)]
-    trainees = [Trainee(sae.to(cfg.device), optim, sparsity_coeff(cfg),
+    trainees = [Trainee(sae.to(plan.device), optim, sparsity_coeff(cfg),
                         DeadFeatureTracker(sae.d_sae, cfg.dead_threshold, cfg.dead_window), log.write,
-                        slots.index(source), parallel, slots.index(target))
-                for sae, cfg, optim, log, (source, target) in zip(saes, configs, optims, logs, member_slots)]
+                        view.slots.index(source), parallel, view.slots.index(target))
+                for sae, cfg, optim, log, (source, target) in zip(saes, configs, plan.optims, logs, member_slots)]
     if saved is not None:
-        for trainee, state in zip(trainees, saved["trainees"]):
-            trainee.load_state_dict(state)
-        stream.load_state_dict(saved["stream"])
-        torch.set_rng_state(saved["torch_rng"])
+        _restore(saved, trainees, stream)
 
-    every_steps = max(1, first.checkpoint_every // batch_size)
-
-    def after_step(step: int, tokens_so_far: int) -> None:
-        if writes and (step + 1) % every_steps == 0 and step + 1 < n_steps:
-            checkpoint.save(checkpoint_path, {
-                "store_fingerprint": reader.manifest.fingerprint, "member_keys": keys, "step": step + 1,
-                "tokens": tokens_so_far, "stream": stream.state_dict(),
-                "trainees": [trainee.state_dict() for trainee in trainees], "torch_rng": torch.get_rng_state()})
-
+    checkpointer = _Checkpointer(checkpoint_path if writes else None, configs[0].checkpoint_every, plan, view,
+                                 stream, trainees)
+    first_step, tokens_done = (saved["step"], saved["tokens"]) if saved is not None else (0, 0)
     try:
-        stats = train(trainees, view.on_device(stream, device), n_steps, first.log_every, first.device, first_step,
-                      tokens_done, after_step)
+        stats = train(trainees, view.on_device(stream, plan.device), plan.n_steps, configs[0].log_every,
+                      configs[0].device, first_step, tokens_done, checkpointer.after_step)
     finally:
         stream.close()
         for log in logs:
@@ -235,17 +117,116 @@ def train_saes(configs: list[TrainConfig], checkpoint_path: Path, resume: bool =
     stats["stream_seconds"] = stream.seconds
     if not writes:
         return []
-
-    exported = [_export(cfg, run, key, trainee.sae, pair, view) for cfg, run, key, trainee, pair
-                in zip(configs, runs, keys, trainees, member_slots)]
-    metrics = _heldout_metrics(exported, member_slots, view)
-    summaries = [_summary(run, key, trainee, pair, view, {**stats, "schedule": schedule}, result)
-                 for run, key, trainee, pair, result, schedule
-                 in zip(runs, keys, trainees, member_slots, metrics, schedules)]
+    summaries = _export_and_summarise(configs, runs, plan, trainees, member_slots, view, stats)
     checkpoint_path.unlink(missing_ok=True)  # every SAE is finished: nothing to resume
     for run in runs:
         move_folder_into_place(run.building.root, run.root)
     return summaries
+
+
+@dataclass
+class _Plan:
+    """What a one-pass run settles before it starts: on which device, what each SAE is (its key), how long the
+    run is, and the schedule each SAE follows (the defaults fitted to the run's length, train/schedule.py)."""
+
+    device: torch.device
+    keys: list[str]
+    tokens: int
+    batch_size: int
+    n_steps: int
+    optims: list[OptimConfig]
+    schedules: list[dict]
+
+
+def _on_one_device(configs: list[TrainConfig]) -> list[TrainConfig]:
+    """The configs with their device resolved, refused unless they share the stream's settings."""
+    first = configs[0]
+    for cfg in configs[1:]:
+        differing = [name for name in STREAM_FIELDS if getattr(cfg, name) != getattr(first, name)]
+        if differing:
+            raise UserError(f"SAEs trained together must share {', '.join(differing)} ({cfg.out} differs)")
+    device = resolve_device(first.device)
+    return [cfg.model_copy(update={"device": device}) for cfg in configs]
+
+
+def _plan(configs: list[TrainConfig], view: StoreView) -> _Plan:
+    first = configs[0]
+    tokens = first.tokens or view.train_tokens()
+    batch_size = fitted_batch_size(configs, tokens)
+    n_steps = max(1, tokens // batch_size)
+    optims = [fitted_optim(cfg.optim, n_steps) for cfg in configs]
+    schedules = [describe_schedule(cfg.optim, optim, n_steps, config_class(cfg.sae).has_sparsity_penalty,
+                                   batch_size, first.batch_size) for cfg, optim in zip(configs, optims)]
+    keys = [config_key(cfg, view.reader.manifest.fingerprint) for cfg in configs]
+    return _Plan(torch.device(first.device), keys, tokens, batch_size, n_steps, optims, schedules)
+
+
+def _build_saes(configs: list[TrainConfig], d_model: int) -> list:
+    saes = []
+    for cfg in configs:
+        # each SAE starts as it would alone, whatever else trains beside it; its own seed, not the stream's
+        torch.manual_seed(cfg.seed if cfg.sae_seed is None else cfg.sae_seed)
+        saes.append(build_sae(cfg.sae, d_model))
+    return saes
+
+
+def _resume_or_prepare(checkpoint_path: Path, resume: bool, keys: list[str], view: StoreView,
+                       runs: list[RunPaths]) -> dict | None:
+    """The checkpoint to continue from; or, starting afresh, empty RUN.partial folders (none given: not ours to
+    write) and no checkpoint that starting would throw away."""
+    if resume:
+        return checkpoint.load(checkpoint_path, view.reader.manifest.fingerprint, keys)
+    checkpoint.refuse_to_overwrite(checkpoint_path)
+    for run in runs:
+        refuse_unless_ours(run.root)
+        prepare_building_folder(run.building)
+    return None
+
+
+def _open_stream(first: TrainConfig, view: StoreView, plan: _Plan) -> ShuffledStream:
+    # On a CPU the reader and the SAE share the same cores, and a reader thread cost more than it hid
+    # (bench/train_stream.py); with an accelerator the thread reads while the device computes.
+    reader = view.reader
+    depth = 0 if first.device == "cpu" else prefetch_depth(first.buffer_tokens, reader.chunk_tokens)
+    return ShuffledStream(view.read_chunk, view.train_chunks, reader.chunk_tokens, plan.batch_size,
+                          first.buffer_tokens, first.seed, plan.tokens, depth, pin_memory=plan.device.type == "cuda")
+
+
+def _restore(saved: dict, trainees: list[Trainee], stream: ShuffledStream) -> None:
+    for trainee, state in zip(trainees, saved["trainees"]):
+        trainee.load_state_dict(state)
+    stream.load_state_dict(saved["stream"])
+    torch.set_rng_state(saved["torch_rng"])
+
+
+class _Checkpointer:
+    """Every `every_tokens` (not after the last step): everything a resumed run needs, at `path` (None: this
+    data-parallel rank writes none)."""
+
+    def __init__(self, path: Path | None, every_tokens: int, plan: _Plan, view: StoreView, stream: ShuffledStream,
+                 trainees: list[Trainee]):
+        self.path, self.plan, self.view, self.stream, self.trainees = path, plan, view, stream, trainees
+        self.every_steps = max(1, every_tokens // plan.batch_size)
+
+    def after_step(self, step: int, tokens_so_far: int) -> None:
+        if self.path is None or (step + 1) % self.every_steps or step + 1 >= self.plan.n_steps:
+            return
+        checkpoint.save(self.path, {
+            "store_fingerprint": self.view.reader.manifest.fingerprint, "member_keys": self.plan.keys,
+            "step": step + 1, "tokens": tokens_so_far, "stream": self.stream.state_dict(),
+            "trainees": [trainee.state_dict() for trainee in self.trainees], "torch_rng": torch.get_rng_state()})
+
+
+def _export_and_summarise(configs, runs, plan: _Plan, trainees, member_slots, view: StoreView,
+                          stats: dict) -> list[dict]:
+    """Each SAE saved in its RUN.partial, measured on the held-out chunks, and its summary written."""
+    exported = [_export(cfg, settings_that_ran(cfg, plan, optim, schedule), run, key, trainee.sae, pair, view)
+                for cfg, optim, schedule, run, key, trainee, pair
+                in zip(configs, plan.optims, plan.schedules, runs, plan.keys, trainees, member_slots)]
+    metrics = _heldout_metrics(exported, member_slots, view)
+    return [_summary(run, key, trainee, pair, view, {**stats, "schedule": schedule}, result)
+            for run, key, trainee, pair, result, schedule
+            in zip(runs, plan.keys, trainees, member_slots, metrics, plan.schedules)]
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict | None:
@@ -332,14 +313,28 @@ def _initial_sample(view: StoreView, slot: Slot, cfg: TrainConfig) -> torch.Tens
     return sample_ND[pick[: cfg.geometric_median_tokens]]
 
 
-def _export(cfg: TrainConfig, run: RunPaths, key: str, sae, pair: tuple[Slot, Slot], view: StoreView):
+def settings_that_ran(cfg: TrainConfig, plan: _Plan, optim: OptimConfig, schedule: dict) -> dict:
+    """cfg.json's record of training: `train_config`, the settings the run followed (the batch, lr and warm-ups
+    fitted to its length, its tokens, the penalty coefficient in force); `given_config`, the config as given;
+    `fitted`, each setting the run chose itself, with the default it replaced."""
+    ran = cfg.model_copy(update={"batch_size": plan.batch_size, "optim": optim, "tokens": plan.tokens})
+    train_config = ran.model_dump(mode="json")
+    fitted = dict(schedule["fitted"])
+    coeff = sparsity_coeff(cfg)
+    if config_class(cfg.sae).has_sparsity_penalty and coeff != cfg.sae.sparsity_coeff:
+        train_config["sae"]["sparsity_coeff"] = coeff
+        fitted["sparsity_coeff"] = {"default": cfg.sae.sparsity_coeff, "used": coeff}
+    return {"train_config": train_config, "given_config": cfg.model_dump(mode="json"), "fitted": fitted}
+
+
+def _export(cfg: TrainConfig, ran: dict, run: RunPaths, key: str, sae, pair: tuple[Slot, Slot], view: StoreView):
     """Save the SAE (raw activation space) and its curves; the exported SAE, as a user will load it."""
     root, reader = run.building.root, view.reader
     (layer, site), target = pair
     own = {"layer": layer, **slot_provenance(site, target[1]), "store": cfg.store,
            "store_fingerprint": reader.manifest.fingerprint,
            "model": reader.manifest.identity.model, "input_scale": view.scales[pair[0]],
-           "train_config": cfg.model_dump(mode="json"), "config_key": key, "instructsae_version": __version__}
+           **ran, "config_key": key, "instructsae_version": __version__}
     save_sae(root, sae.cpu(), view.scales[pair[0]], own, reader.manifest.identity, view.scales[target])
     plot_training_curves(MetricsLog.read(run.building.metrics), run.building.curves, title=run.root.name)
     return load_sae(root)[0]
@@ -370,6 +365,7 @@ def _summary(run: RunPaths, key: str, trainee: Trainee, pair: tuple[Slot, Slot],
         "dead_fraction_train": trainee.dead.dead_fraction(), "heldout_tokens": metrics["n_tokens"], **stats,
         "sae_seconds": trainee.seconds, "config_key": key,
         "evaluated_on": "held-out chunks" if view.holdout_chunks else "training chunks (no chunk was held out)",
+        "held_out": bool(view.holdout_chunks),
     }
     write_text_atomically(run.building.summary, json.dumps(summary, indent=2))
     return summary

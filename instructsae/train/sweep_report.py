@@ -10,13 +10,19 @@ import json
 import statistics
 from pathlib import Path
 
+from pydantic import TypeAdapter
+
 from instructsae.charts import plot_frontier
 from instructsae.fileio import write_text_atomically
 from instructsae.run_folder import SUMMARY_FILE, RunPaths, is_building_folder
+from instructsae.sae import config_class
 from instructsae.sae.folder import provenance
+from instructsae.schemas.train import SAEConfig
+
+SAE_SETTINGS = TypeAdapter(SAEConfig)
 
 COLUMNS = ("name", "setting", "seed", "arch", "layer", "expansion", "d_sae", "sparsity", "lr", "nmse",
-           "explained_variance", "l0", "dead_fraction", "tokens")
+           "explained_variance", "l0", "dead_fraction", "tokens", "held_out")
 AGGREGATED = ("nmse", "explained_variance", "l0", "dead_fraction")
 SEED_COLUMNS = ("setting", "arch", "layer", "expansion", "d_sae", "sparsity", "lr", "n_seeds", "seeds",
                 *(f"{name}_{part}" for name in AGGREGATED for part in ("mean", "std")))
@@ -36,18 +42,34 @@ def collect_rows(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
             continue  # not a finished SAE of ours (a folder the user put there, or one a kill cut short)
         if provenance(cfg).get("store_fingerprint") != store_fingerprint:
             continue
-        train = provenance(cfg)["train_config"]
+        train = provenance(cfg)["train_config"]  # the settings the run followed (fitted ones included)
         sae = train["sae"]
         rows.append({
             "name": folder.name, "setting": setting_name(train), "seed": _sae_seed(train),
             "arch": summary.get("architecture", sae["arch"]),  # a transcoder's class: jumprelu_transcoder, ...
             "layer": summary["layer"], "expansion": sae["expansion"],
             "d_sae": summary["d_sae"],
-            "sparsity": f"k={sae['k']}" if sae.get("k") is not None else f"coeff={sae['sparsity_coeff']:g}",
+            "sparsity": sparsity_label(sae),
             "lr": train["optim"]["lr"], "nmse": summary["nmse"], "explained_variance": summary["explained_variance"],
             "l0": summary["l0"], "dead_fraction": summary["dead_fraction_heldout"], "tokens": summary["tokens_seen"],
+            # summaries older than the flag said it only in words
+            "held_out": summary.get("held_out", summary.get("evaluated_on", "held-out").startswith("held-out")),
         })
     return rows
+
+
+def sparsity_label(sae: dict) -> str:
+    """The sparsity setting as the architecture's class names it (k32, c0.001, c0.01-t32, ...)."""
+    cfg = SAE_SETTINGS.validate_python(sae)
+    return config_class(cfg).sweep_label(cfg)
+
+
+def measured_on(rows: list[dict]) -> str:
+    """Where the figures come from: 'held out' only when every SAE had held-out chunks to be measured on."""
+    held = {row["held_out"] for row in rows}
+    if held == {False}:
+        return "training chunks: nothing was held out"
+    return "held out" if held <= {True} else "held out where the store allowed, else training chunks"
 
 
 def _sae_seed(train: dict) -> int:
@@ -57,10 +79,9 @@ def _sae_seed(train: dict) -> int:
 def setting_name(train: dict) -> str:
     """What SAEs of one setting share whatever their seed: architecture, width, sparsity, lr, layer."""
     sae = train["sae"]
-    sparsity = f"k{sae['k']}" if sae.get("k") is not None else f"c{sae['sparsity_coeff']:g}"
+    sparsity = sparsity_label(sae)  # a transcoder's names its activation too (topk-k32)
     layer = "" if train.get("layer") is None else f"-l{train['layer']}"
-    activation = f"-{sae['activation']}" if "activation" in sae else ""  # a transcoder's
-    return f"{sae['arch']}{activation}-x{sae['expansion']}-{sparsity}-lr{train['optim']['lr']:g}{layer}"
+    return f"{sae['arch']}-x{sae['expansion']}-{sparsity}-lr{train['optim']['lr']:g}{layer}"
 
 
 def over_seeds(rows: list[dict]) -> list[dict]:
@@ -116,7 +137,8 @@ def write_sweep_report(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
     write_text_atomically(sweep_dir / "results.csv", _csv(rows, COLUMNS))
     write_text_atomically(sweep_dir / "results-over-seeds.csv", _csv(aggregated, SEED_COLUMNS))
     table = markdown_table(rows)
-    heading = f"Sweep {sweep_dir.name}: held-out chunks of the store"
+    where = measured_on(rows)
+    heading = f"Sweep {sweep_dir.name}: " + ("held-out chunks of the store" if where == "held out" else where)
     seeds = (f"\n\nOver seeds (mean ± sample standard deviation):\n\n{seeds_table(aggregated)}"
              if any(r["n_seeds"] > 1 for r in aggregated) else "")
     write_text_atomically(sweep_dir / "results.md", f"{heading}\n\n{table}{seeds}\n")
@@ -124,7 +146,8 @@ def write_sweep_report(sweep_dir: Path, store_fingerprint: str) -> list[dict]:
         layers = sorted({r["layer"] for r in rows})
         for r in rows:
             r["group"] = r["arch"] if len(layers) == 1 else f"{r['arch']} L{r['layer']}"
-        plot_frontier(rows, "group", sweep_dir / "frontier.png", f"Sparsity–fidelity frontier ({sweep_dir.name})")
+        plot_frontier(rows, "group", sweep_dir / "frontier.png", f"Sparsity–fidelity frontier ({sweep_dir.name})",
+                      measured_on=where)
         for r in rows:
             del r["group"]
     print(table + seeds)

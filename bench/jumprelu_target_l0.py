@@ -1,0 +1,108 @@
+"""JumpReLU towards a target L0 against today's JumpReLU and TopK at matched L0, side by side in one run, with a
+Matryoshka BatchTopK riding on the same pass; or (--optimiser-check) TopK and BatchTopK under Adam β1 = 0 and 0.9,
+with and without clipping, in one run.
+
+    .venv/bin/python bench/jumprelu_target_l0.py --store runs/demo/stores/fast-train \
+        --heldout runs/demo/stores/fast-heldout --out /tmp/bench-target-l0 [--tokens 300000] [--expansion 8]
+    .venv/bin/python bench/jumprelu_target_l0.py ... --out /tmp/bench-optimiser --optimiser-check
+
+Every SAE trains in one pass over the store (the same batches, `instructsae sweep`'s code path) with the
+schedule `instructsae train --tokens 300000` fits when nothing else is given (batch 1024, lr 1e-3, short
+warm-ups, Adam β1 = 0, gradient norm clipped at 1), and is then measured on the held-out store. Today's
+JumpReLU (an L0 penalty, one coefficient per point) and TopK (one k per point) each give a frontier of held-out
+NMSE against L0; at the L0 each target-L0 SAE ended at, both frontiers are read off, linear in log L0 between
+their points (instructsae.evaluate.matched), and the table says by how much the target-L0 SAE beats each.
+
+The same pass also trains a Matryoshka BatchTopK at k = 30, and the table gives every SAE's training seconds per
+step (the SAEs step one after another on each batch, so they share the machine's conditions); with --lm-tokens,
+the LM view (CE loss recovered) of the SAEs near L0 30.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from instructsae.api import evaluate_sae
+from instructsae.evaluate.matched import OutsideFrontier, interpolate
+from instructsae.schemas.train import TrainConfig
+from instructsae.train.run import train_saes
+
+
+def configs(args, root: Path) -> dict[str, list[TrainConfig]]:
+    """The groups of SAEs, each over its settings; only what differs from the fitted defaults is set."""
+    def config(name: str, sae: dict, optim: dict | None = None) -> TrainConfig:
+        return TrainConfig(store=args.store, out=str(root / name), tokens=args.tokens, buffer_tokens=65_536,
+                           sae={"expansion": args.expansion, **sae}, optim=optim or {})
+
+    if args.optimiser_check:
+        return {"optimiser": [config(f"{arch}32{name}", {"arch": arch, "k": 32}, optim)
+                              for arch in ("topk", "batchtopk")
+                              for name, optim in (("", {}), ("-beta0.9", {"beta1": 0.9}),
+                                                  ("-noclip", {"grad_clip": None}))]}
+    return {
+        "target": [config(f"jumprelu-target{t:g}", {"arch": "jumprelu", "target_l0": t}) for t in args.targets],
+        "jumprelu": [config(f"jumprelu-c{c:g}", {"arch": "jumprelu", "sparsity_coeff": c}) for c in args.coeffs],
+        "topk": [config(f"topk{k}", {"arch": "topk", "k": k}) for k in args.ks],
+        "matryoshka": [config("matryoshka30", {"arch": "matryoshka_batchtopk", "k": 30})],
+    }
+
+
+def matched_table(args, results: dict) -> None:
+    frontiers = {name: (np.array([r["l0"] for r in results[name]]), np.array([r["nmse"] for r in results[name]]))
+                 for name in ("jumprelu", "topk")}
+    print("\n| target L0 | L0 reached | NMSE | today's JumpReLU at that L0 | target-L0 better by | TopK at that L0 | "
+          "target-L0 better by |\n|---|---|---|---|---|---|---|")
+    for target, result in zip(args.targets, results["target"]):
+        cells = [f"{target:g}", f"{result['l0']:.1f}", f"{result['nmse']:.4f}"]
+        for name, (l0_P, nmse_P) in frontiers.items():
+            try:
+                at = float(interpolate(l0_P, nmse_P, np.array([result["l0"]]), name)[0])
+                cells += [f"{at:.4f}", f"{1 - result['nmse'] / at:+.1%}"]
+            except OutsideFrontier as error:
+                cells += [f"outside ({error})", "-"]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--heldout", required=True)
+    parser.add_argument("--out", required=True, help="a new folder for the SAEs (kept, to evaluate further)")
+    parser.add_argument("--tokens", type=int, default=300_000)
+    parser.add_argument("--expansion", type=int, default=8)
+    parser.add_argument("--targets", type=float, nargs="+", default=[20, 30, 42])
+    parser.add_argument("--coeffs", type=float, nargs="+", default=[0.004, 0.0015, 0.0006])
+    parser.add_argument("--ks", type=int, nargs="+", default=[16, 30, 60])
+    parser.add_argument("--optimiser-check", action="store_true", help="train the optimiser check instead")
+    parser.add_argument("--lm-tokens", type=int, default=0, help="held-out tokens for the LM view (0: skip it)")
+    args = parser.parse_args()
+
+    root = Path(args.out)
+    groups = configs(args, root)
+    every = [cfg for group in groups.values() for cfg in group]
+    summaries = dict(zip((cfg.out for cfg in every), train_saes(every, root / "checkpoint.pt")))
+    results = {name: evaluate_sae([cfg.out for cfg in group], args.heldout) for name, group in groups.items()}
+
+    print(f"\n{args.tokens:,} training tokens, d_sae {args.expansion} × d_model, held out: {args.heldout}\n")
+    print("| SAE | L0 | NMSE | explained variance | dead | train s/step |\n|---|---|---|---|---|---|")
+    for name, group in groups.items():
+        for cfg, result in zip(group, results[name]):
+            summary = summaries[cfg.out]
+            print(f"| {Path(cfg.out).name} | {result['l0']:.1f} | {result['nmse']:.4f} | "
+                  f"{result['explained_variance']:.4f} | {result['dead_fraction']:.3f} | "
+                  f"{summary['sae_seconds'] / summary['n_steps']:.3f} |")
+    if args.optimiser_check:
+        return
+    matched_table(args, results)
+    if args.lm_tokens:
+        chosen = [root / name for name in ("jumprelu-c0.0015", "jumprelu-target30", "topk30", "matryoshka30")]
+        print("\n| SAE | L0 | NMSE | CE recovered |\n|---|---|---|---|")
+        for folder, result in zip(chosen, evaluate_sae([str(f) for f in chosen], args.heldout,
+                                                       lm_tokens=args.lm_tokens)):
+            print(f"| {folder.name} | {result['l0']:.1f} | {result['nmse']:.4f} | "
+                  f"{result['lm']['ce_loss_recovered']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
