@@ -28,14 +28,15 @@ class TranscoderMixin(SparseAutoencoder):
     @classmethod
     def check_config(cls, cfg, d_in: int) -> None:
         k = cfg.constructor_settings().get("k")
-        if k is not None and k > cfg.expansion * d_in:
+        if k is None:
+            return super().check_config(cfg, d_in)  # the SAE's own checks (JumpReLU's target_l0)
+        if k > cfg.expansion * d_in:
             raise UserError(f"k {k} exceeds d_sae {cfg.expansion * d_in} (expansion {cfg.expansion} × d_in {d_in})")
 
     @classmethod
     def sweep_label(cls, cfg) -> str:
-        setting = f"k{cfg.constructor_settings()['k']}" if "k" in cfg.constructor_settings() \
-            else f"c{cfg.sparsity_coeff:g}"
-        return f"{cfg.activation}-{setting}"
+        k = cfg.constructor_settings().get("k")
+        return f"{cfg.activation}-" + (super().sweep_label(cfg) if k is None else f"k{k}")
 
     @classmethod
     def decoder_rows_per_token(cls, cfg, d_sae: int) -> int:

@@ -29,6 +29,8 @@ class TranscoderConfig(FrozenModel):
         description="relu: L1 coefficient (default 0.2); jumprelu: L0 coefficient (default 1e-3); unused by topk")
     bandwidth: float = Field(1e-3, gt=0, description="jumprelu: width of the rectangle kernel of the estimator")
     init_threshold: float = Field(1e-3, gt=0, description="jumprelu: initial threshold of every feature")
+    target_l0: float | None = Field(None, gt=0, description="jumprelu: L0 to pull each token towards (the quadratic "
+                                    "penalty, as the JumpReLU SAE's --target-l0)")
     aux_k: int | None = Field(None, gt=0, description="topk/batchtopk: latents of AuxK (None: d_model // 2)")
     aux_coeff: float = Field(1 / 32, ge=0, description="topk/batchtopk: coefficient of the AuxK loss")
 
@@ -36,6 +38,8 @@ class TranscoderConfig(FrozenModel):
     def _k_only_where_it_counts(self):
         if self.k is not None and self.activation in ("relu", "jumprelu"):
             raise ValueError(f"k is set but activation {self.activation} has no k (topk or batchtopk do)")
+        if self.target_l0 is not None and self.activation != "jumprelu":
+            raise ValueError(f"target_l0 is set but activation {self.activation} has none (jumprelu does)")
         return self
 
     @property
@@ -49,7 +53,7 @@ class TranscoderConfig(FrozenModel):
         if self.activation in ("topk", "batchtopk"):
             return {"k": self.k or DEFAULT_K, "aux_k": self.aux_k, "aux_coeff": self.aux_coeff}
         if self.activation == "jumprelu":
-            return {"bandwidth": self.bandwidth, "init_threshold": self.init_threshold}
+            return {"bandwidth": self.bandwidth, "init_threshold": self.init_threshold, "target_l0": self.target_l0}
         return {}
 
 
