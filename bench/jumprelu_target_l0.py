@@ -19,12 +19,14 @@ the LM view (CE loss recovered) of the SAEs near L0 30.
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 
 from instructsae.api import evaluate_sae
 from instructsae.evaluate.matched import OutsideFrontier, interpolate
+from instructsae.run_folder import RunPaths
 from instructsae.schemas.train import TrainConfig
 from instructsae.train.run import train_saes
 
@@ -76,12 +78,17 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[16, 30, 60])
     parser.add_argument("--optimiser-check", action="store_true", help="train the optimiser check instead")
     parser.add_argument("--lm-tokens", type=int, default=0, help="held-out tokens for the LM view (0: skip it)")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="measure the SAEs an earlier run of the same command left in --out (no training)")
     args = parser.parse_args()
 
     root = Path(args.out)
     groups = configs(args, root)
     every = [cfg for group in groups.values() for cfg in group]
-    summaries = dict(zip((cfg.out for cfg in every), train_saes(every, root / "checkpoint.pt")))
+    if args.evaluate_only:
+        summaries = {cfg.out: json.loads(RunPaths(cfg.out).summary.read_text()) for cfg in every}
+    else:
+        summaries = dict(zip((cfg.out for cfg in every), train_saes(every, root / "checkpoint.pt")))
     results = {name: evaluate_sae([cfg.out for cfg in group], args.heldout) for name, group in groups.items()}
 
     print(f"\n{args.tokens:,} training tokens, d_sae {args.expansion} × d_model, held out: {args.heldout}\n")
