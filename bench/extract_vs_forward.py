@@ -80,7 +80,9 @@ def main() -> None:
     args = parser.parse_args()
 
     folder = tempfile.mkdtemp()
-    fast = ExtractConfig(out=f"{folder}/fast", layers=(args.layer,), max_instances=args.dialogues)
+    # fp32, as run_extract resolves `auto` on a CPU; the bare forward and the extraction compute alike
+    fast = ExtractConfig(out=f"{folder}/fast", layers=(args.layer,), max_instances=args.dialogues,
+                         model_dtype="float32", device="cpu")
     lm = load_model(fast.model, fast.model_dtype)
     print(f"first {args.dialogues} ShareGPT dialogues, layer {args.layer}, {torch.get_num_threads()} threads, "
           f"batches of {batch_budget(fast.batch_tokens, fast.device)} padded tokens")
