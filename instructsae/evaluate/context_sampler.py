@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from instructsae.evaluate.contexts import context_windows, gather_column, token_strings, window_rows
+from instructsae.evaluate.contexts import context_windows, gather_column, latents_at, token_strings, window_rows
 from instructsae.sae import SparseAutoencoder
 from instructsae.schemas.manifest import ROLES
 from instructsae.store.reader import StoreReader
@@ -72,14 +72,10 @@ def quantile_picks(acts: np.ndarray, where: list[tuple[int, int]], n_quantiles: 
 def latents_of_rows(sae: SparseAutoencoder, reader: StoreReader, layer: int, rows: np.ndarray,
                     feature_ids: np.ndarray, site: str = "resid_post") -> np.ndarray:
     """The chosen features' activations at `rows` (any order) [len(rows), K], reading each chunk once."""
-    out = np.zeros((len(rows), len(feature_ids)), dtype=np.float32)
-    chunks = rows // reader.chunk_tokens
-    for chunk in np.unique(chunks):
-        start, stop = reader.chunk_bounds(int(chunk))
-        here = np.nonzero(chunks == chunk)[0]
-        x_ND = reader.read_acts(layer, start, stop, site)[torch.from_numpy(rows[here] - start)]
-        out[here] = sae.encode(x_ND)[:, torch.from_numpy(feature_ids)].float().numpy()
-    return out
+    n_features = len(feature_ids)
+    pairs = latents_at(sae.encode, reader, layer, np.repeat(rows, n_features), np.tile(feature_ids, len(rows)),
+                       reader.chunk_tokens, site)
+    return pairs.reshape(len(rows), n_features)
 
 
 def sample_contexts(sae: SparseAutoencoder, reader: StoreReader, layer: int, tokenizer, feature_ids: list[int],
