@@ -62,7 +62,7 @@ def dedup(**options):
     click.echo(format_report(run_dedup(build(DedupConfig, options))))
 
 
-SAE_ONLY_FLAGS = ("target_l0", "prefixes", "activation")  # train's flags for one architecture's settings, beyond those
+SAE_ONLY_FLAGS = ("target_l0", "target_l0_gain", "prefixes", "activation")  # train's flags for one architecture's settings, beyond those
 # in its signature (activation: a transcoder's)
 
 
@@ -81,6 +81,7 @@ SAE_ONLY_FLAGS = ("target_l0", "prefixes", "activation")  # train's flags for on
 @click.option("--init-threshold", "--jumprelu-init-threshold", "init_threshold", type=float,
               help=_describe(JumpReLUConfig, "init_threshold"))
 @click.option("--target-l0", type=float, help=_describe(JumpReLUConfig, "target_l0") + " (jumprelu)")
+@click.option("--target-l0-gain", type=float, help=_describe(JumpReLUConfig, "target_l0_gain") + " (jumprelu)")
 @click.option("--prefixes", callback=lambda ctx, param, value: split_list(value),
               help=_describe(MatryoshkaBatchTopKConfig, "prefixes") + ", e.g. 256,1024 (matryoshka_batchtopk)")
 @click.option("--k", type=int, help=_describe(TopKConfig, "k") + " (topk, batchtopk, matryoshka_batchtopk; a "

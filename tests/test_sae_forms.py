@@ -1,6 +1,7 @@
 """Matryoshka BatchTopK and JumpReLU towards a target L0: their maths against direct references, a run that ends
 near its target, both mixed into one sweep with older SAEs (each equal to its standalone run), their flags."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from test_train_run import FakeReader, train_cfg, use_reader
 from instructsae.errors import UserError
 from instructsae.sae import build_sae, check_sae_config
 from instructsae.sae.export import load_sae, provenance
-from instructsae.sae.jumprelu import TARGET_L0_BANDWIDTH, TARGET_L0_COEFF
+from instructsae.sae.jumprelu import TARGET_L0_BANDWIDTH
 from instructsae.schemas import JumpReLUConfig
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import MatryoshkaBatchTopKConfig
@@ -72,20 +73,52 @@ def test_a_target_l0_run_ends_near_its_target(target, tmp_path, monkeypatch):
     assert abs(summary["l0"] - target) < 0.25 * target, summary["l0"]
 
 
-def test_a_target_without_coefficient_or_bandwidth_gets_target_defaults_and_cfg_json_says_so(tmp_path, monkeypatch):
+def test_a_target_without_bandwidth_or_warmup_gets_target_defaults_and_cfg_json_says_so(tmp_path, monkeypatch):
     use_reader(monkeypatch, FakeReader())
     given = JumpReLUConfig(expansion=2, target_l0=4)
-    cfg = train_cfg(tmp_path / "run", "jumprelu", sae=given)
-    assert sparsity_coeff(cfg) == TARGET_L0_COEFF != given.sparsity_coeff
-    assert sparsity_coeff(train_cfg(tmp_path, "jumprelu", sae=JumpReLUConfig(target_l0=4, sparsity_coeff=0.5))) == 0.5
-    run_training(cfg)
+    cfg = train_cfg(tmp_path / "run", "jumprelu", sae=given, optim={"lr": 1e-3})
+    assert sparsity_coeff(cfg) == given.sparsity_coeff  # one default coefficient serves both penalties
+    summary = run_training(cfg)
     own = provenance(load_sae(tmp_path / "run")[1])
-    assert own["train_config"]["sae"]["sparsity_coeff"] == TARGET_L0_COEFF
-    assert own["fitted"]["sparsity_coeff"] == {"default": given.sparsity_coeff, "used": TARGET_L0_COEFF}
-    assert own["given_config"]["sae"]["sparsity_coeff"] == given.sparsity_coeff
-    # and the wider kernel of target mode, which the SAE itself carries
+    # the wider kernel of target mode, which the SAE itself carries
     assert own["fitted"]["bandwidth"] == {"default": given.bandwidth, "used": TARGET_L0_BANDWIDTH}
     assert load_sae(tmp_path / "run")[0].bandwidth == TARGET_L0_BANDWIDTH == own["train_config"]["sae"]["bandwidth"]
+    # and no sparsity warm-up, where the linear penalty fits one
+    assert own["train_config"]["optim"]["sparsity_warmup_steps"] == 0 == summary["schedule"]["sparsity_warmup_steps"]
+    linear = train_cfg(tmp_path / "linear", "jumprelu", sae=JumpReLUConfig(expansion=2), optim={"lr": 1e-3})
+    assert run_training(linear)["schedule"]["sparsity_warmup_steps"] > 0
+
+
+def test_the_aim_steers_towards_landing_the_mean_l0_on_the_target():
+    sae = build_sae(JumpReLUConfig(expansion=4, target_l0=10, target_l0_gain=0.1), 16)
+    assert sae.aim == 10
+    sae.observe_batch_l0(14.0)  # above the target: aim lower
+    assert sae.aim == pytest.approx(9.6)
+    sae.observe_batch_l0(8.0)  # below it: aim higher
+    assert sae.aim == pytest.approx(9.8)
+    sae.observe_batch_l0(40.0)  # far above (the first steps): no wind-up
+    assert sae.aim == pytest.approx(9.8)
+    l0_B = torch.tensor([9.8, 11.8])
+    torch.testing.assert_close(sae.l0_penalty(l0_B), torch.tensor(2 / 10 * 4 / 2))  # centred on the aim, 2/T scale
+    for unsteered in (JumpReLUConfig(expansion=4, target_l0=10, target_l0_gain=0), JumpReLUConfig(expansion=4)):
+        sae = build_sae(unsteered, 16)
+        sae.observe_batch_l0(14.0)
+        assert sae.aim == unsteered.target_l0
+
+
+def test_steering_lands_a_gentle_coefficient_on_its_target(tmp_path, monkeypatch):
+    """The coefficient that reconstructs best leaves L0 well above the target unless the aim is steered."""
+    use_reader(monkeypatch, FakeReader(n_chunks=9, last=64))
+    results = {}
+    for gain in (0.0, 0.05):
+        cfg = train_cfg(tmp_path / f"gain{gain}", "jumprelu", tokens=300 * 32, holdout_fraction=0.12,
+                        sae=JumpReLUConfig(expansion=2, target_l0=4, sparsity_coeff=0.003, init_threshold=0.05,
+                                           bandwidth=0.05, target_l0_gain=gain))
+        results[gain] = run_training(cfg)["l0"]
+        aims = [record.get("l0_aim") for record in map(json.loads, (tmp_path / f"gain{gain}" / "metrics.jsonl")
+                                                       .read_text().splitlines())]
+        assert (min(aims) < 4) == (gain > 0), aims
+    assert abs(results[0.05] - 4) < 0.25 * 4 < abs(results[0.0] - 4), results
 
 
 def test_a_target_beyond_the_dictionary_is_refused():
@@ -146,7 +179,7 @@ def test_the_new_forms_train_in_one_sweep_each_equal_to_its_standalone_run(tmp_p
     use_reader(monkeypatch, FakeReader())
     sweep = SweepConfig(store="fake-store", out=str(tmp_path / "sweep"), base=BASE, grid=GRID)
     rows = run_sweep(sweep)
-    assert len(rows) == 6 and {row["sparsity"] for row in rows} >= {"c0.01-t3", "c0.01-t5", "k4-p2.8", "k4"}
+    assert len(rows) == 6 and {row["sparsity"] for row in rows} >= {"c0.001-t3", "c0.001-t5", "k4-p2.8", "k4"}
     for cfg in expand_sweep(sweep):
         alone = tmp_path / "alone" / Path(cfg.out).name
         run_training(cfg.model_copy(update={"out": str(alone)}))

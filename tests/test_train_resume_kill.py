@@ -19,8 +19,11 @@ from instructsae.schemas import ExtractConfig, TrainConfig
 from instructsae.train.run import run_training
 
 STEPS, BATCH = 400, 32
-# (sae settings, the same as train flags): JumpReLU, and Matryoshka BatchTopK, whose threshold is a running estimate
+# (sae settings, the same as train flags): JumpReLU, with a target L0, and Matryoshka BatchTopK, whose threshold is
+# a running estimate
 SAES = {"jumprelu": ({"arch": "jumprelu"}, ["--sae", "jumprelu"]),
+        # its steered aim is state beside the weights
+        "jumprelu_target": ({"arch": "jumprelu", "target_l0": 12}, ["--sae", "jumprelu", "--target-l0", "12"]),
         "matryoshka_batchtopk": ({"arch": "matryoshka_batchtopk", "k": 4, "prefixes": [8, 32]},
                                  ["--sae", "matryoshka_batchtopk", "--k", "4", "--prefixes", "8,32"])}
 
@@ -76,4 +79,6 @@ def test_sigkilled_training_resumes_to_the_same_weights(arch, tiny_model_dir, di
         return [{key: value for key, value in record.items() if key != "elapsed_s"} for record in records]
 
     assert metrics(killed) == metrics(tmp_path / "whole")  # no step logged twice, none missing
+    if "target_l0" in sae:  # the aim was steered, so the equality above covers it
+        assert {record["l0_aim"] for record in metrics(killed)} != {sae["target_l0"]}
     assert not (killed / "checkpoint.pt").exists() and not building.root.exists()

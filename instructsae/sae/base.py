@@ -64,6 +64,12 @@ class SparseAutoencoder(nn.Module):
         return settings
 
     @classmethod
+    def needs_sparsity_warmup(cls, cfg) -> bool:
+        """Whether a run left to fit its schedule ramps the penalty up (only a penalty that cannot pull L0 back
+        up needs one: latents that die before they form stay dead)."""
+        return cls.has_sparsity_penalty
+
+    @classmethod
     def penalty_coeff(cls, cfg) -> float:
         """The sparsity penalty's final coefficient (after its warm-up); 0 for architectures without one."""
         return cfg.sparsity_coeff if cls.has_sparsity_penalty else 0.0
@@ -107,6 +113,13 @@ class SparseAutoencoder(nn.Module):
         """Loss of one batch. dead_F marks the features the trainer counts as dead (TopK's AuxK uses it);
         target_BD is what to reconstruct when it is not x itself (a transcoder's)."""
         raise NotImplementedError
+
+    def observe_batch_l0(self, mean_l0: float) -> None:
+        """After each optimiser step, the whole batch's mean L0 (across data-parallel ranks); unused by default."""
+
+    def training_metrics(self) -> dict:
+        """Figures of its own for each metrics.jsonl record (none by default)."""
+        return {}
 
     def training_state(self) -> dict:
         """Non-parameter state a checkpoint must keep so a resumed run continues exactly (none by default)."""

@@ -6,9 +6,15 @@ rectangle kernel K of width ε (the bandwidth): d/dθ JumpReLU = −(θ/ε) K((p
 
 Two penalties on each token's L0 (the count of its firing latents), as the batch mean:
 - without a target, L0 itself (Gemma Scope): the coefficient sets where L0 ends, found by sweeping it;
-- with `target_l0` T, (2/T)·(L0 − T)² (Gemma Scope 2, SAELens's "quadratic" mode): the penalty pulls each
-  token's L0 towards T from either side, so a run ends near T, and a token far above it pays more than one
-  near it, which spends latents where reconstruction needs them rather than evenly.
+- with `target_l0` T, (2/T)·(L0 − A)² (Gemma Scope 2, SAELens's "quadratic" mode, where A = T): the penalty
+  pulls each token's L0 towards A from either side, and a token far from it pays more than one near it.
+
+In target mode a gentle coefficient reconstructs best: it leaves each token free to take the latents it needs.
+But the batch's mean L0 then settles well above T (37 for T = 30 at coefficient 0.001 on the demo store), so
+the aim A is steered: after each step A moves by `target_l0_gain` · (T − the batch's mean L0), which lands the
+mean on T whatever the coefficient (gain 0 keeps A = T, Gemma Scope 2's form). The quadratic pulls from below
+too, so target mode needs no sparsity warm-up (the linear penalty's warm-up keeps latents from dying early; here
+it cost 3% held-out NMSE). Measured in bench/jumprelu_target_l0.py (BENCHMARKS.md).
 """
 
 import torch
@@ -19,8 +25,7 @@ from instructsae.sae import sparse_products
 from instructsae.sae.base import LossOutput, SparseAutoencoder
 from instructsae.sae.jumprelu_sparse import SparseJumpReLUStep, near_threshold
 
-# With a target and neither given (measured on the demo store: BENCHMARKS.md, bench/jumprelu_target_l0.py)
-TARGET_L0_COEFF = 0.01
+# With a target and no bandwidth given (measured on the demo store: BENCHMARKS.md, bench/jumprelu_target_l0.py)
 TARGET_L0_BANDWIDTH = 0.005
 
 
@@ -82,21 +87,19 @@ class JumpReLUSAE(SparseAutoencoder):
         return settings
 
     @classmethod
-    def penalty_coeff(cls, cfg) -> float:
-        """With a target and no coefficient given, the quadratic's own default (the linear one's is far too weak)."""
-        if cfg.target_l0 is not None and "sparsity_coeff" not in cfg.model_fields_set:
-            return TARGET_L0_COEFF
-        return cfg.sparsity_coeff
+    def needs_sparsity_warmup(cls, cfg) -> bool:
+        return cfg.target_l0 is None  # the quadratic pulls L0 up as well as down: nothing to protect early
 
     @classmethod
     def sweep_label(cls, cfg) -> str:
         target = "" if cfg.target_l0 is None else f"-t{cfg.target_l0:g}"
-        return f"c{cls.penalty_coeff(cfg):g}{target}"
+        return f"c{cfg.sparsity_coeff:g}{target}"
 
     def __init__(self, d_in: int, d_sae: int, bandwidth: float = 1e-3, init_threshold: float = 1e-3,
-                 target_l0: float | None = None):
+                 target_l0: float | None = None, target_l0_gain: float = 0.0):
         super().__init__(d_in, d_sae)
-        self.bandwidth, self.target_l0 = bandwidth, target_l0
+        self.bandwidth, self.target_l0, self.target_l0_gain = bandwidth, target_l0, target_l0_gain
+        self.aim = target_l0  # the quadratic's centre, steered so the mean L0 lands on target_l0
         self.threshold = nn.Parameter(torch.full((d_sae,), init_threshold))
         self.last_density = 1.0  # share of latents that fired in the last training step
 
@@ -123,16 +126,31 @@ class JumpReLUSAE(SparseAutoencoder):
         return LossOutput(mse + sparsity_coeff * penalty, mse, penalty, latents_BF, recon_BD)
 
     def l0_penalty(self, l0_B: torch.Tensor) -> torch.Tensor:
-        """The batch mean of L0, or with a target T of (2/T)·(L0 − T)², per token."""
+        """The batch mean of L0, or with a target T and aim A of (2/T)·(L0 − A)², per token."""
         if self.target_l0 is None:
             return l0_B.mean()
-        return (2 / self.target_l0 * (l0_B - self.target_l0).pow(2)).mean()
+        return (2 / self.target_l0 * (l0_B - self.aim).pow(2)).mean()
+
+    def observe_batch_l0(self, mean_l0: float) -> None:
+        """Steer the aim by the whole batch's mean L0 (every rank sees the same, so their aims agree)."""
+        if self.target_l0 is None or not self.target_l0_gain:
+            return
+        error = self.target_l0 - mean_l0
+        # Far from the target (the first steps start near d_sae/2) the quadratic alone pulls hard; steering
+        # there would wind the aim far down and overshoot below the target once L0 arrives.
+        if abs(error) < self.target_l0 / 2:
+            self.aim = min(max(self.aim + self.target_l0_gain * error, 1.0), float(self.d_sae))
+
+    def training_metrics(self) -> dict:
+        return {} if self.target_l0 is None else {"l0_aim": self.aim}
 
     def training_state(self) -> dict:
-        return {"last_density": self.last_density}  # picks the dense or sparse step: a resumed run must agree
+        # last_density picks the dense or sparse step, aim is the steered centre: a resumed run must agree on both
+        return {"last_density": self.last_density, "aim": self.aim}
 
     def load_training_state(self, state: dict) -> None:
         self.last_density = float(state["last_density"])
+        self.aim = state.get("aim", self.target_l0)  # checkpoints from before steering: the aim was the target
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

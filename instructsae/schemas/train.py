@@ -6,7 +6,7 @@ from pydantic import AliasChoices, Field
 
 from instructsae.schemas.base import FrozenModel
 from instructsae.schemas.sites import Site
-from instructsae.schemas.transcoder import SkipTranscoderConfig, TranscoderConfig
+from instructsae.schemas.transcoder import TARGET_L0_GAIN, SkipTranscoderConfig, TranscoderConfig
 from instructsae.schemas.width import DEFAULT_EXPANSION, SAEWidth  # noqa: F401 (imported from here)
 
 # SAELens's names are accepted beside ours (validation_alias below; `other_names` lists them). Where the value's
@@ -42,6 +42,9 @@ class JumpReLUConfig(SAEWidth):
     target_l0: float | None = Field(None, gt=0, description="aim L0 at this target: the penalty becomes "
                                     "sparsity_coeff · (2/T)·(L0 − T)² per token (Gemma Scope 2) instead of "
                                     "sparsity_coeff · L0 (None: no target)")
+    target_l0_gain: float = Field(TARGET_L0_GAIN, ge=0, description="with target_l0: after each step the "
+                                  "quadratic's centre moves by this times (target − the batch's mean L0), so the "
+                                  "run's L0 lands on the target (0: centred on the target, as Gemma Scope 2)")
 
 
 class TopKConfig(SAEWidth):

@@ -10,6 +10,8 @@ ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
 # Each activation's penalty coefficient when none is given: the SAE defaults (ReLU's L1, JumpReLU's L0).
 DEFAULT_COEFF = {"relu": 0.2, "jumprelu": 1e-3}
 DEFAULT_K = 32
+# How fast a target-L0 JumpReLU steers its penalty's centre (measured: bench/jumprelu_target_l0.py, BENCHMARKS.md)
+TARGET_L0_GAIN = 0.01
 
 
 class TranscoderConfig(SAEWidth):
@@ -30,6 +32,8 @@ class TranscoderConfig(SAEWidth):
     init_threshold: float = Field(1e-3, gt=0, description="jumprelu: initial threshold of every feature")
     target_l0: float | None = Field(None, gt=0, description="jumprelu: aim L0 at this target, as a JumpReLU SAE's "
                                     "target_l0 (None: no target)")
+    target_l0_gain: float = Field(TARGET_L0_GAIN, ge=0, description="jumprelu with target_l0: how fast the "
+                                  "penalty's centre is steered to land L0 on the target (0: no steering)")
     aux_k: int | None = Field(None, gt=0, description="topk/batchtopk: latents of AuxK (None: d_model // 2)")
     aux_coeff: float = Field(1 / 32, ge=0, description="topk/batchtopk: coefficient of the AuxK loss")
 
@@ -52,7 +56,8 @@ class TranscoderConfig(SAEWidth):
         if self.activation in ("topk", "batchtopk"):
             return {"k": self.k or DEFAULT_K, "aux_k": self.aux_k, "aux_coeff": self.aux_coeff}
         if self.activation == "jumprelu":
-            return {"bandwidth": self.bandwidth, "init_threshold": self.init_threshold, "target_l0": self.target_l0}
+            return {"bandwidth": self.bandwidth, "init_threshold": self.init_threshold, "target_l0": self.target_l0,
+                    "target_l0_gain": self.target_l0_gain}
         return {}
 
 

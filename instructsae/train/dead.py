@@ -17,8 +17,11 @@ class DeadFeatureTracker:
         self.tokens = 0
 
     @torch.no_grad()
-    def update(self, latents_BF: torch.Tensor) -> None:
-        self.add((latents_BF > self.threshold).sum(dim=0), latents_BF.shape[0])
+    def update(self, latents_BF: torch.Tensor) -> torch.Tensor:
+        """One step from its latents; on how many tokens each feature fired."""
+        fired_counts_F = (latents_BF > self.threshold).sum(dim=0)
+        self.add(fired_counts_F, latents_BF.shape[0])
+        return fired_counts_F
 
     @torch.no_grad()
     def add(self, fired_counts_F: torch.Tensor, n_tokens: int) -> None:

@@ -22,6 +22,7 @@ from instructsae.run_folder import (
     remove_building_folders,
 )
 from instructsae.schemas.train import DEFAULT_EXPANSION, OptimConfig, TrainConfig
+from instructsae.schemas.transcoder import TARGET_L0_GAIN
 from instructsae.store.reader import open_complete_store
 from instructsae.train import checkpoint, memory
 from instructsae.train.dead import DeadFeatureTracker
@@ -41,7 +42,7 @@ from instructsae.train.trainer import Trainee, train
 # Settings that cannot change what a run learns: two configs differing only here are the same SAE.
 RUNTIME_FIELDS = {"store", "out", "device", "log_every", "checkpoint_every", "wandb", "wandb_project"}
 # SAE settings added after SAEs were trained without them, and the value that means "as before".
-ADDED_SAE_FIELDS = {"target_l0": None}
+ADDED_SAE_FIELDS = {"target_l0": None, "target_l0_gain": TARGET_L0_GAIN}
 # Settings of the stream: SAEs trained together must agree on them.
 STREAM_FIELDS = ("store", "tokens", "batch_size", "buffer_tokens", "holdout_fraction", "seed", "device",
                  "checkpoint_every", "geometric_median_tokens")
@@ -63,6 +64,9 @@ def key_settings(cfg: TrainConfig) -> dict:
     for name, unset in ADDED_SAE_FIELDS.items():  # settings added later: at their default, old keys hold
         if settings["sae"].get(name, unset) == unset:
             settings["sae"].pop(name, None)
+    for name, used in constructor_settings(cfg.sae).items():  # a mode's own defaults (target L0's): what runs
+        if used != getattr(cfg.sae, name):
+            settings["sae"][name] = used
     fitted = left_to_fit(cfg)
     if fitted:  # absent when every schedule setting is given, so such configs keep the keys they had
         settings["fitted_to_run"] = fitted
@@ -174,7 +178,8 @@ def _plan(configs: list[TrainConfig], view: StoreView) -> _Plan:
     tokens = first.tokens or view.train_tokens()
     batch_size = fitted_batch_size(configs, tokens)
     n_steps = max(1, tokens // batch_size)
-    optims = [fitted_optim(cfg.optim, n_steps) for cfg in configs]
+    optims = [fitted_optim(cfg.optim, n_steps, config_class(cfg.sae).needs_sparsity_warmup(cfg.sae))
+              for cfg in configs]
     schedules = [describe_schedule(cfg.optim, optim, n_steps, config_class(cfg.sae).has_sparsity_penalty,
                                    batch_size, first.batch_size) for cfg, optim in zip(configs, optims)]
     keys = [config_key(cfg, view.reader.manifest.fingerprint) for cfg in configs]

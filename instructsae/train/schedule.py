@@ -8,7 +8,8 @@ set is fitted to the run:
 - the batch halves (down to 1,024) until the run has at least 1,000 steps;
 - the lr grows as 1/sqrt(steps) below 100,000 steps (7e-5 there, at most 1e-3): Adam moves each weight about
   lr per step, so a run of fewer steps needs larger ones to get as far;
-- the lr warm-up takes at most 5% of the steps, the sparsity warm-up at most the first half.
+- the lr warm-up takes at most 5% of the steps, the sparsity warm-up at most the first half (none where the
+  architecture needs none: JumpReLU with a target L0).
 
 A setting given explicitly (flag, YAML, preset, or a config built in Python) is kept as given, and a run that
 then ends inside a warm-up says so.
@@ -44,12 +45,14 @@ def fitted_batch_size(configs: list[TrainConfig], tokens: int) -> int:
     return batch
 
 
-def fitted_optim(optim: OptimConfig, n_steps: int) -> OptimConfig:
-    """The optimiser settings with the lr and every warm-up left at its default fitted to n_steps."""
+def fitted_optim(optim: OptimConfig, n_steps: int, sparsity_warmup: bool = True) -> OptimConfig:
+    """The optimiser settings with the lr and every warm-up left at its default fitted to n_steps (no sparsity
+    warm-up where the architecture needs none)."""
     updates = {}
     if "lr" not in optim.model_fields_set and n_steps < LONG_RUN_STEPS:
         updates["lr"] = min(MAX_FITTED_LR, max(optim.lr, optim.lr * math.sqrt(LONG_RUN_STEPS / n_steps)))
-    for name, share in FITTED_FIELDS.items():
+    shares = {**FITTED_FIELDS, **({} if sparsity_warmup else {"sparsity_warmup_steps": 0.0})}
+    for name, share in shares.items():
         if name not in optim.model_fields_set:
             updates[name] = min(getattr(optim, name), int(share * n_steps))
     return optim.model_copy(update=updates)

@@ -67,9 +67,11 @@ class Trainee:
         self.optimizer.step()
         self.sae.after_optimizer_step()
         if self.parallel is None:
-            self.dead.update(out.latents_BF)
-        else:
-            self.dead.add(*self.parallel.fired_counts(out.latents_BF, self.dead.threshold, weight))
+            fired_counts_F, n_tokens = self.dead.update(out.latents_BF), len(out.latents_BF)
+        else:  # the whole batch's, so every rank's counts (and what the SAE makes of them) agree
+            fired_counts_F, n_tokens = self.parallel.fired_counts(out.latents_BF, self.dead.threshold, weight)
+            self.dead.add(fired_counts_F, n_tokens)
+        self.sae.observe_batch_l0(float(fired_counts_F.sum()) / max(n_tokens, 1))
 
         record = {}
         if log_this_step:
@@ -77,7 +79,7 @@ class Trainee:
             record = {"step": step, "tokens": tokens, "loss": loss, "mse": mse,
                       "sparsity": sparsity, "nmse": nmse, "l0": l0,
                       "dead_fraction": self.dead.dead_fraction(), "lr": lr, "sparsity_coeff": coeff,
-                      "firing_histogram": self.dead.firing_histogram()}
+                      "firing_histogram": self.dead.firing_histogram(), **self.sae.training_metrics()}
         self.seconds += time.perf_counter() - started
         if record:
             record["elapsed_s"] = round(self.seconds, 3)
