@@ -268,3 +268,18 @@ def test_a_foreign_folders_sites_come_from_its_hook_names():
     assert sae_sites(cfg) == ("mlp_in", "mlp_out") and sae_layer(cfg, "x") == 2
     assert sae_sites({"metadata": {"hook_name": "blocks.2.hook_resid_post"}}) == ("resid_post", "resid_post")
     assert sae_sites({"metadata": {"hook_name": "blocks.2.hook_attn_out"}}) == ("attn_out", "attn_out")
+
+
+@pytest.mark.parametrize("config", [TranscoderConfig(expansion=2), SkipTranscoderConfig(expansion=2),
+                                    TranscoderConfig(expansion=2, activation="jumprelu")])
+def test_the_memory_check_counts_every_parameter_a_dictionary_trains(config):
+    """A skip transcoder's W_skip (d_in² more) included: the estimate is the built model's own parameters."""
+    from instructsae.sae import build_sae
+    from instructsae.train.memory import COPIES_PER_PARAMETER, FLOAT_BYTES, sae_bytes
+
+    cfg = TrainConfig(store="unused", out="unused", sae=config)
+    built = sum(parameter.numel() for parameter in build_sae(config, 24).parameters())
+    assert sae_bytes(cfg, 24) == built * FLOAT_BYTES * COPIES_PER_PARAMETER
+    if isinstance(config, SkipTranscoderConfig):
+        plain = TrainConfig(store="unused", out="unused", sae=TranscoderConfig(expansion=2))
+        assert sae_bytes(cfg, 24) - sae_bytes(plain, 24) == 24 * 24 * FLOAT_BYTES * COPIES_PER_PARAMETER

@@ -5,6 +5,7 @@ import torch
 
 from instructsae import distributed
 from instructsae.errors import UserError
+from instructsae.sae import build_sae
 from instructsae.schemas.train import TrainConfig
 
 GIB = 2**30
@@ -19,8 +20,9 @@ BUFFER_COPIES = 3
 
 
 def sae_bytes(cfg: TrainConfig, d_model: int) -> int:
-    d_sae = cfg.sae.width(d_model)
-    return (2 * d_model * d_sae + 2 * d_sae + d_model) * FLOAT_BYTES * COPIES_PER_PARAMETER
+    with torch.device("meta"):  # every architecture's own parameters (a skip transcoder's W_skip too), unallocated
+        n_parameters = sum(parameter.numel() for parameter in build_sae(cfg.sae, d_model).parameters())
+    return n_parameters * FLOAT_BYTES * COPIES_PER_PARAMETER
 
 
 def free_bytes(device: str) -> int:
