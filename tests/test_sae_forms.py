@@ -14,7 +14,7 @@ from test_train_run import FakeReader, train_cfg, use_reader
 from instructsae.errors import UserError
 from instructsae.sae import build_sae, check_sae_config
 from instructsae.sae.export import load_sae, provenance
-from instructsae.sae.jumprelu import TARGET_L0_BANDWIDTH
+from instructsae.sae.jumprelu import TARGET_L0_BANDWIDTH, TARGET_L0_COEFF_TIMES_T
 from instructsae.schemas import JumpReLUConfig
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.train import MatryoshkaBatchTopKConfig
@@ -73,13 +73,18 @@ def test_a_target_l0_run_ends_near_its_target(target, tmp_path, monkeypatch):
     assert abs(summary["l0"] - target) < 0.25 * target, summary["l0"]
 
 
-def test_a_target_without_bandwidth_or_warmup_gets_target_defaults_and_cfg_json_says_so(tmp_path, monkeypatch):
+def test_a_target_without_coefficient_bandwidth_or_warmup_gets_target_defaults_and_cfg_json_says_so(
+        tmp_path, monkeypatch):
     use_reader(monkeypatch, FakeReader())
     given = JumpReLUConfig(expansion=2, target_l0=4)
     cfg = train_cfg(tmp_path / "run", "jumprelu", sae=given, optim={"lr": 1e-3})
-    assert sparsity_coeff(cfg) == given.sparsity_coeff  # one default coefficient serves both penalties
+    assert sparsity_coeff(cfg) == TARGET_L0_COEFF_TIMES_T / 4 != given.sparsity_coeff
+    assert sparsity_coeff(train_cfg(tmp_path, "jumprelu", sae=JumpReLUConfig(target_l0=4, sparsity_coeff=0.5))) == 0.5
     summary = run_training(cfg)
     own = provenance(load_sae(tmp_path / "run")[1])
+    assert own["train_config"]["sae"]["sparsity_coeff"] == TARGET_L0_COEFF_TIMES_T / 4
+    assert own["fitted"]["sparsity_coeff"] == {"default": given.sparsity_coeff, "used": TARGET_L0_COEFF_TIMES_T / 4}
+    assert own["given_config"]["sae"]["sparsity_coeff"] == given.sparsity_coeff
     # the wider kernel of target mode, which the SAE itself carries
     assert own["fitted"]["bandwidth"] == {"default": given.bandwidth, "used": TARGET_L0_BANDWIDTH}
     assert load_sae(tmp_path / "run")[0].bandwidth == TARGET_L0_BANDWIDTH == own["train_config"]["sae"]["bandwidth"]
@@ -179,7 +184,7 @@ def test_the_new_forms_train_in_one_sweep_each_equal_to_its_standalone_run(tmp_p
     use_reader(monkeypatch, FakeReader())
     sweep = SweepConfig(store="fake-store", out=str(tmp_path / "sweep"), base=BASE, grid=GRID)
     rows = run_sweep(sweep)
-    assert len(rows) == 6 and {row["sparsity"] for row in rows} >= {"c0.001-t3", "c0.001-t5", "k4-p2.8", "k4"}
+    assert len(rows) == 6 and {row["sparsity"] for row in rows} >= {"c0.01-t3", "c0.006-t5", "k4-p2.8", "k4"}
     for cfg in expand_sweep(sweep):
         alone = tmp_path / "alone" / Path(cfg.out).name
         run_training(cfg.model_copy(update={"out": str(alone)}))

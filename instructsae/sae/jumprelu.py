@@ -9,8 +9,9 @@ Two penalties on each token's L0 (the count of its firing latents), as the batch
 - with `target_l0` T, (2/T)·(L0 − A)² (Gemma Scope 2, SAELens's "quadratic" mode, where A = T): the penalty
   pulls each token's L0 towards A from either side, and a token far from it pays more than one near it.
 
-In target mode a gentle coefficient reconstructs best: it leaves each token free to take the latents it needs.
-But the batch's mean L0 then settles well above T (37 for T = 30 at coefficient 0.001 on the demo store), so
+In target mode a gentle coefficient reconstructs best (by default 0.03/T, a penalty of 0.06·((L0 − A)/T)²): it
+leaves each token free to take the latents it needs. But the batch's mean L0 then settles well above T (37 for
+T = 30 at coefficient 0.001 on the demo store), so
 the aim A is steered: after each step A moves by `target_l0_gain` · (T − the batch's mean L0), which lands the
 mean on T whatever the coefficient (gain 0 keeps A = T, Gemma Scope 2's form). The quadratic pulls from below
 too, so target mode needs no sparsity warm-up (the linear penalty's warm-up keeps latents from dying early; here
@@ -25,7 +26,9 @@ from instructsae.sae import sparse_products
 from instructsae.sae.base import LossOutput, SparseAutoencoder
 from instructsae.sae.jumprelu_sparse import SparseJumpReLUStep, near_threshold
 
-# With a target and no bandwidth given (measured on the demo store: BENCHMARKS.md, bench/jumprelu_target_l0.py)
+# With a target T and neither given (measured on the demo store: BENCHMARKS.md, bench/jumprelu_target_l0.py):
+# the coefficient TARGET_L0_COEFF_TIMES_T / T, and the bandwidth
+TARGET_L0_COEFF_TIMES_T = 0.03
 TARGET_L0_BANDWIDTH = 0.005
 
 
@@ -91,9 +94,18 @@ class JumpReLUSAE(SparseAutoencoder):
         return cfg.target_l0 is None  # the quadratic pulls L0 up as well as down: nothing to protect early
 
     @classmethod
+    def penalty_coeff(cls, cfg) -> float:
+        """With a target T and no coefficient given, 0.03/T: the penalty is then 0.06·((L0 − A)/T)², the same
+        pull on a relative miss whatever the target (fixed coefficients that suited L0 30 were 1-2% worse than
+        TopK at L0 20 here, and the fit of one at 20 was worse at 30)."""
+        if cfg.target_l0 is not None and "sparsity_coeff" not in cfg.model_fields_set:
+            return TARGET_L0_COEFF_TIMES_T / cfg.target_l0
+        return cfg.sparsity_coeff
+
+    @classmethod
     def sweep_label(cls, cfg) -> str:
         target = "" if cfg.target_l0 is None else f"-t{cfg.target_l0:g}"
-        return f"c{cfg.sparsity_coeff:g}{target}"
+        return f"c{cls.penalty_coeff(cfg):g}{target}"
 
     def __init__(self, d_in: int, d_sae: int, bandwidth: float = 1e-3, init_threshold: float = 1e-3,
                  target_l0: float | None = None, target_l0_gain: float = 0.0):

@@ -67,6 +67,8 @@ def key_settings(cfg: TrainConfig) -> dict:
     for name, used in constructor_settings(cfg.sae).items():  # a mode's own defaults (target L0's): what runs
         if used != getattr(cfg.sae, name):
             settings["sae"][name] = used
+    if sparsity_coeff(cfg) != getattr(cfg.sae, "sparsity_coeff", 0.0):
+        settings["sae"]["sparsity_coeff"] = sparsity_coeff(cfg)
     fitted = left_to_fit(cfg)
     if fitted:  # absent when every schedule setting is given, so such configs keep the keys they had
         settings["fitted_to_run"] = fitted
