@@ -2,6 +2,7 @@
 with one process (run here, to spare a start of ~10-20 s). Every process computes on one thread, so the sums are the
 same sums."""
 
+import json
 import os
 import subprocess
 import sys
@@ -94,11 +95,14 @@ def test_a_sweep_over_two_ranks_equals_one_process_bit_for_bit(small_store, tmp_
     assert not list((tmp_path / "two").glob("checkpoint*")) and not list(tmp_path.glob("*.lock"))
 
 
-def test_data_parallel_train_on_two_ranks_matches_one_process(small_store, tmp_path, one_thread, monkeypatch,
-                                                             capsys):
+# a target L0 steers its aim by the whole batch's L0: were it a rank's own slice's, the ranks' losses would differ
+@pytest.mark.parametrize("sae_flags", [[], ["--target-l0", "40"]], ids=["jumprelu", "jumprelu-target"])
+def test_data_parallel_train_on_two_ranks_matches_one_process(sae_flags, small_store, tmp_path, one_thread,
+                                                             monkeypatch, capsys):
     args = ["train", "--store", str(small_store), "--sae", "jumprelu", "--expansion", "2", "--tokens", "2048",
             "--batch-size", "64", "--buffer-tokens", "512", "--geometric-median-tokens", "128", "--lr", "3e-3",
-            "--lr-warmup-steps", "2", "--beta1", "0.9", "--sparsity-warmup-steps", "4", "--log-every", "4"]
+            "--lr-warmup-steps", "2", "--beta1", "0.9", "--sparsity-warmup-steps", "4", "--log-every", "4",
+            *sae_flags]
     code, _, err = run_cli(monkeypatch, capsys, *args, "--out", str(tmp_path / "one"))
     assert code == 0, err
     result = instructsae(*args, "--out", str(tmp_path / "two"), ranks=2)
@@ -109,6 +113,11 @@ def test_data_parallel_train_on_two_ranks_matches_one_process(small_store, tmp_p
         torch.testing.assert_close(parallel[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
     assert (tmp_path / "two" / "metrics.jsonl").read_text().count("\n") == \
         (tmp_path / "one" / "metrics.jsonl").read_text().count("\n")
+    if sae_flags:  # the aim moved, the same on both
+        aims = {run: [json.loads(line)["l0_aim"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("one", "two")}
+        assert aims["one"][-1] != 40
+        assert aims["two"] == pytest.approx(aims["one"], rel=1e-4)
     # rank 0 built RUN.partial and moved it into place, and released the run folder's lock
     assert not (tmp_path / "two.partial").exists() and not (tmp_path / "two.lock").exists()
     # the same command again: rank 0 finds it trained, and every rank stops
