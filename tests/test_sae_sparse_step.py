@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from instructsae.schemas import JumpReLUConfig, StandardConfig
+from instructsae.schemas.transcoder import SkipTranscoderConfig, TranscoderConfig
 from instructsae.sae import build_sae, sparse_products
 from reference_jumprelu import reference_jumprelu_loss
 
@@ -82,3 +83,32 @@ def test_csr_products_match_dense_products(arch, monkeypatch):
     torch.testing.assert_close(sparse_out.recon_BD, dense_out.recon_BD)
     for name in dense_grads:
         torch.testing.assert_close(sparse_grads[name], dense_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("config", [TranscoderConfig(expansion=4, activation="jumprelu", bandwidth=0.05),
+                                    SkipTranscoderConfig(expansion=4, activation="jumprelu", bandwidth=0.05)],
+                         ids=["transcoder", "skip_transcoder"])
+def test_jumprelu_transcoders_take_the_sparse_step_with_the_dense_steps_gradients(config):
+    """A transcoder's encoder reads x itself (no b_dec) and its loss is against another site."""
+    torch.manual_seed(2)
+    sae = build_sae(config, 32)
+    x, target = torch.randn(256, 32), torch.randn(256, 32)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.5)  # were it subtracted from the encoder's input, the latents would differ
+        if hasattr(sae, "W_skip"):
+            sae.W_skip.normal_(0, 0.1)
+        sae.threshold.copy_(torch.relu(sae.pre_activations(x)).quantile(1 - 6 / sae.d_sae, dim=0).clamp_min(1e-3))
+
+    def step(density):
+        sae.last_density = density
+        assert sae.sparse_step_pays(x) == (density == 0.0)
+        out = sae.training_loss(x, 0.3, target_BD=target)
+        return out, gradients(sae, out.loss)
+
+    (dense, dense_grads), (sparse, sparse_grads) = step(1.0), step(0.0)
+    torch.testing.assert_close(sparse.loss, dense.loss)
+    torch.testing.assert_close(sparse.recon_BD, dense.recon_BD)
+    assert dense_grads["threshold"].abs().sum() > 0 and dense_grads["b_dec"].abs().sum() > 0
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -125,10 +125,10 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def training_loss(self, x_BD: torch.Tensor, sparsity_coeff: float, dead_F: torch.Tensor | None = None,
                       target_BD: torch.Tensor | None = None) -> LossOutput:
-        # the fused sparse step centres on b_dec and reconstructs x itself: an SAE's step only
-        if target_BD is None and not self.transcoder and self.sparse_step_pays(x_BD):
+        if self.sparse_step_pays(x_BD):  # an SAE's encoder reads x − b_dec, a transcoder's x itself
             recon_BD, l0_B, latents_BF = SparseJumpReLUStep.apply(
-                x_BD, self.W_enc, self.b_enc, self.b_dec, self.threshold, self.W_dec, self.bandwidth)
+                x_BD, self.W_enc, self.b_enc, self.b_dec, self.threshold, self.W_dec, self.bandwidth,
+                not self.transcoder)
         else:
             latents_BF, l0_B = _JumpReLUWithL0.apply(self.pre_activations(x_BD), self.threshold, self.bandwidth)
             recon_BD = self.decode(latents_BF)

@@ -25,12 +25,13 @@ def near_threshold(pre_BF: torch.Tensor, threshold_F: torch.Tensor, bandwidth: f
 class SparseJumpReLUStep(torch.autograd.Function):
     """(x, W_enc, b_enc, b_dec, θ, W_dec) -> (reconstruction, each token's L0, dense latents for bookkeeping).
 
+    An SAE's encoder reads x − b_dec (`centre`); a transcoder's reads x as it is, b_dec being its output's bias.
     The latents returned carry no gradient: the loss must be built from the reconstruction and the L0.
     """
 
     @staticmethod
-    def forward(ctx, x_BD, W_enc_DF, b_enc_F, b_dec_D, threshold_F, W_dec_FD, bandwidth):
-        centred_BD = x_BD - b_dec_D
+    def forward(ctx, x_BD, W_enc_DF, b_enc_F, b_dec_D, threshold_F, W_dec_FD, bandwidth, centre=True):
+        centred_BD = x_BD - b_dec_D if centre else x_BD
         pre_BF = torch.addmm(b_enc_F, centred_BD, W_enc_DF)
         rows, cols = (pre_BF > threshold_F.clamp_min(0)).nonzero(as_tuple=True)
         values = pre_BF[rows, cols]
@@ -43,6 +44,7 @@ class SparseJumpReLUStep(torch.autograd.Function):
         latents_BF = pre_BF.zero_().index_put_((rows, cols), values)  # reuse pre's memory
         ctx.save_for_backward(centred_BD, W_enc_DF, threshold_F, W_dec_FD)
         ctx.latents_csr, ctx.near_csr, ctx.near_rows, ctx.bandwidth = latents_csr, near_csr, near_rows, bandwidth
+        ctx.centre = centre
         ctx.mark_non_differentiable(latents_BF)
         return recon_BD, l0_B, latents_BF
 
@@ -59,7 +61,9 @@ class SparseJumpReLUStep(torch.autograd.Function):
         grad_W_enc = (grad_pre_csr.t() @ centred_BD).T
         grad_b_enc = torch.zeros_like(threshold_F).index_add_(0, latents_csr.col_indices(), grad_pre_values)
         grad_centred_BD = grad_pre_csr @ W_enc_DF.T
-        grad_b_dec = grad_recon_BD.sum(dim=0) - grad_centred_BD.sum(dim=0)
+        grad_b_dec = grad_recon_BD.sum(dim=0)
+        if ctx.centre:  # b_dec also shifts what the encoder reads
+            grad_b_dec = grad_b_dec - grad_centred_BD.sum(dim=0)
 
         # θ: −(θ/ε)·K·dL/dlatent − (1/ε)·K·dL/dL0_token, summed where the kernel K is not zero
         near_cols = near_csr.col_indices()
@@ -67,4 +71,4 @@ class SparseJumpReLUStep(torch.autograd.Function):
         if grad_l0_B is not None:
             per_entry = per_entry + grad_l0_B[ctx.near_rows]
         grad_threshold = torch.zeros_like(threshold_F).index_add_(0, near_cols, per_entry) * (-1.0 / ctx.bandwidth)
-        return grad_centred_BD, grad_W_enc, grad_b_enc, grad_b_dec, grad_threshold, grad_W_dec, None
+        return grad_centred_BD, grad_W_enc, grad_b_enc, grad_b_dec, grad_threshold, grad_W_dec, None, None
