@@ -62,8 +62,8 @@ def dedup(**options):
     click.echo(format_report(run_dedup(build(DedupConfig, options))))
 
 
-SAE_ONLY_FLAGS = ("target_l0", "target_l0_gain", "prefixes", "activation")  # train's flags for one architecture's settings, beyond those
-# in its signature (activation: a transcoder's)
+# train's flags for one architecture's settings, beyond those in its signature (activation: a transcoder's)
+SAE_ONLY_FLAGS = ("target_l0", "target_l0_gain", "prefixes", "activation")
 
 
 @cli.command()

@@ -11,11 +11,11 @@ Two penalties on each token's L0 (the count of its firing latents), as the batch
 
 In target mode a gentle coefficient reconstructs best (by default 0.03/T, a penalty of 0.06·((L0 − A)/T)²): it
 leaves each token free to take the latents it needs. But the batch's mean L0 then settles well above T (37 for
-T = 30 at coefficient 0.001 on the demo store), so
-the aim A is steered: after each step A moves by `target_l0_gain` · (T − the batch's mean L0), which lands the
-mean on T whatever the coefficient (gain 0 keeps A = T, Gemma Scope 2's form). The quadratic pulls from below
-too, so target mode needs no sparsity warm-up (the linear penalty's warm-up keeps latents from dying early; here
-it cost 3% held-out NMSE). Measured in bench/jumprelu_target_l0.py (BENCHMARKS.md).
+T = 30 at coefficient 0.001 on the demo store), so the aim A is steered: after each step A moves by
+`target_l0_gain` · (T − the batch's mean L0), which lands the mean on T whatever the coefficient (gain 0 keeps
+A = T, Gemma Scope 2's form). The quadratic pulls from below too, so target mode needs no sparsity warm-up (the
+linear penalty's warm-up keeps latents from dying early; here it cost 3% held-out NMSE). Measured in
+bench/jumprelu_target_l0.py (BENCHMARKS.md).
 """
 
 import torch

@@ -40,8 +40,9 @@ class JumpReLUConfig(SAEWidth):
                                   description="initial threshold of every feature (SAELens's "
                                   "jumprelu_init_threshold t is t / sqrt(d_model) here)")
     target_l0: float | None = Field(None, gt=0, description="aim L0 at this target: the penalty becomes "
-                                    "sparsity_coeff · (2/T)·(L0 − T)² per token (Gemma Scope 2) instead of "
-                                    "sparsity_coeff · L0 (None: no target)")
+                                    "sparsity_coeff · (2/T)·(L0 − A)² per token (Gemma Scope 2, with its centre A "
+                                    "steered by target_l0_gain) instead of sparsity_coeff · L0, and sparsity_coeff "
+                                    "defaults to 0.03/T (None: no target)")
     target_l0_gain: float = Field(TARGET_L0_GAIN, ge=0, description="with target_l0: after each step the "
                                   "quadratic's centre moves by this times (target − the batch's mean L0), so the "
                                   "run's L0 lands on the target (0: centred on the target, as Gemma Scope 2)")
