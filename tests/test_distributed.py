@@ -114,7 +114,8 @@ def test_data_parallel_train_on_two_ranks_matches_one_process(sae_flags, small_s
     assert (tmp_path / "two" / "metrics.jsonl").read_text().count("\n") == \
         (tmp_path / "one" / "metrics.jsonl").read_text().count("\n")
     if sae_flags:  # the aim moved, the same on both
-        aims = {run: [json.loads(line)["l0_aim"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        aims = {run: [json.loads(line)["l0_aim"]
+                      for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
                 for run in ("one", "two")}
         assert aims["one"][-1] != 40
         assert aims["two"] == pytest.approx(aims["one"], rel=1e-4)

@@ -17,13 +17,14 @@ from instructsae.evaluate.splice import lm_view
 from instructsae.evaluate.dialogues import first_stored_position, stored_sequences
 from instructsae.extract.run import run_extract
 from instructsae.lm.models import decoder_layers, load_model
-from instructsae.sae import TRANSCODER_CLASSES
+from instructsae.sae import TRANSCODER_CLASSES, build_sae
 from instructsae.sae.folder import load_sae
 from instructsae.schemas import ExtractConfig, OptimConfig, TrainConfig
 from instructsae.schemas.evaluate import LMViewConfig
 from instructsae.schemas.sweep import SweepConfig
 from instructsae.schemas.transcoder import SkipTranscoderConfig, TranscoderConfig
 from instructsae.store.reader import open_complete_store
+from instructsae.train.memory import COPIES_PER_PARAMETER, FLOAT_BYTES, sae_bytes
 from instructsae.train.run import run_training
 from instructsae.train.sweep import expand_sweep, run_sweep
 
@@ -274,9 +275,6 @@ def test_a_foreign_folders_sites_come_from_its_hook_names():
                                     TranscoderConfig(expansion=2, activation="jumprelu")])
 def test_the_memory_check_counts_every_parameter_a_dictionary_trains(config):
     """A skip transcoder's W_skip (d_in² more) included: the estimate is the built model's own parameters."""
-    from instructsae.sae import build_sae
-    from instructsae.train.memory import COPIES_PER_PARAMETER, FLOAT_BYTES, sae_bytes
-
     cfg = TrainConfig(store="unused", out="unused", sae=config)
     built = sum(parameter.numel() for parameter in build_sae(config, 24).parameters())
     assert sae_bytes(cfg, 24) == built * FLOAT_BYTES * COPIES_PER_PARAMETER
