@@ -57,7 +57,8 @@ compare-large: $(STAMP)
 	$(CLI) pipeline compare --config instructsae/configs/compare-large.yaml $(EXTRA)
 
 # The same question for transcoders of layer 15's MLP (stores of mlp_in and mlp_out), demo size:
-# runs/compare-transcoders/report.md (its report is committed as docs/compare-transcoders/report.md).
+# runs/compare-transcoders/report.md (27 min 54 s here, 2026-12-06; its report is committed as
+# docs/compare-transcoders/report.md).
 compare-transcoders: $(STAMP)
 	$(CLI) pipeline compare --config instructsae/configs/compare-transcoders.yaml $(EXTRA)
 
