@@ -10,11 +10,11 @@ import tempfile  # noqa: E402
 # the digest cache (instructsae/digests.py) of this test session, never the user's
 os.environ["INSTRUCTSAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="instructsae-test-cache-")
 
-import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import NUMBERED_STORIES, write_dialogues  # noqa: E402
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -93,15 +93,7 @@ def tiny_tokenizer():
 @pytest.fixture
 def dialogues_jsonl(tmp_path) -> Path:
     """A small local dataset in the OpenAI messages format."""
-    rows = []
-    for i in range(12):
-        rows.append({"messages": [
-            {"role": "user", "content": f"Tell me a story number {i} about a robot."},
-            {"role": "assistant", "content": "Once upon a time there was a small robot. " * (1 + i % 4)},
-        ]})
-    path = tmp_path / "dialogues.jsonl"
-    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    return path
+    return write_dialogues(tmp_path / "dialogues.jsonl", **NUMBERED_STORIES)
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """Small helpers shared by the end-to-end tests."""
 
+import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +49,21 @@ def interrupt_extraction_at(monkeypatch, group: int):
 
     monkeypatch.setattr(extract_run, "forward_group", dying_forward)
     return real_forward
+
+
+# conftest's dialogues_jsonl: 12 numbered stories of up to 4 sentences
+NUMBERED_STORIES = {"n": 12, "lengths": 4, "prompt": "Tell me a story number {i} about a robot."}
+
+
+def robot_dialogues(n: int, lengths: int = 3, prompt: str = "Tell me story {i} about a robot.") -> list[dict]:
+    """n user/assistant rows in the messages format, the answers 1..lengths sentences long (the tests' usual data)."""
+    answer = "Once upon a time there was a small robot. "
+    return [{"messages": [{"role": "user", "content": prompt.format(i=i)},
+                          {"role": "assistant", "content": answer * (1 + i % lengths)}]}
+            for i in range(n)]
+
+
+def write_dialogues(path: Path, n: int, **shape) -> Path:
+    """robot_dialogues(n, **shape) as a JSON-lines file at path."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in robot_dialogues(n, **shape)))
+    return path

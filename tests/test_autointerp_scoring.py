@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli
+from helpers import NUMBERED_STORIES, run_cli, write_dialogues
 from test_autointerp import serving, url
 
 from instructsae.evaluate.context_sampler import firing_sample, quantile_picks
@@ -94,10 +94,7 @@ def test_picked_windows_do_not_overlap_each_other_or_those_taken():
 def features_on_store(tiny_model_dir, tmp_path_factory):
     """A FAST store of 12 tiny-model dialogues, a Standard SAE trained a few steps on it, and its features.json."""
     folder = tmp_path_factory.mktemp("scoring")
-    rows = [{"messages": [{"role": "user", "content": f"Tell me a story number {i} about a robot."},
-                          {"role": "assistant", "content": "Once upon a time there was a small robot. " * (1 + i % 4)}]}
-            for i in range(12)]
-    (folder / "dialogues.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    write_dialogues(folder / "dialogues.jsonl", **NUMBERED_STORIES)
     store, sae, features = folder / "store", folder / "sae", folder / "features"
     run_extract(ExtractConfig(model=str(tiny_model_dir), dataset=str(folder / "dialogues.jsonl"), layers=(1,),
                               out=str(store), chunk_tokens=64, dtype="float32"), show_progress=False)

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, robot_dialogues, run_cli
 
 from instructsae.pipelines.compare_report import summary_tables
 
@@ -21,10 +21,7 @@ TRAIN = {"batch_size": 32, "buffer_tokens": 128,
 
 
 def test_compare_writes_a_report_for_three_methods(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    dialogues = write_jsonl(tmp_path / "dialogues.jsonl", [{"messages": [
-        {"role": "user", "content": f"Tell me story {i} about a robot."},
-        {"role": "assistant", "content": "Once upon a time there was a small robot. " * (1 + i % 3)}]}
-        for i in range(40)])
+    dialogues = write_jsonl(tmp_path / "dialogues.jsonl", robot_dialogues(40))
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "The quick brown fox jumps over the lazy dog. " * 6}
                                                  for _ in range(20)])
     other = write_jsonl(tmp_path / "other.jsonl", [{"messages": [

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, write_dialogues
 
 from instructsae.errors import UserError
 from instructsae.evaluate.dialogues import stored_sequences
@@ -21,11 +21,7 @@ LM_TOKENS = 300
 def tiny_run(tiny_model_dir, tmp_path_factory):
     """A store of 8 dialogues (first tokens dropped, as by default) and a Standard SAE trained on it briefly."""
     folder = tmp_path_factory.mktemp("lm-cli")
-    dataset = folder / "dialogues.jsonl"
-    dataset.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"Tell me story {i} about a robot."},
-        {"role": "assistant", "content": "Once upon a time there was a small robot. " * (1 + i % 3)},
-    ]}) + "\n" for i in range(8)))
+    dataset = write_dialogues(folder / "dialogues.jsonl", 8)
     store, sae = folder / "store", folder / "sae"
     run_extract(ExtractConfig(model=str(tiny_model_dir), dataset=str(dataset), layers=(1,), chunk_tokens=64,
                               dtype="float32", out=str(store)), show_progress=False)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import assert_one_line_error, run_cli
+from helpers import NUMBERED_STORIES, assert_one_line_error, run_cli, write_dialogues
 
 from instructsae.evaluate.contexts import context_windows, window_rows
 from instructsae.evaluate.dashboard import render_dashboard
@@ -101,10 +101,7 @@ def test_context_windows_stay_inside_their_instance():
 def store_and_sae(tiny_model_dir, tmp_path_factory):
     """A FAST store of 12 tiny-model dialogues and a Standard SAE trained for a few steps on it."""
     folder = tmp_path_factory.mktemp("features")
-    rows = [{"messages": [{"role": "user", "content": f"Tell me a story number {i} about a robot."},
-                          {"role": "assistant", "content": "Once upon a time there was a small robot. " * (1 + i % 4)}]}
-            for i in range(12)]
-    (folder / "dialogues.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    write_dialogues(folder / "dialogues.jsonl", **NUMBERED_STORIES)
     store, sae = folder / "store", folder / "sae"
     run_extract(ExtractConfig(model=str(tiny_model_dir), dataset=str(folder / "dialogues.jsonl"), layers=(1,),
                               out=str(store), chunk_tokens=64, dtype="float32"), show_progress=False)

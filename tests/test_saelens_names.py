@@ -6,7 +6,7 @@ import re
 
 import pytest
 import yaml
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, write_dialogues
 from safetensors.torch import load_file
 
 from instructsae.errors import UserError
@@ -72,11 +72,7 @@ def store(tiny_model_dir, tmp_path_factory):
     from instructsae.schemas import ExtractConfig
 
     folder = tmp_path_factory.mktemp("names")
-    dataset = folder / "dialogues.jsonl"
-    dataset.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"Tell me story {i} about a robot."},
-        {"role": "assistant", "content": "Once upon a time there was a small robot. " * (1 + i % 3)}]}) + "\n"
-        for i in range(10)))
+    dataset = write_dialogues(folder / "dialogues.jsonl", 10)
     run_extract(ExtractConfig(model=str(tiny_model_dir), dataset=str(dataset), layers=(1,), chunk_tokens=64,
                               dtype="float32", out=str(folder / "store")), show_progress=False)
     return folder / "store"

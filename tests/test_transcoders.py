@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import run_cli, write_dialogues
 from safetensors.torch import load_file
 
 from instructsae.errors import UserError
@@ -37,11 +37,7 @@ ACTIVATIONS = {"relu": {}, "jumprelu": {"init_threshold": 0.01}, "topk": {"k": 4
 @pytest.fixture(scope="module")
 def store(tiny_model_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("transcoders")
-    dataset = folder / "dialogues.jsonl"
-    dataset.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"Tell me story {i} about a robot."},
-        {"role": "assistant", "content": "Once upon a time there was a small robot. " * (1 + i % 3)},
-    ]}) + "\n" for i in range(10)))
+    dataset = write_dialogues(folder / "dialogues.jsonl", 10)
     out = folder / "store"
     run_extract(ExtractConfig(model=str(tiny_model_dir), dataset=str(dataset), layers=(LAYER,), chunk_tokens=64,
                               sites=("resid_post", "mlp_in", "mlp_out"), dtype="float32", model_dtype="float32",
