@@ -10,9 +10,10 @@ import sys
 import click
 
 from instructsae import __version__
-from instructsae.cli_options import build, options_from, read_yaml, split_list
+from instructsae.cli_options import build, options_from, read_yaml
 from instructsae.errors import UserError
 from instructsae.schemas.autointerp import AutointerpConfig
+from instructsae.schemas.base import split_list
 from instructsae.schemas.compare import CompareConfig
 from instructsae.schemas.dataset import DedupConfig
 from instructsae.schemas.evaluate import LMViewConfig

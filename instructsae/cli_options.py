@@ -78,12 +78,6 @@ def read_yaml(path: str | None) -> dict:
     return data
 
 
-def split_list(value):
-    """'15,20' -> ['15', '20'] for pydantic to validate; other values unchanged (YAML may give a list)."""
-    if isinstance(value, str):
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return value
-
 
 def build(model: type[BaseModel], *layers: dict):
     """Merge dicts (later wins, None means unset) and validate into `model`, one line on failure. A layer may

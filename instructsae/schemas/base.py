@@ -10,6 +10,14 @@ class FrozenModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
+def split_list(value):
+    """'15,20' (a flag's text) -> ['15', '20'] for pydantic to validate; other values unchanged (YAML may give a
+    list)."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
 def differing_fields(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     """(dotted name, old value, new value) for every setting two nested dicts disagree on."""
     changes = []

@@ -4,7 +4,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from instructsae.schemas.base import FrozenModel
+from instructsae.schemas.base import FrozenModel, split_list
 from instructsae.schemas.sites import Site
 
 # Sized for a 2-core CPU with the embedded model: 3 seeds x 6 grid points x 3 stores = 54 SAEs, each evaluated on
@@ -44,7 +44,7 @@ class CompareConfig(FrozenModel):
     @classmethod
     def _sites_list(cls, sites):
         """"mlp_in,mlp_out" (a flag's text) is a list."""
-        return [item.strip() for item in sites.split(",") if item.strip()] if isinstance(sites, str) else sites
+        return split_list(sites)
 
     bootstrap: int = Field(1000, ge=10, description="bootstrap replicates for the confidence intervals")
     confidence: float = Field(0.95, gt=0, lt=1, description="level of the confidence intervals")

@@ -4,6 +4,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
+from instructsae.schemas.base import split_list
 from instructsae.schemas.dataset import DatasetOptions, DedupSettings
 from instructsae.schemas.sites import Site, sites_in_order
 
@@ -82,11 +83,7 @@ class ExtractConfig(DatasetOptions):
     @classmethod
     def _one_layer_or_several(cls, layers):
         """`layers: 15` in YAML reads like `--layers 15`; "15,20" (a flag's text) is a list."""
-        if isinstance(layers, int):
-            return (layers,)
-        if isinstance(layers, str):
-            return [item.strip() for item in layers.split(",") if item.strip()]
-        return layers
+        return (layers,) if isinstance(layers, int) else split_list(layers)
 
     @field_validator("layers")
     @classmethod
@@ -103,9 +100,7 @@ class ExtractConfig(DatasetOptions):
     @classmethod
     def _sites_list(cls, sites):
         """"mlp_in,mlp_out" (a flag's text) is a list; `sites: mlp_out` in YAML one site."""
-        if isinstance(sites, str):
-            return [item.strip() for item in sites.split(",") if item.strip()]
-        return sites
+        return split_list(sites)
 
     @field_validator("sites")
     @classmethod
