@@ -25,6 +25,10 @@ class SAEWidth(FrozenModel):
         """d_sae for a model of width d_model."""
         return self.d_sae if self.d_sae is not None else (self.expansion or DEFAULT_EXPANSION) * d_model
 
+    def width_label(self) -> str:
+        """'d4608' or 'x8', as sweep folders and settings are named."""
+        return f"d{self.d_sae}" if self.d_sae is not None else f"x{self.expansion or DEFAULT_EXPANSION}"
+
     def describe_width(self, d_in: int) -> str:
         """'d_sae 4608 (expansion 8 × d_in 576)', for messages that name the width."""
         how = "as given" if self.d_sae is not None else f"expansion {self.expansion or DEFAULT_EXPANSION} × d_in {d_in}"

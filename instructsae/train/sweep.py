@@ -22,7 +22,7 @@ from instructsae.errors import UserError
 from instructsae.fileio import made_for_this_command
 from instructsae.store.reader import open_complete_store
 from instructsae.schemas.sweep import SweepConfig
-from instructsae.schemas.train import ARCHITECTURES, DEFAULT_EXPANSION, TrainConfig
+from instructsae.schemas.train import ARCHITECTURES, TrainConfig
 from instructsae.train.config import resolve_train_config
 from instructsae.run_folder import RunPaths, is_finished, refuse_a_file_as_out
 from instructsae.train.run import choose_layer, config_key, train_saes
@@ -62,8 +62,7 @@ def point_name(cfg: TrainConfig, key: str) -> str:
     sparsity = config_class(cfg.sae).sweep_label(cfg.sae)
     layer = "" if cfg.layer is None else f"-l{cfg.layer}"
     seed = "" if cfg.sae_seed is None else f"-s{cfg.sae_seed}"
-    width = f"d{cfg.sae.d_sae}" if cfg.sae.d_sae is not None else f"x{cfg.sae.expansion or DEFAULT_EXPANSION}"
-    return f"{cfg.sae.arch}-{width}-{sparsity}-lr{cfg.optim.lr:g}{layer}{seed}-{key[:6]}"
+    return f"{cfg.sae.arch}-{cfg.sae.width_label()}-{sparsity}-lr{cfg.optim.lr:g}{layer}{seed}-{key[:6]}"
 
 
 def resolve_grid(sweep: SweepConfig) -> list[tuple[str, TrainConfig]]:

@@ -91,11 +91,10 @@ def _sae_seed(train: dict) -> int:
 
 def setting_name(train: dict) -> str:
     """What SAEs of one setting share whatever their seed: architecture, width, sparsity, lr, layer."""
-    sae = train["sae"]
-    sparsity = sparsity_label(sae)  # a transcoder's names its activation first (jumprelu-c0.001, topk-k32)
+    sae = SAE_SETTINGS.validate_python(train["sae"])
+    sparsity = config_class(sae).sweep_label(sae)  # a transcoder's names its activation first (jumprelu-c0.001)
     layer = "" if train.get("layer") is None else f"-l{train['layer']}"
-    width = f"d{sae['d_sae']}" if sae.get("d_sae") is not None else f"x{sae.get('expansion') or DEFAULT_EXPANSION}"
-    return f"{sae['arch']}-{width}-{sparsity}-lr{train['optim']['lr']:g}{layer}"
+    return f"{sae.arch}-{sae.width_label()}-{sparsity}-lr{train['optim']['lr']:g}{layer}"
 
 
 def seed_group(train: dict) -> str:
